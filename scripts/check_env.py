@@ -1,0 +1,115 @@
+"""Check that this Python environment can run the skill's templates, and print the fix when it cannot.
+
+Usage:
+    python scripts/check_env.py                  # table of packages: found version, needed range, status
+    python scripts/check_env.py --format json    # the same, for agents
+    python scripts/check_env.py --python .venv/bin/python   # check another interpreter's environment
+
+Exit code: 0 when every required package is present in a supported version, 1 otherwise (the install command
+that fixes it is printed), 2 for bad usage. Reads package metadata only, so it runs in well under a second.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+# (distribution, lowest supported, first unsupported or None, required?, what needs it)
+REQUIREMENTS = [
+    ("lightning", "2.6", "2.7", True, "every template (Trainer, LightningCLI)"),
+    ("torch", "2.11", None, True, "every template"),
+    ("torchmetrics", "1.4", "2", True, "metrics in every template"),
+    ("jsonargparse", "4.39", "5", True, "LightningCLI (needs the [signatures] extra)"),
+    ("docstring-parser", "0.17", None, True, "LightningCLI help texts (jsonargparse[signatures])"),
+    ("typeshed-client", "2.8", None, True, "LightningCLI type resolution (jsonargparse[signatures])"),
+    ("pyyaml", "6", None, True, "YAML configs"),
+    ("tensorboard", "2.14", None, False, "TensorBoard logs (without it Lightning falls back to CSVLogger)"),
+    ("pillow", "10", None, False, "image-folder datasets"),
+    ("transformers", "5", "6", False, "Hugging Face templates"),
+]
+INSTALL_SPEC = {
+    "lightning": "lightning>=2.6,<2.7", "torch": "torch>=2.11", "torchmetrics": "torchmetrics>=1.4,<2",
+    "jsonargparse": "jsonargparse[signatures]>=4.39,<5", "docstring-parser": "jsonargparse[signatures]>=4.39,<5",
+    "typeshed-client": "jsonargparse[signatures]>=4.39,<5", "pyyaml": "pyyaml>=6", "tensorboard": "tensorboard>=2.14",
+    "pillow": "pillow>=10", "transformers": "transformers>=5,<6",
+}
+
+
+def version_tuple(text: str) -> tuple:
+    """'2.6.6+cpu' -> (2, 6, 6); stops at the first non-numeric part."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check(installed: dict) -> list:
+    rows = []
+    for name, low, high, required, purpose in REQUIREMENTS:
+        found = installed.get(name)
+        needed = f">={low}" + (f",<{high}" if high else "")
+        if found is None:
+            status = "missing"
+        elif version_tuple(found) < version_tuple(low) or (high and version_tuple(found) >= version_tuple(high)):
+            status = "wrong version"
+        else:
+            status = "ok"
+        rows.append({"package": name, "found": found, "needed": needed, "required": required,
+                     "status": status, "purpose": purpose})
+    return rows
+
+
+def installed_versions(python: str) -> dict:
+    """Versions of the REQUIREMENTS packages in this interpreter, or in another one via a subprocess."""
+    names = [r[0] for r in REQUIREMENTS]
+    if python == sys.executable:
+        found = {}
+        for name in names:
+            try:
+                found[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                pass
+        return found
+    code = ("import json,sys\nfrom importlib import metadata\nout={}\nfor n in sys.argv[1:]:\n"
+            "    try: out[n]=metadata.version(n)\n    except metadata.PackageNotFoundError: pass\nprint(json.dumps(out))")
+    result = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise OSError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "it exited with an error")
+    return json.loads(result.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    parser.add_argument("--python", default=sys.executable, help="interpreter to check (default: this one)")
+    args = parser.parse_args()
+    try:
+        installed = installed_versions(args.python)
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        print(f"check_env.py: error: cannot run {args.python}: {err}; pass --python a working interpreter",
+              file=sys.stderr)
+        return 2
+    rows = check(installed)
+    broken = [r for r in rows if r["required"] and r["status"] != "ok"]
+    optional = [r for r in rows if not r["required"] and r["status"] != "ok"]
+    specs = sorted({INSTALL_SPEC[r["package"]] for r in broken + optional})
+    fix = ("python -m pip install " + " ".join(f'"{s}"' for s in specs)) if specs else None
+    if args.format == "json":
+        print(json.dumps({"ok": not broken, "python": args.python, "packages": rows, "fix": fix}, indent=2))
+    else:
+        print(f"{'package':<18} {'found':<14} {'needed':<12} status")
+        for r in rows:
+            tag = r["status"] if r["required"] or r["status"] == "ok" else f"{r['status']} (optional: {r['purpose']})"
+            print(f"{r['package']:<18} {r['found'] or '-':<14} {r['needed']:<12} {tag}")
+        print("ready: every required package is present" if not broken else "NOT READY: required packages missing")
+        if fix:
+            print(f"fix: {fix}")
+    return 0 if not broken else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

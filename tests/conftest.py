@@ -1,0 +1,49 @@
+"""Shared helpers: paths, the file list the Hermes client installs, and subprocess runners for templates."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "templates"
+CONFIGS = TEMPLATES / "configs"
+
+# Options that make every real training run small and quiet without changing what it exercises.
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def shipped_files() -> list:
+    """Relative paths the Hermes client copies: the repository's files minus dotfiles and caches."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        paths = [Path(p) for p in listed.stdout.splitlines()]
+    else:  # not a git checkout: everything on disk
+        paths = [p.relative_to(REPO) for p in REPO.rglob("*") if p.is_file()]
+    return sorted(p for p in paths if (REPO / p).is_file() and not any(
+        part.startswith(".") or part == "__pycache__" for part in p.parts) and p.suffix != ".pyc")
+
+
+def run(cmd: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs a command, returns the completed process with text output (stdout and stderr kept apart)."""
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_template(name: str, *args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, TEMPLATES / name, *args], cwd=cwd, timeout=timeout)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n" \
+                                   f"{result.stderr[-5000:]}"
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_without_cuda(request):
+    if request.node.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")

@@ -1,0 +1,215 @@
+"""The classifier template through its real command line: training, resuming, DDP, configs and bad input.
+
+Training runs are subprocesses of the template itself (as a user runs it); parse-only checks call its main().
+"""
+
+import csv
+import importlib.util
+import math
+import re
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, run_template
+
+TRAIN_SIZE = 1797 - 2 * int(1797 * 0.15)  # default val/test fractions of the embedded digits
+STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def best_val_acc(stdout: str) -> float:
+    match = re.search(r"best val_acc=([0-9.]+) checkpoint=(\S+)", stdout)
+    assert match, f"no 'best val_acc=' line in:\n{stdout[-2000:]}"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """The README's main job, exactly as written, in a fresh folder."""
+    cwd = tmp_path_factory.mktemp("main_job")
+    start = time.perf_counter()
+    result = run_template("classifier.py", "fit", cwd=cwd)
+    elapsed = time.perf_counter() - start
+    assert_ok(result)
+    print(f"main job: {elapsed:.1f} s wall time")
+    return cwd, result, elapsed
+
+
+def test_fast_dev_run(tmp_path):
+    result = run_template("classifier.py", "fit", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    assert not (tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt").exists()  # fast_dev_run saves nothing
+
+
+def test_main_job_reaches_accuracy_bar(main_job):
+    cwd, result, elapsed = main_job
+    acc = best_val_acc(result.stdout)
+    print(f"best val_acc={acc:.4f} in {elapsed:.1f} s")
+    assert acc >= 0.95
+    checkpoints = cwd / "runs" / "classifier" / "checkpoints"
+    assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "last.ckpt").is_file()
+    best = load_ckpt(checkpoints / "best.ckpt")
+    assert best["hyper_parameters"]["num_classes"] == 10 and tuple(best["hyper_parameters"]["input_shape"]) == (64,)
+    assert list((cwd / "runs" / "classifier" / "lightning_logs").glob("version_0/events.out.tfevents.*"))
+
+
+def test_test_and_predict_from_best_checkpoint(main_job):
+    cwd, _, _ = main_job
+    best = cwd / "runs" / "classifier" / "checkpoints" / "best.ckpt"
+    tested = run_template("classifier.py", "test", "--ckpt_path", best, *QUIET, cwd=cwd)
+    assert_ok(tested)
+    test_acc = float(re.search(r"test_acc\D+([0-9]\.[0-9]+)", tested.stdout).group(1))
+    assert test_acc >= 0.93, tested.stdout
+
+    predicted = run_template("classifier.py", "predict", "--ckpt_path", best, *QUIET, cwd=cwd)
+    assert_ok(predicted)
+    out = re.search(r"predictions written to (\S+)", predicted.stdout).group(1)
+    with open(cwd / out if not out.startswith("/") else out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == int(1797 * 0.15)
+    correct = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+    assert abs(correct - test_acc) < 1e-3  # the written predictions are the ones the test metric scored
+
+
+def test_resume_with_ckpt_path_last_continues_at_next_epoch(tmp_path):
+    first = run_template("classifier.py", "fit", "--trainer.max_epochs", "2", *QUIET, cwd=tmp_path)
+    assert_ok(first)
+    last = tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt"
+    assert load_ckpt(last)["global_step"] == 2 * STEPS_PER_EPOCH
+
+    # Relaunch "the same command" with a longer budget and --ckpt_path last; log to CSV to see which epochs ran.
+    second = run_template("classifier.py", "fit", "--trainer.max_epochs", "4", "--ckpt_path", "last",
+                          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                          "--trainer.logger.save_dir", tmp_path / "csv", *QUIET, cwd=tmp_path)
+    assert_ok(second)
+    assert f"Restored all states from the checkpoint at {last}" in second.stdout + second.stderr
+    ckpt = load_ckpt(last)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (3, 4 * STEPS_PER_EPOCH)
+    metrics = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    epochs = {int(r["epoch"]) for r in metrics if r.get("val_acc")}
+    assert epochs == {2, 3}, f"the resumed run must train epochs 2 and 3 only, logged {sorted(epochs)}"
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    result = run_template("classifier.py", "fit", "--config", CONFIGS / "ddp.yaml", "--trainer.accelerator", "cpu",
+                          "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.max_epochs", "1",
+                          *QUIET, cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 0" in output and "GLOBAL_RANK: 1" in output
+    # Each process sees half of the training set through the DistributedSampler: half the steps per epoch.
+    ckpt = load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == math.ceil(math.ceil(TRAIN_SIZE / 2) / 64)
+
+
+def test_print_config_round_trips(tmp_path):
+    printed = run_template("classifier.py", "fit", "--print_config", cwd=tmp_path)
+    assert_ok(printed)
+    config = yaml.safe_load(printed.stdout)
+    assert config["best_checkpoint"]["monitor"] == "val_acc" and config["last_checkpoint"]["save_last"] is True
+    assert config["early_stopping"]["monitor"] == "val_acc" and config["model"]["lr"] == pytest.approx(3e-3)
+    (tmp_path / "config.yaml").write_text(printed.stdout)
+    result = run_template("classifier.py", "fit", "--config", "config.yaml", "--trainer.fast_dev_run", "true",
+                          *QUIET, cwd=tmp_path)
+    assert_ok(result)
+
+
+def test_own_csv_with_named_label_column(tmp_path):
+    # Two well-separated blobs with string labels in a column that is not last.
+    gen = torch.Generator().manual_seed(0)
+    with open(tmp_path / "table.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["a", "species", "b", "c"])
+        for i in range(300):
+            label = "cat" if i % 2 else "dog"
+            centre = 2.0 if label == "cat" else -2.0
+            a, b, c = (centre + torch.randn(3, generator=gen)).tolist()
+            writer.writerow([a, label, b, c])
+    result = run_template("classifier.py", "fit", "--data.data_path", "table.csv", "--data.label_column", "species",
+                          "--trainer.max_epochs", "5", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    assert best_val_acc(result.stdout) >= 0.95
+    hparams = load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "best.ckpt")["hyper_parameters"]
+    assert hparams["num_classes"] == 2 and tuple(hparams["input_shape"]) == (3,)
+
+
+def test_own_image_folder(tmp_path):
+    from PIL import Image
+
+    for label, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(12):
+            shade = tuple(max(0, c - 8 * i) for c in colour)
+            Image.new("RGB", (20 + i, 16), shade).save(tmp_path / "images" / label / f"{i}.png")
+    result = run_template("classifier.py", "fit", "--data.data_path", "images", "--data.image_size", "16",
+                          "--data.val_fraction", "0.25", "--data.test_fraction", "0.25", "--data.batch_size", "4",
+                          "--trainer.max_epochs", "3", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    hparams = load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert hparams["num_classes"] == 2 and tuple(hparams["input_shape"]) == (3, 16, 16)
+
+
+# ---- parse-only checks: the template's main() in this process (no training) -----------------------------------
+@pytest.fixture(scope="module")
+def classifier_module():
+    spec = importlib.util.spec_from_file_location("classifier_template", TEMPLATES / "classifier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def classifier_main(classifier_module, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["classifier.py"])  # as if launched as a script: args come only from main(args)
+    return classifier_module.main
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_each_config_parses(config, classifier_main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        classifier_main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = yaml.safe_load((CONFIGS / config).read_text())["trainer"]
+    for key, value in expected.items():
+        assert printed["trainer"][key] == value
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--trainer.max_epoch", "3"], "did you mean: trainer.max_epochs"),
+    (["--data.batchsize", "8"], "did you mean: data.batch_size"),
+    (["--model.lr", "fast"], 'Parser key "model.lr"'),
+    (["--trainer.precision", "fp16"], 'Parser key "trainer.precision"'),
+    (["--data.data_path", "no_such_file.csv"], "data not found: no_such_file.csv"),
+    (["--data.val_fraction", "0.9"], "val_fraction and test_fraction"),
+])
+def test_bad_input_gives_one_line_and_exit_2(args, expected, classifier_main, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        classifier_main(["fit", *args])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], errors
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    result = run_template("classifier.py", "fit", "--config", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "trainer.max_epoch" in result.stderr and "did you mean: trainer.max_epochs" in result.stderr
+
+
+def test_template_is_self_contained():
+    source = (TEMPLATES / "classifier.py").read_text()
+    assert "if __name__ == \"__main__\":" in source and "save_hyperparameters()" in source
+    assert not re.search(r"^\s*(from|import)\s+(scripts|tests|templates)\b", source, re.M)
+    assert str(REPO) not in source

@@ -85,7 +85,7 @@ def test_manifest_agrees_with_skill_md_and_pyproject():
 
 def test_manifest_lists_exactly_the_files_on_disk():
     skill = manifest()
-    listed = {e["file"] for section in ("scripts", "templates", "configs", "references", "assets")
+    listed = {e["file"] for section in ("scripts", "templates", "configs", "launch", "references", "assets")
               for e in skill[section]}
     listed |= {c for t in skill["templates"] for c in t["configs"]}
     on_disk = {str(p) for p in shipped_files() if p.parts[0] in ("scripts", "references", "assets")

@@ -1,0 +1,417 @@
+"""Causal language model template: GPT-style pre-training or fine-tuning on a text corpus, one GPU to many nodes.
+
+Out of the box it trains a tiny Llama-style model on byte-level tokens of this skill's references/ folder on a CPU
+(a minute or two). The same file scales by configuration alone:
+
+    python causal_lm.py fit                                          # tiny model, CPU, this skill's docs as corpus
+    python causal_lm.py fit --config configs/gpu.yaml --model.compile true
+    python causal_lm.py fit --config configs/ddp.yaml                # every GPU of the machine
+    python causal_lm.py fit --config configs/fsdp.yaml               # shard weights/grads/optimizer state (FSDP)
+    python causal_lm.py fit --config configs/fsdp2.yaml              # ModelParallelStrategy: FSDP2 per block
+    python causal_lm.py fit --config configs/deepspeed_stage_2.yaml  # or deepspeed_stage_3_offload.yaml
+    python causal_lm.py fit --ckpt_path last                         # resume where the run stopped
+    python causal_lm.py fit --print_config > my_config.yaml          # every setting
+
+Your data and model (config values, no code change):
+    --data.data_path corpus.txt | corpus.jsonl | folder/    # .txt/.md files, or JSONL with --data.text_field
+    --model.name_or_path gpt2 (or a local save_pretrained folder) # fine-tune; the tokenizer follows the model
+    --model.model_type gpt2 --model.model_config '{"n_layer": 12, "n_head": 12, "n_embd": 768}'   # from scratch
+    --model.activation_checkpointing true                   # trade compute for activation memory
+    --throughput.peak_tflops 989                            # MFU on GPUs missing from Lightning's table
+
+Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,items}_per_sec (items = tokens) and
+train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/checkpoints/{best,last}.ckpt.
+"""
+
+import math
+import sys
+from argparse import ArgumentError
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import lightning as L
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "references"
+TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
+TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "max_position_embeddings": 1024}
+# Dense bf16/fp16 peak FLOP/s of GPUs that Lightning's table lacks (it has no "H200", bare "H100" or "B200" entry).
+PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "b200": 2250.0, "gb200": 2500.0}
+
+
+class ConfigError(ValueError):
+    """Bad data, model or strategy input: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+def load_or_build(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta=False):
+    """A transformers causal LM with SDPA attention: pretrained weights from a name/folder, or a fresh config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name_or_path:
+        local = Path(name_or_path).expanduser()
+        if name_or_path.startswith((".", "/", "~")) and not local.exists():
+            raise ConfigError(f"folder not found: {name_or_path}: pass a folder saved with save_pretrained")
+        try:
+            if meta:
+                config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+                with torch.device("meta"):
+                    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                            trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa",
+                                                        trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): offline, pass a local"
+                              " folder saved with save_pretrained or a name already in the Hugging Face cache")
+    try:
+        config = AutoConfig.for_model(model_type, **{**TINY_CONFIG, **(model_config or {}), "vocab_size": vocab_size})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"cannot build a {model_type!r} config: {err}")
+    with torch.device("meta") if meta else torch.device("cpu"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def transformer_blocks(model: torch.nn.Module) -> list:
+    """The repeated decoder blocks (what FSDP shards one at a time and activation checkpointing recomputes)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+class CausalLM(L.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        name_or_path: Optional[str] = None,
+        model_type: str = "llama",
+        model_config: Optional[dict] = None,
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        """name_or_path: pretrained model (fine-tuning); else a fresh `model_type` model with `model_config`
+        overriding the tiny default. trust_remote_code runs Python code shipped with a model: off unless you trust it."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: Optional[torch.nn.Module] = None
+
+    def configure_model(self) -> None:
+        # Built here, not in __init__: FSDP/DeepSpeed can then create it sharded, and compile sees the final module.
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_or_build(hp.name_or_path, hp.model_type, hp.model_config, hp.vocab_size,
+                                   hp.trust_remote_code)
+        if self.model.get_input_embeddings().num_embeddings < hp.vocab_size:
+            raise ConfigError(f"the tokenizer has {hp.vocab_size} tokens but the model only"
+                              f" {self.model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
+        self.model.config.use_cache = False
+        if hp.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        blocks = transformer_blocks(self.model)
+        if isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" not in strategy.kwargs:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            # Without a policy FSDP wraps the whole model as one unit and gathers every weight at once.
+            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy({type(b) for b in blocks})
+        if isinstance(strategy, ModelParallelStrategy):
+            from torch.distributed.fsdp import fully_shard
+
+            # No tensor-parallel plan here: with tensor_parallel_size 1, shard over all data-parallel ranks; with
+            # "auto" sizes (nodes x GPUs per node) shard within each node and replicate across nodes (HSDP).
+            dp, tp = self.device_mesh["data_parallel"].size(), self.device_mesh["tensor_parallel"].size()
+            mesh = self.device_mesh["data_parallel"] if tp == 1 else (
+                self.device_mesh["tensor_parallel"] if dp == 1 else self.device_mesh)
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            local = sum(p.to_local().numel() for p in self.model.parameters())
+            total = sum(p.numel() for p in self.model.parameters())
+            print(f"[rank {self.global_rank}] FSDP2: this rank holds {local:,} of {total:,} parameter elements")
+        if hp.compile:  # in place (nn.Module.compile): checkpoint keys keep their names, no "_orig_mod."
+            sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
+            for module in (blocks if sharded else [self.model]):
+                module.compile()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # autocast computes it in float32
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss)  # to the logger every log_every_n_steps; no per-step progress-bar sync
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if not hasattr(self, "flops_per_batch"):  # read by ThroughputMonitor to compute MFU
+            self.flops_per_batch = self._measure_flops(batch[0].shape)
+
+    def _measure_flops(self, shape) -> int:
+        hp = self.hparams
+        meta = load_or_build(hp.name_or_path, hp.model_type, hp.model_config, hp.vocab_size, hp.trust_remote_code,
+                             meta=True)
+        x = torch.randint(0, hp.vocab_size, tuple(shape), device="meta")
+        return measure_flops(meta, lambda: meta(input_ids=x).logits, loss_fn=torch.Tensor.sum)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on norms/biases
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get(
+                "offload_optimizer"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # DeepSpeed requires its own optimizer when offloading
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=hp.learning_rate, betas=hp.betas)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.betas,
+                                          fused=self.device.type == "cuda")
+        total = self.trainer.estimated_stepping_batches
+        schedule = partial(warmup_cosine, warmup=hp.warmup_steps, total=total, floor=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(step: int, warmup: int, total: float, floor: float) -> float:
+    """Linear warm-up to the peak learning rate, then cosine decay to floor x peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not math.isfinite(total) or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: packed sequences of block_size + 1 tokens from .txt/.md files or JSONL records
+# ----------------------------------------------------------------------------------------------------------------
+class PackedBlocks(Dataset):
+    def __init__(self, ids: torch.Tensor, block_size: int):
+        self.ids, self.block_size = ids, block_size
+
+    def __len__(self) -> int:
+        return (len(self.ids) - 1) // self.block_size
+
+    def __getitem__(self, i):
+        chunk = self.ids[i * self.block_size: (i + 1) * self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class TextData(L.LightningDataModule):
+    def __init__(
+        self,
+        data_path: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        text_field: str = "text",
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        """data_path: a .txt/.md file, a JSONL file (one record per document, text in `text_field`) or a folder of
+        them; default: this skill's references/. tokenizer: a Hugging Face name or folder; None = UTF-8 bytes (256
+        tokens), or the model's own tokenizer when --model.name_or_path is set."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.path = Path(data_path).expanduser() if data_path else DEFAULT_CORPUS
+        if not self.path.exists():
+            raise ConfigError(f"data not found: {self.path}: set --data.data_path to a text/JSONL file or folder")
+        if not 0 < val_fraction < 1:
+            raise ConfigError("val_fraction must be between 0 and 1")
+        self.files = sorted(p for p in self.path.rglob("*") if p.suffix in TEXT_SUFFIXES) if self.path.is_dir() \
+            else [self.path]
+        if not self.files:
+            raise ConfigError(f"{self.path} holds no {', '.join(sorted(TEXT_SUFFIXES))} files")
+        self.tokenizer = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            if tokenizer.startswith((".", "/", "~")) and not Path(tokenizer).expanduser().exists():
+                raise ConfigError(f"folder not found: {tokenizer}: pass a folder saved with save_pretrained")
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]})")
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.tokenizer is None else len(self.tokenizer)
+
+    def documents(self):
+        import json
+
+        for file in self.files:
+            if file.suffix != ".jsonl":
+                yield file.read_text(encoding="utf-8", errors="replace")
+                continue
+            for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if self.hparams.text_field not in record:
+                        raise ConfigError(f"{file}:{n} has no field {self.hparams.text_field!r} (fields:"
+                                          f" {', '.join(record)}): set --data.text_field")
+                    yield record[self.hparams.text_field]
+
+    def encode(self, text: str) -> list:
+        if self.tokenizer is None:
+            return list(text.encode("utf-8")) + [10]  # bytes; a newline separates documents
+        return self.tokenizer(text)["input_ids"] + [self.tokenizer.eos_token_id or 0]
+
+    def setup(self, stage: str) -> None:
+        ids = torch.tensor([t for doc in self.documents() for t in self.encode(doc)], dtype=torch.long)
+        n_val = int(len(ids) * self.hparams.val_fraction)
+        block = self.hparams.block_size
+        if n_val < block + 1 or len(ids) - n_val < block + 1:
+            raise ConfigError(f"the corpus has {len(ids)} tokens: too few for block_size {block} with val_fraction"
+                              f" {self.hparams.val_fraction}; lower --data.block_size or add text")
+        self.train_set, self.val_set = PackedBlocks(ids[:-n_val], block), PackedBlocks(ids[-n_val:], block)
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Throughput: tokens/s and MFU, also on GPUs missing from Lightning's peak-FLOPs table
+# ----------------------------------------------------------------------------------------------------------------
+class Throughput(ThroughputMonitor):
+    """ThroughputMonitor that (1) supplies the peak FLOP/s Lightning lacks for some GPUs (or the one you pass) and
+    (2) synchronizes the GPU only on logging steps: the stock callback calls torch.cuda.synchronize() every step."""
+
+    def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 50):
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
+                         window_size=window_size)
+        self.peak_tflops = peak_tflops
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        peak = self.peak_tflops
+        if peak is None and self.available_flops is None and device.type == "cuda":
+            name = torch.cuda.get_device_name(device).lower()
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in name.split() or f"{k} " in f"{name} "), None)
+            if peak is not None and "32-true" in str(trainer.precision):  # TF32 tensor cores: half the bf16 rate
+                peak /= 2
+        if peak is not None:
+            self.available_flops = int(peak * 1e12)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
+    def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
+        if trainer.strategy.root_device.type != "cuda" or trainer._logger_connector.should_update_logs:
+            return super()._update(trainer, pl_module, batch, iter_num)
+        stage = trainer.state.stage  # count the batch without a device sync; rates use the logged steps' times
+        self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+class CausalLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
+        parser.set_defaults({"best_checkpoint.monitor": "val_loss", "best_checkpoint.mode": "min",
+                             "best_checkpoint.filename": "best"})
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")  # unmonitored: last.ckpt at every save
+        parser.set_defaults({"last_checkpoint.save_last": True})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(Throughput, "throughput")
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(str(err)) from None
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        for key in ("best_checkpoint", "last_checkpoint"):
+            if config[key].dirpath is None:
+                config[key].dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        if config.trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt at train end even under fast_dev_run
+            config.last_checkpoint.save_last = False
+        if config.model.name_or_path and not config.data.tokenizer:
+            config.data.tokenizer = config.model.name_or_path  # the model's own tokenizer
+        config.data.trust_remote_code = config.model.trust_remote_code
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, RuntimeError, ImportError, MisconfigurationException) as err:  # e.g. FSDP on a CPU
+            raise ConfigError(f"cannot build the Trainer: {err}") from None
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # a size mismatch only fails later, inside fit
+            sizes = self.config[self.subcommand].trainer.strategy.init_args
+            dp, tp = sizes.data_parallel_size, sizes.tensor_parallel_size
+            world = trainer.num_devices * trainer.num_nodes
+            if isinstance(dp, int) and isinstance(tp, int) and dp * tp != world:
+                raise ConfigError(f"data_parallel_size x tensor_parallel_size = {dp * tp} must equal devices x"
+                                  f" num_nodes = {world}: set --trainer.strategy.init_args.data_parallel_size {world}")
+        return trainer
+
+    def after_fit(self) -> None:
+        val = self.trainer.callback_metrics.get("val_loss")
+        if val is not None:  # every rank prints: multi-process tests compare them
+            print(f"rank {self.trainer.global_rank}: step {self.trainer.global_step} val_loss={val.item():.4f}")
+        best = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
+            print(f"best val_loss={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+
+
+def main(args=None) -> None:
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the float32 matmuls outside autocast
+    try:
+        CausalLMCLI(
+            CausalLM,
+            TextData,
+            seed_everything_default=42,
+            trainer_defaults={"max_steps": 200, "val_check_interval": 50, "check_val_every_n_epoch": None,
+                              "limit_val_batches": 20, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
+                              "default_root_dir": "runs/causal_lm"},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+            args=args,
+        )
+    except ConfigError as err:
+        message = " ".join(str(err).split())
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""causal_lm.py and transformers_finetune.py on CPU: training, multi-process strategies, configs, launch files.
+
+Hugging Face models and tokenizers are built tiny and random, saved with save_pretrained, and loaded by the
+templates with from_pretrained: the real loading code, offline.
+"""
+
+import csv
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from typing import Union
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, run, run_template
+
+LAUNCH = TEMPLATES / "launch"
+WORDS = ["the", "a", "film", "movie", "plot", "was", "is", "great", "superb", "lovely", "awful", "dull", "bad", "."]
+
+
+def save_tiny_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[EOS]")
+    fast.save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = save_tiny_tokenizer(folder)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    vocab = save_tiny_tokenizer(folder)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_reviews(path, n=240):
+    gen = torch.Generator().manual_seed(0)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])
+        for i in range(n):
+            good = i % 2 == 0
+            adjective = ["great", "superb", "lovely"][i % 3] if good else ["awful", "dull", "bad"][i % 3]
+            noun = ["film", "movie", "plot"][int(torch.randint(0, 3, (1,), generator=gen))]
+            writer.writerow([f"the {noun} was {adjective} .", "pos" if good else "neg"])
+
+
+def assert_one_error_line(result, expected: str) -> None:
+    """Exit 2, no traceback, and exactly one error line that says what is wrong (info lines may precede it)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+
+
+def final_val_loss(output: str) -> dict:
+    return {int(r): float(v) for r, v in re.findall(r"rank (\d+): step \d+ val_loss=([0-9.]+)", output)}
+
+
+# ---- transformers_finetune.py ------------------------------------------------------------------------------------
+def test_finetune_default_trains_out_of_the_box(tmp_path):
+    result = run_template("transformers_finetune.py", "fit", "--trainer.max_epochs", "4", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    acc = float(re.search(r"best val_acc=([0-9.]+)", result.stdout).group(1))
+    assert acc >= 0.9
+
+
+def test_finetune_pretrained_folder_loss_falls(tmp_path, tiny_bert):
+    write_reviews(tmp_path / "reviews.csv")
+    result = run_template("transformers_finetune.py", "fit", "--model.name_or_path", tiny_bert,
+                          "--model.learning_rate", "3e-3", "--data.data_path", "reviews.csv",
+                          "--data.text_column", "review", "--data.label_column", "sentiment",
+                          "--trainer.max_epochs", "6", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                          "--trainer.logger.save_dir", "logs", "--trainer.log_every_n_steps", "1", *QUIET,
+                          cwd=tmp_path)
+    assert_ok(result)
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    print(f"train loss {first:.3f} -> {last:.3f}")
+    assert last < 0.5 * first
+    assert float(re.search(r"best val_acc=([0-9.]+)", result.stdout).group(1)) >= 0.9
+
+
+def test_finetune_fast_dev_run_with_jsonl(tmp_path, tiny_bert):
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": "the film was great ." if i % 2 else "the plot was dull .", "label": i % 2})
+                    + "\n")
+    result = run_template("transformers_finetune.py", "fit", "--model.name_or_path", tiny_bert, "--data.data_path",
+                          "data.jsonl", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+
+
+# ---- causal_lm.py ------------------------------------------------------------------------------------------------
+def test_causal_lm_fast_dev_run_default(tmp_path):
+    assert_ok(run_template("causal_lm.py", "fit", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path))
+
+
+def test_causal_lm_overfits_tiny_corpus(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 120)
+    result = run_template("causal_lm.py", "fit", "--data.data_path", "corpus.txt", "--data.block_size", "64",
+                          "--data.val_fraction", "0.1", "--trainer.max_steps", "120", "--trainer.val_check_interval",
+                          "40", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    loss = final_val_loss(result.stdout)[0]
+    print(f"val_loss after 120 steps: {loss:.3f} (uniform over bytes: {torch.log(torch.tensor(256.0)):.2f})")
+    assert loss < 0.5  # bar: a memorized repeating sentence
+
+
+def test_causal_lm_pretrained_folder(tmp_path, tiny_llama):
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"body": "the film was great . " * 8}) + "\n"
+                                                   for _ in range(30)))
+    result = run_template("causal_lm.py", "fit", "--model.name_or_path", tiny_llama, "--data.data_path",
+                          "corpus.jsonl", "--data.text_field", "body", "--data.block_size", "16",
+                          "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    assert final_val_loss(result.stdout)[0] < 3.0
+
+
+def test_causal_lm_ddp_two_processes(tmp_path):
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / "ddp.yaml", "--trainer.accelerator", "cpu",
+                          "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.max_steps", "4",
+                          "--trainer.val_check_interval", "2", *QUIET, cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    losses = final_val_loss(result.stdout)
+    assert set(losses) == {0, 1} and losses[0] == losses[1]  # sync_dist: every rank sees the same val_loss
+
+
+def test_fsdp2_shards_checkpoints_and_resumes(tmp_path):
+    common = ["--config", CONFIGS / "fsdp2.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+              "--trainer.precision", "32-true", "--trainer.strategy.init_args.data_parallel_size", "2",
+              "--trainer.val_check_interval", "3", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+              "--trainer.logger.save_dir", "logs", "--trainer.log_every_n_steps", "1", *QUIET]
+    first = run_template("causal_lm.py", "fit", "--trainer.max_steps", "6", *common, cwd=tmp_path, timeout=600)
+    assert_ok(first)
+    held = re.findall(r"\[rank (\d)\] FSDP2: this rank holds ([\d,]+) of ([\d,]+) parameter elements", first.stdout)
+    assert {r for r, _, _ in held} == {"0", "1"}
+    for _, local, total in held:  # really sharded: each of the 2 ranks holds about half
+        assert int(local.replace(",", "")) <= 0.6 * int(total.replace(",", ""))
+    last = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and list(last.glob("*.distcp")), "a distributed checkpoint is a folder of shards"
+
+    second = run_template("causal_lm.py", "fit", "--trainer.max_steps", "9", "--ckpt_path", "last", *common,
+                          cwd=tmp_path, timeout=600)
+    assert_ok(second)
+    assert "Restored all states from the checkpoint" in second.stdout + second.stderr
+    versions = sorted((tmp_path / "logs" / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    steps = [int(r["step"]) for r in csv.DictReader(open(versions[-1] / "metrics.csv")) if r.get("train_loss")]
+    assert min(steps) >= 6 and max(steps) <= 9, steps  # continued from step 6, did not start over
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_simulated_two_node_torchrun(tmp_path):
+    port = free_port()
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               TEMPLATES / "causal_lm.py", "fit", "--config", CONFIGS / "multinode.yaml", "--trainer.accelerator",
+               "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.precision", "32-true",
+               "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", *QUIET]
+        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    loss0, loss1 = final_val_loss(outputs[0]), final_val_loss(outputs[1])
+    assert set(loss0) == {0} and set(loss1) == {1} and loss0[0] == loss1[1]
+    assert "MEMBER: 2/2" in outputs[1]
+
+
+# ---- configs and launch files ------------------------------------------------------------------------------------
+def build_strategy(config_name: str):
+    """Instantiates the config's trainer.strategy the way LightningCLI does (no Trainer, so no GPU needed)."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    strategy = yaml.safe_load((CONFIGS / config_name).read_text())["trainer"]["strategy"]
+    return parser.instantiate_classes(parser.parse_object({"strategy": strategy})).strategy
+
+
+def test_fsdp_configs_build_their_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    fsdp = build_strategy("fsdp.yaml")
+    assert isinstance(fsdp, FSDPStrategy) and fsdp._state_dict_type == "sharded"
+    fsdp2 = build_strategy("fsdp2.yaml")
+    assert isinstance(fsdp2, ModelParallelStrategy)
+
+
+@pytest.mark.parametrize("name, stage, offload", [("deepspeed_stage_2.yaml", 2, False),
+                                                  ("deepspeed_stage_3_offload.yaml", 3, True)])
+def test_deepspeed_configs_name_registered_strategies(name, stage, offload):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = build_strategy(name)
+    assert strategy in StrategyRegistry, strategy
+    init = StrategyRegistry[strategy]["init_params"]
+    assert init["stage"] == stage and bool(init.get("offload_optimizer")) == offload
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("fsdp.yaml", "strategy `fsdp` requires a GPU accelerator"),
+    ("deepspeed_stage_2.yaml", "you must have DeepSpeed installed"),
+    ("deepspeed_stage_3_offload.yaml", "you must have DeepSpeed installed"),
+    ("fsdp2.yaml", "must equal devices x num_nodes = 1"),  # runs on CPU, but 8 shards need 8 processes
+])
+def test_strategy_that_cannot_run_here_is_one_clear_line(tmp_path, config, expected):
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--trainer.accelerator", "cpu",
+                          "--trainer.devices", "1", cwd=tmp_path)
+    assert_one_error_line(result, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["gpu.yaml", "fsdp.yaml"])
+def test_gpu_training(tmp_path, config):
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--trainer.devices", "1",
+                          "--model.compile", "true", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+                          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                          "logs", *QUIET, cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    header = open(next((tmp_path / "logs").rglob("metrics.csv"))).readline()
+    assert "train/device/items_per_sec" in header and "train/device/mfu" in header
+
+
+def test_slurm_launch_file_matches_its_config():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    srun = shlex.split(re.search(r"^srun (.+)$", text, re.M).group(1))
+    flags = dict(zip(srun[::1], srun[1::1]))
+    config = yaml.safe_load((CONFIGS / flags["--config"].split("/")[-1]).read_text())["trainer"]
+    nodes = int(flags.get("--trainer.num_nodes", config["num_nodes"]))
+    devices = int(flags.get("--trainer.devices", config["devices"]))
+    assert int(sbatch["nodes"]) == nodes == config["num_nodes"]
+    assert int(sbatch["ntasks-per-node"]) == devices == config["devices"]
+    assert sbatch["gres"] == f"gpu:{devices}" and sbatch["signal"] == "SIGUSR1@90"
+    assert (TEMPLATES / srun[1]).is_file()
+
+
+def test_torchrun_launch_file_is_valid_bash_and_matches_config():
+    path = LAUNCH / "torchrun.sh"
+    assert run(["bash", "-n", path], cwd=LAUNCH).returncode == 0
+    text = path.read_text()
+    assert '--trainer.num_nodes "$NNODES"' in text and '--trainer.devices "$NPROC"' in text
+    assert '--nnodes "$NNODES"' in text and '--nproc-per-node "$NPROC"' in text
+    missing = run(["bash", path], cwd=LAUNCH)  # refuses to start without a node rank
+    assert missing.returncode != 0 and "NODE_RANK" in missing.stderr
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("template, args, expected", [
+    ("causal_lm.py", ["--data.data_path", "missing.txt"], "data not found"),
+    ("causal_lm.py", ["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no field 'content'"),
+    ("causal_lm.py", ["--model.name_or_path", "./no_such_model"], "folder not found"),
+    ("causal_lm.py", ["--data.data_path", "c.jsonl", "--data.block_size", "4096"], "too few for block_size"),
+    ("transformers_finetune.py", ["--data.data_path", "missing.csv"], "data not found"),
+    ("transformers_finetune.py", ["--data.data_path", "r.csv", "--data.text_column", "body"], "no column 'body'"),
+    ("transformers_finetune.py", ["--model.name_or_path", "./no_such_model"], "folder not found"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    write_reviews(tmp_path / "r.csv", n=10)
+    result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", cwd=tmp_path)
+    assert_one_error_line(result, expected)

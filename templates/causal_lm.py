@@ -307,11 +307,20 @@ class TextData(L.LightningDataModule):
 # ----------------------------------------------------------------------------------------------------------------
 # Throughput: tokens/s and MFU, also on GPUs missing from Lightning's peak-FLOPs table
 # ----------------------------------------------------------------------------------------------------------------
+def missing_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak TFLOP/s for GPUs Lightning's table lacks; a bare "H100" is taken as the SXM part."""
+    words = device_name.lower().split()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in words), None)
+    if peak is not None and precision.startswith(("32", "64")):  # TF32 tensor cores: half the bf16 rate
+        peak /= 2
+    return peak
+
+
 class Throughput(ThroughputMonitor):
     """ThroughputMonitor that (1) supplies the peak FLOP/s Lightning lacks for some GPUs (or the one you pass) and
     (2) synchronizes the GPU only on logging steps: the stock callback calls torch.cuda.synchronize() every step."""
 
-    def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 50):
+    def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 10):
         super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
                          window_size=window_size)
         self.peak_tflops = peak_tflops
@@ -321,10 +330,7 @@ class Throughput(ThroughputMonitor):
         device = trainer.strategy.root_device
         peak = self.peak_tflops
         if peak is None and self.available_flops is None and device.type == "cuda":
-            name = torch.cuda.get_device_name(device).lower()
-            peak = next((v for k, v in PEAK_TFLOPS.items() if k in name.split() or f"{k} " in f"{name} "), None)
-            if peak is not None and "32-true" in str(trainer.precision):  # TF32 tensor cores: half the bf16 rate
-                peak /= 2
+            peak = missing_peak_tflops(torch.cuda.get_device_name(device), str(trainer.precision))
         if peak is not None:
             self.available_flops = int(peak * 1e12)
             for throughput in self._throughputs.values():

@@ -298,3 +298,33 @@ def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
     write_reviews(tmp_path / "r.csv", n=10)
     result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", cwd=tmp_path)
     assert_one_error_line(result, expected)
+
+
+# ---- throughput and MFU ------------------------------------------------------------------------------------------
+def test_peak_flops_for_gpus_missing_from_lightnings_table():
+    import importlib.util
+
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    spec = importlib.util.spec_from_file_location("causal_lm_template", TEMPLATES / "causal_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    peak = module.missing_peak_tflops
+    assert peak("NVIDIA H200", "bf16-mixed") == 989.0 and peak("NVIDIA H100", "bf16-mixed") == 989.0
+    assert peak("NVIDIA B200", "bf16-mixed") == 2250.0 and peak("NVIDIA H200", "32-true") == 494.5
+    assert peak("Tesla T4", "16-mixed") is None
+    # Lightning's own table knows the full H100 names: the template only fills the gaps.
+    assert get_available_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_throughput_logs_tokens_per_second(tmp_path):
+    result = run_template("causal_lm.py", "fit", "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
+                          "--trainer.log_every_n_steps", "2", "--throughput.window_size", "3", "--trainer.logger",
+                          "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs", *QUIET,
+                          cwd=tmp_path)
+    assert_ok(result)
+    assert "flops_per_batch" not in result.stderr  # the module measured its FLOPs (no ThroughputMonitor warning)
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
+    rates = [float(r["train/device/items_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
+    flops = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
+    assert rates and all(v > 0 for v in rates) and flops and all(v > 0 for v in flops)

@@ -65,3 +65,11 @@ def test_commands_in_docs_name_real_files():
         for name in set(re.findall(r"configs/([\w.-]+\.yaml)", text)) - generated:
             assert (CONFIGS / name).is_file(), f"{doc.name} mentions missing configs/{name}"
         assert not re.search(r"(?<![\w.])\./scripts/", text), f"{doc.name}: run scripts as `python scripts/NAME.py`"
+
+
+def test_procedure_uses_the_scripts_in_order():
+    text = (REPO / "SKILL.md").read_text()
+    procedure = text.split("## Procedure\n", 1)[1].split("\n## ", 1)[0]
+    positions = [procedure.find(f"python scripts/{name}.py") for name in
+                 ("detect_hardware", "scaffold", "smoke_test", "launch", "summarize_run")]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), positions

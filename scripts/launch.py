@@ -1,0 +1,145 @@
+"""Print (or write) the command or sbatch file that launches a LightningCLI config on its devices and nodes.
+
+Usage:
+    python scripts/launch.py config.yaml --target local                   # python SCRIPT fit --config config.yaml
+    python scripts/launch.py configs/multinode.yaml --target torchrun --script causal_lm.py
+    python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
+
+The processes per node must equal trainer.devices and the nodes trainer.num_nodes, or the run hangs at
+"Initializing distributed": a --nodes (or --devices) that disagrees with the config is an error. --script defaults
+to the only .py file in the config's folder or the folder above it. --write never replaces an existing file.
+Exit codes: 0 ok, 2 bad input.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+class UsageError(ValueError):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def read_trainer(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}")
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]})")
+    if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
+        raise UsageError(f"{path} has no trainer: section")
+    return data["trainer"]
+
+
+def find_script(config: Path, given) -> str:
+    if given:
+        return given
+    for folder in (config.parent, config.parent.parent):
+        scripts = sorted(folder.glob("*.py"))
+        if len(scripts) == 1:
+            return os.path.relpath(scripts[0])
+    raise UsageError("cannot tell which training script to launch: pass --script FILE")
+
+
+def plan(trainer: dict, target: str, nodes, devices) -> tuple:
+    config_nodes = int(trainer.get("num_nodes", 1) or 1)
+    config_devices = trainer.get("devices", "auto")
+    if nodes is not None and nodes != config_nodes:
+        raise UsageError(f"--nodes {nodes} but trainer.num_nodes is {config_nodes}: they must match, or the run hangs"
+                         f" at 'Initializing distributed'; set trainer.num_nodes: {nodes} in the config")
+    if devices is not None and isinstance(config_devices, int) and config_devices != -1 and devices != config_devices:
+        raise UsageError(f"--devices {devices} but trainer.devices is {config_devices}: processes per node must equal"
+                         " trainer.devices")
+    per_node = devices if devices is not None else config_devices
+    if target != "local" and not (isinstance(per_node, int) and per_node > 0):
+        raise UsageError(f"trainer.devices is {config_devices!r}: {target} needs the number of GPUs per node; set"
+                         " trainer.devices to it (or pass --devices N)")
+    if target == "local" and config_nodes > 1:
+        raise UsageError(f"trainer.num_nodes is {config_nodes}: a local launch runs one machine; use --target"
+                         " torchrun or slurm")
+    return config_nodes, per_node
+
+
+def render(target: str, script: str, config: str, nodes: int, per_node) -> str:
+    run = f"{script} fit --config {config}"
+    if target == "local":
+        return f"python {run}\n"
+    if target == "torchrun":
+        return ("# on every machine, NODE_RANK=0 on the one at MASTER_ADDR:\n"
+                f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank $NODE_RANK"
+                f" --master-addr $MASTER_ADDR --master-port ${{MASTER_PORT:-29500}} {run}\n")
+    return "\n".join([
+        "#!/bin/bash",
+        f"# launch.py: {nodes} node(s) x {per_node} GPU(s); --nodes = trainer.num_nodes, --ntasks-per-node ="
+        " trainer.devices",
+        "#SBATCH --job-name=lightning",
+        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --ntasks-per-node={per_node}",
+        f"#SBATCH --gres=gpu:{per_node}",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --time=24:00:00",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --output=slurm-%j.out",
+        "",
+        f"srun python {run}",
+        "",
+    ])
+
+
+def write_new(path: Path, text: str) -> None:
+    """Writes a new file atomically; never replaces one."""
+    if path.exists():
+        raise UsageError(f"{path} exists: choose another --write file (nothing was changed)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    try:
+        os.link(f.name, path)  # fails if the file appeared meanwhile
+    finally:
+        os.unlink(f.name)
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="LightningCLI config with a trainer: section")
+    parser.add_argument("--target", choices=["local", "torchrun", "slurm"], required=True)
+    parser.add_argument("--nodes", type=int, help="machines you will launch on (checked against num_nodes)")
+    parser.add_argument("--devices", type=int, help="processes per machine (checked against trainer.devices)")
+    parser.add_argument("--script", help="training script (default: the only .py next to the config)")
+    parser.add_argument("--write", help="write to this new file instead of printing")
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    args = parser.parse_args(argv)
+    try:
+        config = Path(args.config)
+        trainer = read_trainer(config)
+        nodes, per_node = plan(trainer, args.target, args.nodes, args.devices)
+        text = render(args.target, find_script(config, args.script), args.config, nodes, per_node)
+        if args.write:
+            write_new(Path(args.write), text)
+    except UsageError as err:
+        print(f"launch.py: error: {err}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps({"target": args.target, "nodes": nodes, "processes_per_node": per_node,
+                          "written": args.write, "text": text}, indent=2))
+    elif args.write:
+        print(f"wrote {args.write}")
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

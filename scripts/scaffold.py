@@ -1,0 +1,218 @@
+"""Copy a template and its configs into a project and write a config.yaml for it; print the next commands.
+
+Usage:
+    python scripts/scaffold.py classifier my_project                        # template + configs + config.yaml
+    python scripts/scaffold.py causal_lm my_lm --set data.data_path=corpus/ --set trainer.max_steps=2000
+    python scripts/scaffold.py classifier my_project --hardware none        # skip hardware detection
+    python scripts/scaffold.py classifier my_project --hardware hw.yaml     # a trainer: section from a file
+    python scripts/scaffold.py classifier my_project --force                # replace files that already exist
+
+config.yaml = the template's own defaults (its `fit --print_config`), then the `trainer:` section that
+detect_hardware.py recommends for this machine (--hardware auto, the default), then every --set key=value.
+Keys are checked against the template's LightningCLI; values are YAML data (numbers, true/false, null, lists),
+anything else stays a plain string. Nothing is written unless everything succeeds; existing files are never replaced
+without --force. Exit codes: 0 ok, 2 bad input.
+"""
+
+import argparse
+import difflib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+SKILL = Path(__file__).resolve().parent.parent
+TEMPLATES = SKILL / "templates"
+PLAIN = (type(None), bool, int, float, str)
+NULLS = ("", "null", "Null", "NULL", "~")
+
+
+class UsageError(ValueError):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_value(text: str):
+    """YAML data when the text is plain data (42, 1e-3, true, null, [1, 2]); otherwise the text itself."""
+    try:
+        value = yaml.safe_load(text)  # safe_load never builds Python objects (!!python tags raise)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, PLAIN) or (isinstance(value, list) and all(isinstance(v, PLAIN) for v in value)):
+        return text if value is None and text.strip() not in NULLS else value  # e.g. a comment: keep the text
+    return text
+
+
+def parse_sets(items: list) -> list:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r} is not key=value (example: --set trainer.max_epochs=5)")
+        pairs.append((key.strip(), parse_value(value)))
+    return pairs
+
+
+def flat_keys(tree: dict, prefix: str = "") -> set:
+    keys = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        keys.add(path)
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{path}.")
+    return keys
+
+
+def set_key(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    tree[parts[-1]] = value
+
+
+def merge(defaults: dict, trainer: dict, sets: list) -> dict:
+    """The template's defaults, then the hardware trainer section, then --set values (later wins)."""
+    config = json.loads(json.dumps(defaults))  # deep copy of plain data
+    for key, value in (trainer or {}).items():
+        set_key(config, f"trainer.{key}", value)
+    for key, value in sets:
+        set_key(config, key, value)
+    return config
+
+
+def check_keys(sets: list, defaults: dict) -> None:
+    valid = flat_keys(defaults)
+    for key, _ in sets:
+        if key in valid or any(key.startswith(f"{v}.") for v in valid if v.endswith(("init_args", "dict_kwargs"))):
+            continue
+        if key.startswith("trainer.strategy.") or key.startswith("trainer.logger."):
+            continue  # class arguments of a strategy or logger chosen by the config: the template checks them
+        near = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
+        raise UsageError(f"unknown key {key!r}" + (f"; nearest valid keys: {', '.join(near)}" if near else ""))
+
+
+def template_defaults(script: Path) -> dict:
+    result = subprocess.run([sys.executable, str(script), "fit", "--print_config"], capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0:
+        raise UsageError(f"{script.name} --print_config failed: {last_line(result.stderr)}")
+    return yaml.safe_load(result.stdout)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def hardware_trainer(choice: str) -> dict:
+    if choice == "none":
+        return {}
+    if choice == "auto":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import detect_hardware
+
+        return detect_hardware.plan(detect_hardware.detect_machine())["trainer"]
+    path = Path(choice)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UsageError(f"cannot read --hardware {choice}: {err}")
+    if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
+        raise UsageError(f"--hardware {choice} must hold a trainer: section (python scripts/detect_hardware.py"
+                         " --format yaml writes one)")
+    return data["trainer"]
+
+
+def template_files(name: str) -> tuple:
+    """(script path, config paths, launch paths, manifest entry) from skill.yaml."""
+    manifest = yaml.safe_load((SKILL / "skill.yaml").read_text())
+    names = {Path(t["file"]).stem: t for t in manifest["templates"] if t["file"].endswith(".py")}
+    entry = names.get(Path(name).stem)
+    if entry is None:
+        raise UsageError(f"unknown template {name!r}; choose one of {', '.join(sorted(names))}")
+    configs = [SKILL / c for c in entry["configs"]]
+    launch = [SKILL / e["file"] for e in manifest.get("launch", [])] \
+        if any(c.name == "multinode.yaml" for c in configs) else []
+    return SKILL / entry["file"], configs, launch, entry
+
+
+def default_data(entry: dict, defaults: dict) -> dict:
+    """The embedded data the template finds next to itself; a copy elsewhere needs its absolute path."""
+    data = defaults.get("data") or {}
+    if not entry.get("default_data") or data.get("data_path"):
+        return {}
+    return {"data.data_path": str(SKILL / entry["default_data"])}
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("template", help="classifier, causal_lm or transformers_finetune")
+    parser.add_argument("dest", help="project folder (created if missing)")
+    parser.add_argument("--hardware", default="auto", help="auto (detect this machine), none, or a YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value (repeatable)")
+    parser.add_argument("--force", action="store_true", help="replace files that already exist")
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    args = parser.parse_args(argv)
+    try:
+        script, configs, launch, entry = template_files(args.template)
+        sets = parse_sets(args.set)
+        dest = Path(args.dest).expanduser()
+        if dest.exists() and not dest.is_dir():
+            raise UsageError(f"{dest} exists and is not a folder")
+        targets = {dest / script.name: script, **{dest / "configs" / c.name: c for c in configs},
+                   **{dest / "launch" / p.name: p for p in launch}}
+        existing = [str(p) for p in [*targets, dest / "config.yaml"] if p.exists()]
+        if existing and not args.force:
+            raise UsageError(f"would replace {', '.join(existing)}: pass --force to replace, or choose another DEST")
+        trainer = hardware_trainer(args.hardware)
+        defaults = template_defaults(script)
+        check_keys(sets, defaults)
+        data_default = [(k, v) for k, v in default_data(entry, defaults).items() if k not in dict(sets)]
+        config = merge(defaults, trainer, data_default + sets)
+        with tempfile.TemporaryDirectory() as tmp:  # validate the whole result before touching DEST
+            staged = Path(tmp) / "config.yaml"
+            staged.write_text("# written by scaffold.py: the template's defaults + hardware + --set values\n"
+                              + yaml.safe_dump(config, sort_keys=False))
+            check = subprocess.run([sys.executable, str(script), "fit", "--config", str(staged), "--print_config"],
+                                   capture_output=True, text=True, timeout=300)
+            if check.returncode != 0:
+                raise UsageError(f"the template rejects this config: {last_line(check.stderr)}")
+            for target, source in targets.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            shutil.copyfile(staged, dest / "config.yaml")
+    except UsageError as err:
+        print(f"scaffold.py: error: {err}", file=sys.stderr)
+        return 2
+    scripts = SKILL / "scripts"
+    run_dir = config["trainer"].get("default_root_dir") or "lightning_logs"
+    commands = {
+        "cd": f"cd {dest.resolve()}",
+        "smoke_test": f"python {scripts / 'smoke_test.py'} {script.name} --config config.yaml",
+        "train": f"python {script.name} fit --config config.yaml",
+        "resume": f"python {script.name} fit --config config.yaml --ckpt_path last",
+        "summarize": f"python {scripts / 'summarize_run.py'} {run_dir}",
+    }
+    written = sorted(str(p.resolve()) for p in [*targets, dest / "config.yaml"])
+    if args.format == "json":
+        print(json.dumps({"files": written, "next": commands}, indent=2))
+    else:
+        print(f"wrote {len(written)} files into {dest.resolve()} (config: config.yaml)")
+        print("next:")
+        for name, command in commands.items():
+            print(f"  {name:<11} {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

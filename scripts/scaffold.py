@@ -136,7 +136,8 @@ def hardware_trainer(choice: str) -> dict:
 def template_files(name: str) -> tuple:
     """(script path, config paths, launch paths, manifest entry) from skill.yaml."""
     manifest = yaml.safe_load((SKILL / "skill.yaml").read_text())
-    names = {Path(t["file"]).stem: t for t in manifest["templates"] if t["file"].endswith(".py")}
+    names = {Path(t["file"]).stem: t for t in manifest["templates"]
+             if t["file"].endswith(".py") and t.get("scaffold", True)}  # hpo_optuna.py is copied by hand
     entry = names.get(Path(name).stem)
     if entry is None:
         raise UsageError(f"unknown template {name!r}; choose one of {', '.join(sorted(names))}")

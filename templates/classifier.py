@@ -335,7 +335,8 @@ class ClassifierCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:  # name the nearest valid keys for a mistyped one
-            keys = {k for sub in parser._subcommands_action._name_parser_map.values() for k in sub.get_defaults().keys()}
+            subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
+            keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
             typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
             near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
             raise ArgumentError(None, f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")) from None
@@ -361,17 +362,23 @@ class ClassifierCLI(LightningCLI):
                   f"next: python {Path(sys.argv[0]).name} test --ckpt_path {best.best_model_path}")
 
 
-def main(args=None) -> None:
+def main(args=None, run: bool = True, callbacks: tuple = ()):
+    """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
+    callbacks are always added (hpo_optuna.py passes its pruning callback this way)."""
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+; no-op on CPU
+    defaults = {"max_epochs": 40, "log_every_n_steps": 10, "default_root_dir": "runs/classifier"}
+    if callbacks:
+        defaults["callbacks"] = list(callbacks)
     try:
-        ClassifierCLI(
+        return ClassifierCLI(
             Classifier,
             ClassificationData,
             seed_everything_default=42,
-            trainer_defaults={"max_epochs": 40, "log_every_n_steps": 10, "default_root_dir": "runs/classifier"},
+            trainer_defaults=defaults,
             save_config_kwargs={"overwrite": True},  # the saved config.yaml is rewritten when a run is resumed
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # errors end in one line, below
             args=args,
+            run=run,
         )
     except (DataError, ArgumentError) as err:
         message = " ".join(str(err).split())

@@ -1,0 +1,249 @@
+"""Hyperparameter search with Optuna over a LightningCLI template's configuration, with pruning and crash-safe storage.
+
+Each trial builds the target template's model, data and Trainer from its config plus the trial's values, trains with
+an Optuna pruning callback, and reports the monitored validation metric. Trials live in a database (SQLite by
+default): rerunning the same command after a crash keeps the finished trials and continues to --n-trials, and
+several processes (or machines sharing a database URL) can work on one study together.
+
+    python hpo_optuna.py --n-trials 20                                   # the classifier template next to this file
+    python hpo_optuna.py --config my_config.yaml --n-trials 50 --storage sqlite:///study.db
+    python hpo_optuna.py --space space.yaml --monitor val_loss --direction minimize
+    python hpo_optuna.py --lr-find --n-trials 20                         # Tuner.lr_find first; its lr is trial 0
+    python hpo_optuna.py --n-trials 20 & python hpo_optuna.py --n-trials 20   # two workers, one study
+
+At the end it prints a table of the trials and writes the best configuration (--output, default best_config.yaml),
+which `python classifier.py fit --config best_config.yaml` trains as it is. Needs optuna and optuna-integration.
+Exit codes: 0 ok, 2 bad input (unknown search-space key, unreachable storage, existing output file).
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+# ---- search space: edit here, or pass --space FILE.yaml with the same structure ---------------------------------
+SEARCH_SPACE = {
+    "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+}
+# -----------------------------------------------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+def load_script(path: Path):
+    if not path.is_file():
+        raise UsageError(f"no such training script: {path}: pass --script")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # spawned DataLoader workers and pickling find the module by name
+    spec.loader.exec_module(module)
+    if "run" not in module.main.__code__.co_varnames:
+        raise UsageError(f"{path.name} has no main(args, run, callbacks): use a template from this skill")
+    return module
+
+
+def base_configs(args) -> list:
+    """Copies of the --config files without the keys of a `fit` subcommand (ckpt_path, weights_only), which the
+    template's parser does not take when it only builds the objects."""
+    out = []
+    folder = Path(args.runs) / args.study_name
+    for i, name in enumerate(args.config):
+        try:
+            data = yaml.safe_load(Path(name).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UsageError(f"cannot read --config {name}: {err}")
+        for key in ("ckpt_path", "weights_only", "config"):
+            data.pop(key, None)
+        folder.mkdir(parents=True, exist_ok=True)
+        copy = folder / f"base_config_{i}.yaml"
+        copy.write_text(yaml.safe_dump(data, sort_keys=False))
+        out.append(str(copy))
+    return out
+
+
+def suggest(trial, space: dict) -> dict:
+    values = {}
+    for key, spec in space.items():
+        kind = spec.get("type")
+        if kind == "float":
+            values[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
+        elif kind == "int":
+            values[key] = trial.suggest_int(key, spec["low"], spec["high"], log=spec.get("log", False))
+        elif kind == "categorical":
+            values[key] = trial.suggest_categorical(key, spec["choices"])
+        else:
+            raise UsageError(f"search space {key!r}: type must be float, int or categorical, not {kind!r}")
+    return values
+
+
+def cli_args(base: list, values: dict) -> list:
+    return base + [f"--{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def build(module, args: list, callbacks=()):
+    """The template's CLI without running it; its own one-line error and exit code 2 on bad keys or values."""
+    argv, sys.argv = sys.argv, [module.__file__]  # the template reads only `args`, not this script's flags
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return module.main(args, run=False, callbacks=tuple(callbacks))
+    finally:
+        sys.argv = argv
+
+
+def check_space(module, base: list, space: dict) -> None:
+    middle = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise UsageError(f"search space {key!r}: needs type float, int or categorical")
+        middle[key] = spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+    build(module, cli_args(base, middle))  # an unknown key exits 2 with the template's nearest-key message
+
+
+def open_study(args):
+    import optuna
+
+    if not args.storage.startswith(("sqlite:///", "postgresql", "mysql")):
+        raise UsageError(f"unsupported storage {args.storage!r}: use sqlite:///study.db or a database URL")
+    for attempt in range(3):  # workers starting together race to create the schema: the loser retries
+        try:
+            storage = optuna.storages.RDBStorage(args.storage, heartbeat_interval=30, grace_period=120)
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+            return optuna.create_study(study_name=args.study_name, storage=storage, direction=args.direction,
+                                       pruner=pruner, load_if_exists=True)
+        except Exception as err:  # sqlalchemy raises many types for a bad URL or an unreachable server
+            if attempt == 2:
+                raise UsageError(f"cannot open storage {args.storage!r}: {str(err).splitlines()[0][:200]}")
+            time.sleep(1 + attempt)
+
+
+def objective(module, base: list, space: dict, args):
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    def run_trial(trial) -> float:
+        values = suggest(trial, space)
+        pruning = PyTorchLightningPruningCallback(trial, monitor=args.monitor)
+        root = Path(args.runs) / args.study_name / f"trial_{trial.number}"
+        cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(root)], values), [pruning])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        pruning.check_pruned()  # only acts under DDP, where pruning is decided on rank 0
+        score = cli.trainer.callback_metrics.get(args.monitor)
+        if score is None:
+            raise UsageError(f"the run logged no {args.monitor!r}: pass --monitor with a logged validation metric")
+        return float(score)
+
+    return run_trial
+
+
+def pre_tune(module, base: list, args) -> dict:
+    """Optional Tuner steps on the base config; their results become the first trial."""
+    from lightning.pytorch.tuner import Tuner
+
+    found = {}
+    if args.scale_batch_size:
+        cli = build(module, base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")])
+        size = Tuner(cli.trainer).scale_batch_size(cli.model, datamodule=cli.datamodule, mode="power",
+                                                   max_trials=5)
+        found["data.batch_size"] = int(size)
+    if args.lr_find:
+        cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")], found))
+        finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name="lr")
+        found["model.lr"] = float(finder.suggestion())
+    if found:
+        print(f"tuner: {found}")
+    return found
+
+
+def export_best(module, base: list, study, path: Path) -> None:
+    cli = build(module, cli_args(base, study.best_trial.params))
+    text = cli.parser.dump(cli.config, skip_none=False)
+    data = yaml.safe_load(text)
+    for key in ("config", "ckpt_path"):
+        data.pop(key, None)
+    path.write_text(f"# best of study {study.study_name!r}: trial {study.best_trial.number}, value"
+                    f" {study.best_value:.6g}\n" + yaml.safe_dump(data, sort_keys=False))
+
+
+def print_table(study) -> None:
+    print(f"{'trial':>5} {'state':<9} {'value':>10}  params")
+    for t in sorted(study.trials, key=lambda t: t.number):
+        value = "-" if t.value is None else f"{t.value:.5g}"
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        print(f"{t.number:>5} {t.state.name:<9} {value:>10}  {params}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default=str(Path(__file__).resolve().parent / "classifier.py"),
+                        help="template to tune (default: classifier.py next to this file)")
+    parser.add_argument("--config", action="append", default=[], help="base config(s) for the template")
+    parser.add_argument("--space", help="YAML search space (default: SEARCH_SPACE in this file)")
+    parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study should reach")
+    parser.add_argument("--storage", default="sqlite:///study.db")
+    parser.add_argument("--study-name", default="hpo")
+    parser.add_argument("--monitor", default="val_acc")
+    parser.add_argument("--direction", choices=["maximize", "minimize"], default="maximize")
+    parser.add_argument("--enqueue", action="append", default=[], metavar="JSON",
+                        help='a trial to run first, e.g. \'{"model.lr": 0.003}\' (repeatable)')
+    parser.add_argument("--lr-find", action="store_true", help="run Tuner.lr_find first")
+    parser.add_argument("--scale-batch-size", action="store_true", help="run Tuner.scale_batch_size first")
+    parser.add_argument("--runs", default="runs/hpo", help="folder for the trials' logs and checkpoints")
+    parser.add_argument("--output", default="best_config.yaml", help="best configuration (never overwritten)")
+    parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra template arguments, last")
+    args = parser.parse_args(argv)
+    try:
+        import optuna
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
+
+        output = Path(args.output)
+        if output.exists():
+            raise UsageError(f"{output} exists: pass another --output (nothing was run)")
+        space = SEARCH_SPACE
+        if args.space:
+            try:
+                space = yaml.safe_load(Path(args.space).read_text())
+            except (OSError, yaml.YAMLError) as err:
+                raise UsageError(f"cannot read --space {args.space}: {err}")
+            if not isinstance(space, dict) or not space:
+                raise UsageError(f"--space {args.space} must map keys to {{type, low, high}} or {{type, choices}}")
+        module = load_script(Path(args.script))
+        base = [a for c in base_configs(args) for a in ("--config", c)] + args.set
+        check_space(module, base, space)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat: stable enough
+        study = open_study(args)
+        for item in args.enqueue:
+            study.enqueue_trial(json.loads(item), skip_if_exists=True)
+        if (args.lr_find or args.scale_batch_size) and not study.trials:
+            study.enqueue_trial(pre_tune(module, base, args), skip_if_exists=True)
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        done = len(study.get_trials(deepcopy=False, states=finished))
+        if done < args.n_trials:
+            study.optimize(objective(module, base, space, args), n_trials=args.n_trials - done,
+                           callbacks=[MaxTrialsCallback(args.n_trials, states=finished)], catch=())
+    except UsageError as err:
+        print(f"hpo_optuna.py: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        print(f"hpo_optuna.py: error: {err}: python -m pip install optuna optuna-integration", file=sys.stderr)
+        return 2
+    print_table(study)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) and not output.exists():
+        export_best(module, base, study, output)
+        print(f"best: trial {study.best_trial.number}, {args.monitor}={study.best_value:.5g}; config: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""templates/hpo_optuna.py: pruning, crash-safe storage, two workers on one study, exported config, bad input."""
+
+import json
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import QUIET, TEMPLATES, assert_ok, run, run_template
+
+HPO = TEMPLATES / "hpo_optuna.py"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+GOOD = [{"model.lr": lr, "model.dropout": 0.1, "data.batch_size": 64} for lr in (0.003, 0.005)]
+BAD = [{"model.lr": lr, "model.dropout": 0.1, "data.batch_size": 64} for lr in (1e-6, 2e-6)]  # barely learn
+
+
+def hpo_cmd(tmp_path, *args, epochs=4, name="hpo"):
+    return [sys.executable, HPO, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", name,
+            "--runs", tmp_path / "runs", *args, "--set", "--trainer.max_epochs", str(epochs), *QUIET]
+
+
+def load(tmp_path, name="hpo"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
+    enqueue = [a for p in GOOD + BAD for a in ("--enqueue", json.dumps(p))]
+    start = time.perf_counter()
+    result = run(hpo_cmd(tmp_path, "--n-trials", "4", "--output", tmp_path / "best.yaml", *enqueue), cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert_ok(result)
+    print(f"4-trial study: {elapsed:.0f} s")
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
+    assert any(t.state == TrialState.PRUNED and t.params["model.lr"] < 1e-5 for t in trials)
+    assert "PRUNED" in result.stdout and "best: trial" in result.stdout
+
+    trained = run_template("classifier.py", "fit", "--config", tmp_path / "best.yaml", "--trainer.max_epochs", "2",
+                           *QUIET, cwd=tmp_path)
+    assert_ok(trained)
+    assert "best val_acc=" in trained.stdout
+
+
+def test_killed_study_resumes_without_losing_finished_trials(tmp_path):
+    cmd = [str(c) for c in hpo_cmd(tmp_path, "--n-trials", "4", "--output", tmp_path / "best.yaml", epochs=6)]
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            finished = load(tmp_path).get_trials(states=FINISHED)
+        except Exception:  # the study may not exist yet
+            continue
+        if len(finished) >= 2:
+            proc.kill()  # SIGKILL: no clean-up, like a crashed machine
+            break
+    proc.wait()
+    assert len(finished) >= 2 and proc.returncode != 0, "the study ended before it could be killed"
+    before = {t.number: t.value for t in load(tmp_path).get_trials(states=FINISHED)}
+
+    resumed = run(cmd, cwd=tmp_path)
+    assert_ok(resumed)
+    after = load(tmp_path).get_trials(states=FINISHED)
+    assert len(after) >= 4
+    assert {t.number: t.value for t in after if t.number in before} == before  # finished trials kept as they were
+
+
+def test_two_workers_share_one_study(tmp_path):
+    import subprocess
+
+    procs = [subprocess.Popen([str(c) for c in hpo_cmd(tmp_path, "--n-trials", "4", "--output",
+                                                        tmp_path / f"best{i}.yaml", epochs=3)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    trials = load(tmp_path).trials
+    numbers = [t.number for t in trials]
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(numbers) == len(set(numbers))
+    assert 4 <= len(finished) <= 5  # each worker stops once the study holds 4; one may finish a trial in flight
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--space", "space.yaml"], "model.lrr"),
+    (["--storage", "sqlite:////no/such/dir/study.db"], "cannot open storage"),
+    (["--storage", "redis://localhost/0"], "unsupported storage"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, expected):
+    (tmp_path / "space.yaml").write_text("model.lrr:\n  type: float\n  low: 0.001\n  high: 0.1\n")
+    cmd = [sys.executable, HPO, "--n-trials", "1", "--runs", tmp_path / "runs", *args]
+    if "--storage" not in args:
+        cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+    result = run(cmd, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_study_over_a_printed_fit_config(tmp_path):
+    """A `fit --print_config` file (it holds ckpt_path, a fit-only key) works as the study's base config."""
+    printed = run_template("classifier.py", "fit", "--print_config", cwd=tmp_path)
+    assert_ok(printed)
+    (tmp_path / "config.yaml").write_text(printed.stdout)
+    result = run(hpo_cmd(tmp_path, "--config", tmp_path / "config.yaml", "--n-trials", "1", "--output",
+                         tmp_path / "best.yaml", epochs=1), cwd=tmp_path)
+    assert_ok(result)
+    assert "COMPLETE" in result.stdout and (tmp_path / "best.yaml").is_file()

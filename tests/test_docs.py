@@ -74,3 +74,70 @@ def test_procedure_uses_the_scripts_in_order():
     positions = [procedure.find(f"python scripts/{name}.py") for name in
                  ("detect_hardware", "scaffold", "smoke_test", "launch", "summarize_run")]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
+
+
+# Symptoms users report (lightning-facts.md's table and more): each must be findable where a user would look.
+SYMPTOMS = ["hangs after validation", "deadlock when logging", "sync_dist", "FSDP checkpoint",
+            "starts from scratch", "load_from_checkpoint", "floods SLURM logs", "persistent_workers",
+            "_orig_mod.", "memory growing", "Initializing distributed", "--signal=SIGUSR1@90",
+            "parameters that were not used", "Expected a parent", "trainer.test", "NaN", "jsonargparse[signatures]",
+            "KubeflowEnvironment", "NCCL_DEBUG=INFO", "ddp_notebook", "dataloader_idx", "on_epoch_end",
+            "auto_lr_find", "fp16"]
+FORBIDDEN_IN_CODE = [r"precision\s*=\s*['\"](fp16|half|bf16|16)['\"]", r"auto_lr_find", r"auto_scale_batch_size",
+                     r"\.tune\(", r"def on_epoch_end\(", r"TuneReportCallback", r"suggest_loguniform",
+                     r"import pytorch_lightning", r"from pytorch_lightning", r"activation_checkpointing\s*=",
+                     r"NCCL_TIMEOUT"]
+
+
+def code_blocks(text: str) -> list:
+    return re.findall(r"```(?:python|bash|yaml)\n(.*?)```", text, re.S)
+
+
+def test_each_symptom_is_findable_in_the_references():
+    text = "\n".join(p.read_text() for p in (REPO / "references").glob("*.md"))
+    missing = [s for s in SYMPTOMS if s not in text]
+    assert not missing, f"not answered in references/: {missing}"
+
+
+def test_no_known_wrong_api_in_code_blocks():
+    for doc in [REPO / "README.md", *DOCS]:
+        for block in code_blocks(doc.read_text()):
+            lines = [line for line in block.splitlines() if "# raises" not in line]  # shown failing on purpose
+            for pattern in FORBIDDEN_IN_CODE:
+                assert not re.search(pattern, "\n".join(lines)), f"{doc.name}: {pattern!r} in a code block"
+
+
+def test_every_lightning_name_in_the_docs_exists():
+    import importlib
+
+    names = set()
+    for doc in [REPO / "README.md", *DOCS]:
+        names |= set(re.findall(r"\blightning(?:\.[A-Za-z_]\w*)+", doc.read_text()))
+    assert names
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                assert hasattr(obj, attr), f"{name}: {attr} not found"
+                obj = getattr(obj, attr)
+            break
+        else:
+            pytest.fail(f"{name} does not import")
+
+
+def test_migration_before_and_after_reach_the_same_loss(tmp_path):
+    text = (REPO / "references" / "migration.md").read_text()
+    losses = []
+    for heading in ("## Before: a plain loop", "## After: LightningModule + Trainer"):
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        (tmp_path / "block.py").write_text(code)
+        result = run([sys.executable, tmp_path / "block.py"], cwd=tmp_path)
+        assert_ok(result)
+        losses.append(float(re.search(r"final loss: ([0-9.]+)", result.stdout).group(1)))
+    print(f"plain loop {losses[0]:.6f}, Lightning {losses[1]:.6f}")
+    assert abs(losses[0] - losses[1]) < 1e-5

@@ -93,10 +93,8 @@ def merge(defaults: dict, trainer: dict, sets: list) -> dict:
 def check_keys(sets: list, defaults: dict) -> None:
     valid = flat_keys(defaults)
     for key, _ in sets:
-        if key in valid or any(key.startswith(f"{v}.") for v in valid if v.endswith(("init_args", "dict_kwargs"))):
-            continue
-        if key.startswith("trainer.strategy.") or key.startswith("trainer.logger."):
-            continue  # class arguments of a strategy or logger chosen by the config: the template checks them
+        if key in valid or key.startswith(("trainer.strategy.", "trainer.logger.")):
+            continue  # arguments of a strategy or logger class chosen by the config: the template checks them
         near = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
         raise UsageError(f"unknown key {key!r}" + (f"; nearest valid keys: {', '.join(near)}" if near else ""))
 

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         return 2
     report = {"source": str(path), "format": kind, **summarize(series)}
     if args.plot:
-        if args.plot and Path(args.plot).exists():
+        if Path(args.plot).exists():
             report["plot_error"] = f"{args.plot} exists: choose a new file name"
         else:
             report["plot_error"] = plot(series, Path(args.plot)) or None

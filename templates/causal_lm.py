@@ -26,18 +26,18 @@ train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/check
 import math
 import sys
 from argparse import ArgumentError
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -192,20 +192,13 @@ class CausalLM(L.LightningModule):
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.betas,
                                           fused=self.device.type == "cuda")
-        total = self.trainer.estimated_stepping_batches
-        schedule = partial(warmup_cosine, warmup=hp.warmup_steps, total=total, floor=hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
+        if math.isfinite(total):
+            scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, hp.warmup_steps, int(total),
+                                                                    min_lr_rate=hp.min_lr_ratio)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def warmup_cosine(step: int, warmup: int, total: float, floor: float) -> float:
-    """Linear warm-up to the peak learning rate, then cosine decay to floor x peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not math.isfinite(total) or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------------------------

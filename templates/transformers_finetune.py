@@ -23,16 +23,16 @@ import math
 import re
 import sys
 from argparse import ArgumentError
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import lightning as L
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -123,19 +123,12 @@ class TextClassifier(L.LightningModule):
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=self.device.type == "cuda")
-        total = self.trainer.estimated_stepping_batches
-        warmup = int(hp.warmup_ratio * total) if math.isfinite(total) else 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_linear, warmup=warmup, total=total))
+        total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
+        if math.isfinite(total):
+            scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), int(total))
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def warmup_linear(step: int, warmup: int, total: float) -> float:
-    """Linear warm-up, then linear decay to zero (the usual BERT fine-tuning schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not math.isfinite(total):
-        return 1.0
-    return max(0.0, (total - step) / max(1.0, total - warmup))
 
 
 def check_model_path(name_or_path: str) -> None:

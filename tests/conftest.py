@@ -1,5 +1,6 @@
 """Shared helpers: paths, the file list the Hermes client installs, and subprocess runners for templates."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,21 @@ def run_template(name: str, *args, cwd: Path, timeout: float = 300) -> subproces
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n" \
                                    f"{result.stderr[-5000:]}"
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    """Exit 2, no traceback, and exactly one error line that says what is wrong (info lines may precede it)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+
+
+def load_module(path: Path, name: str):
+    """Imports a script or template by path (they are files to copy, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

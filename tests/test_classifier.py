@@ -4,7 +4,6 @@ Training runs are subprocesses of the template itself (as a user runs it); parse
 """
 
 import csv
-import importlib.util
 import math
 import re
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, run_template
+from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, load_module, run_template
 
 TRAIN_SIZE = 1797 - 2 * int(1797 * 0.15)  # default val/test fractions of the embedded digits
 STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
@@ -159,10 +158,7 @@ def test_own_image_folder(tmp_path):
 # ---- parse-only checks: the template's main() in this process (no training) -----------------------------------
 @pytest.fixture(scope="module")
 def classifier_module():
-    spec = importlib.util.spec_from_file_location("classifier_template", TEMPLATES / "classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(TEMPLATES / "classifier.py", "classifier_template")
 
 
 @pytest.fixture
@@ -212,8 +208,9 @@ def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path):
     assert "trainer.max_epoch" in result.stderr and "did you mean: trainer.max_epochs" in result.stderr
 
 
-def test_template_is_self_contained():
-    source = (TEMPLATES / "classifier.py").read_text()
-    assert "if __name__ == \"__main__\":" in source and "save_hyperparameters()" in source
-    assert not re.search(r"^\s*(from|import)\s+(scripts|tests|templates)\b", source, re.M)
-    assert str(REPO) not in source
+@pytest.mark.parametrize("template", ["classifier.py", "causal_lm.py", "transformers_finetune.py", "hpo_optuna.py"])
+def test_template_is_self_contained(template):
+    source = (TEMPLATES / template).read_text()
+    assert "if __name__ == \"__main__\":" in source
+    assert template == "hpo_optuna.py" or "self.save_hyperparameters()" in source
+    assert not re.search(r"^\s*(from|import)\s+(scripts|tests|templates|conftest)\b", source, re.M)

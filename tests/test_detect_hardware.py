@@ -1,18 +1,15 @@
 """scripts/detect_hardware.py: decisions for described machines, the memory model against measurement, the CLI."""
 
-import importlib.util
 import json
 import sys
 import time
 
 import pytest
 
-from conftest import QUIET, REPO, assert_ok, run, run_template
+from conftest import QUIET, REPO, assert_ok, load_module, run, run_template
 
 SCRIPT = REPO / "scripts" / "detect_hardware.py"
-spec = importlib.util.spec_from_file_location("detect_hardware", SCRIPT)
-dh = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dh)
+dh = load_module(SCRIPT, "detect_hardware")
 
 
 def gpus(n, name, memory_gb, capability):

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import QUIET, TEMPLATES, assert_ok, run, run_template
+from conftest import QUIET, TEMPLATES, assert_ok, assert_one_error_line, run, run_template
 
 HPO = TEMPLATES / "hpo_optuna.py"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -97,10 +97,7 @@ def test_bad_input_one_line_exit_2(tmp_path, args, expected):
     cmd = [sys.executable, HPO, "--n-trials", "1", "--runs", tmp_path / "runs", *args]
     if "--storage" not in args:
         cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
-    result = run(cmd, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert_one_error_line(run(cmd, cwd=tmp_path), expected)
 
 
 def test_study_over_a_printed_fit_config(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, run, run_template
+from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, load_module, run, run_template
 
 LAUNCH = TEMPLATES / "launch"
 WORDS = ["the", "a", "film", "movie", "plot", "was", "is", "great", "superb", "lovely", "awful", "dull", "bad", "."]
@@ -73,13 +73,6 @@ def write_reviews(path, n=240):
             adjective = ["great", "superb", "lovely"][i % 3] if good else ["awful", "dull", "bad"][i % 3]
             noun = ["film", "movie", "plot"][int(torch.randint(0, 3, (1,), generator=gen))]
             writer.writerow([f"the {noun} was {adjective} .", "pos" if good else "neg"])
-
-
-def assert_one_error_line(result, expected: str) -> None:
-    """Exit 2, no traceback, and exactly one error line that says what is wrong (info lines may precede it)."""
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
 
 
 def final_val_loss(output: str) -> dict:
@@ -302,19 +295,10 @@ def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
 
 # ---- throughput and MFU ------------------------------------------------------------------------------------------
 def test_peak_flops_for_gpus_missing_from_lightnings_table():
-    import importlib.util
-
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    spec = importlib.util.spec_from_file_location("causal_lm_template", TEMPLATES / "causal_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    peak = module.missing_peak_tflops
+    peak = load_module(TEMPLATES / "causal_lm.py", "causal_lm_template").missing_peak_tflops
     assert peak("NVIDIA H200", "bf16-mixed") == 989.0 and peak("NVIDIA H100", "bf16-mixed") == 989.0
     assert peak("NVIDIA B200", "bf16-mixed") == 2250.0 and peak("NVIDIA H200", "32-true") == 494.5
     assert peak("Tesla T4", "16-mixed") is None
-    # Lightning's own table knows the full H100 names: the template only fills the gaps.
-    assert get_available_flops(torch.device("cpu"), torch.bfloat16) is None
 
 
 def test_throughput_logs_tokens_per_second(tmp_path):

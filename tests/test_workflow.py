@@ -14,20 +14,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CONFIGS, REPO, TEMPLATES, assert_ok, run
+from conftest import CONFIGS, REPO, TEMPLATES, assert_ok, load_module, run
 
 SCRIPTS = REPO / "scripts"
 
 
 def script(name, *args, cwd, timeout=600):
     return run([sys.executable, SCRIPTS / name, *args], cwd=cwd, timeout=timeout)
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # Per template: --set values that keep the real run short, and the validation metric summarize_run must report.
@@ -110,7 +103,7 @@ HOSTILE = [IMPORT_OS + ".system('touch CANARY')", "!!python/object/apply:os.syst
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=60)))
 def test_set_values_are_inert_data(value):
-    scaffold = load("scaffold")
+    scaffold = load_module(SCRIPTS / "scaffold.py", "scaffold")
     key = "data.data_path"
     parsed = dict(scaffold.parse_sets([f"{key}={value}"]))[key]
     config = scaffold.merge({"data": {"data_path": None}}, {}, [(key, parsed)])

@@ -86,8 +86,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="force one CPU process in float32")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before the run counts as hung")
     parser.add_argument("--format", choices=["text", "json"], default="text")
-    parser.add_argument("extra", nargs="*", help="more arguments for the script, after --")
-    args = parser.parse_args(argv)
+    parser.usage = "%(prog)s [-h] [--config CONFIG] [--cpu] [--timeout T] [--format {text,json}] script [-- ARGS...]"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # everything after -- goes to the script unchanged
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1:]
     script = Path(args.script)
     if not script.is_file():
         print(f"smoke_test.py: error: no such script: {script}", file=sys.stderr)

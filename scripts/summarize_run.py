@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     try:
         if not folder.is_dir():
             raise ValueError(f"no such folder: {folder}")
+        if args.plot and Path(args.plot).exists():
+            raise ValueError(f"{args.plot} exists: choose a new --plot file name (nothing was written)")
         kind, path = find_run(folder)
         series = read_csv(path) if kind == "csv" else read_tensorboard(path)
         if not series:
@@ -163,10 +165,7 @@ def main(argv=None) -> int:
         return 2
     report = {"source": str(path), "format": kind, **summarize(series)}
     if args.plot:
-        if Path(args.plot).exists():
-            report["plot_error"] = f"{args.plot} exists: choose a new file name"
-        else:
-            report["plot_error"] = plot(series, Path(args.plot)) or None
+        report["plot_error"] = plot(series, Path(args.plot)) or None
         if report["plot_error"]:
             print(f"summarize_run.py: {report['plot_error']}", file=sys.stderr)
     if args.format == "json":

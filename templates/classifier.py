@@ -27,8 +27,10 @@ import difflib
 from argparse import ArgumentError
 import gzip
 import math
+import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -46,8 +49,8 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "assets" / "digits.csv.g
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(ValueError):
-    """Bad data input: reported as one line, exit code 2."""
+class ConfigError(ValueError):
+    """Bad data or configuration input: reported as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,17 +144,17 @@ def read_csv_table(path: Path, label_column: str, require_label: bool = True):
     with opener(path, "rt", newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2:
-        raise DataError(f"{path} has no data rows: a CSV needs a header row and at least one data row")
+        raise ConfigError(f"{path} has no data rows: a CSV needs a header row and at least one data row")
     header, rows = rows[0], rows[1:]
     if label_column not in header and require_label:
-        raise DataError(f"{path} has no column {label_column!r} (columns: {', '.join(header[:8])}"
+        raise ConfigError(f"{path} has no column {label_column!r} (columns: {', '.join(header[:8])}"
                         f"{', ...' if len(header) > 8 else ''}): set --data.label_column to the label column")
     label_idx = header.index(label_column) if label_column in header else None
     feature_idx = [i for i in range(len(header)) if i != label_idx]
     try:
         features = torch.tensor([[float(row[i]) for i in feature_idx] for row in rows], dtype=torch.float32)
     except (ValueError, IndexError) as err:
-        raise DataError(f"{path}: every column but {label_column!r} must be numeric and every row complete ({err})")
+        raise ConfigError(f"{path}: every column but {label_column!r} must be numeric and every row complete ({err})")
     labels = [row[label_idx] for row in rows] if label_idx is not None else None
     return features, labels, [header[i] for i in feature_idx]
 
@@ -203,11 +206,11 @@ class ClassificationData(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise DataError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
+            raise ConfigError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
         self.path = Path(data_path).expanduser() if data_path else DEFAULT_DATA
         if not self.path.exists():
             hint = "" if data_path else " (the embedded digits live in ../assets next to this template)"
-            raise DataError(f"data not found: {self.path}{hint}: set --data.data_path to a CSV file or image folder")
+            raise ConfigError(f"data not found: {self.path}{hint}: set --data.data_path to a CSV file or image folder")
         self.classes, self.inputs, self.targets = self._load(self.path, require_label=True)
 
     @property
@@ -232,16 +235,16 @@ class ClassificationData(L.LightningDataModule):
                     label = p.parent.name if p.parent != path else None
                     targets.append(classes.index(label) if label in classes else -1)
             if not files or (require_label and (len(classes) < 2 or -1 in targets)):
-                raise DataError(f"{path}: an image folder needs one subfolder per class (at least 2) holding images"
+                raise ConfigError(f"{path}: an image folder needs one subfolder per class (at least 2) holding images"
                                 f" ({', '.join(sorted(IMAGE_SUFFIXES))})")
             return classes, files, torch.tensor(targets)
         if not path.name.endswith((".csv", ".csv.gz")):
-            raise DataError(f"{path}: unsupported data file; use a .csv/.csv.gz table or a folder of images")
+            raise ConfigError(f"{path}: unsupported data file; use a .csv/.csv.gz table or a folder of images")
         features, labels, _ = read_csv_table(path, self.hparams.label_column, require_label)
         if classes is None:
             classes = sorted_classes(labels)
             if len(classes) < 2:
-                raise DataError(f"{path}: column {self.hparams.label_column!r} holds fewer than 2 classes")
+                raise ConfigError(f"{path}: column {self.hparams.label_column!r} holds fewer than 2 classes")
         targets = [classes.index(v) if v in classes else -1 for v in labels] if labels else [-1] * len(features)
         return classes, features, torch.tensor(targets)
 
@@ -259,7 +262,7 @@ class ClassificationData(L.LightningDataModule):
         if stage == "predict" and self.hparams.predict_path:
             path = Path(self.hparams.predict_path).expanduser()
             if not path.exists():
-                raise DataError(f"predict data not found: {path}: set --data.predict_path")
+                raise ConfigError(f"predict data not found: {path}: set --data.predict_path")
             _, inputs, targets = self._load(path, require_label=False, classes=self.classes)
             self.datasets["predict"] = self._dataset(inputs, targets, torch.arange(len(targets)))
         else:
@@ -311,6 +314,123 @@ class PredictionCSV(BasePredictionWriter):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fault tolerance (the same block in every template; references/checkpointing.md, "What survives what")
+# ----------------------------------------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf: reported as one line, exit code 1."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN/inf training loss and names its step. The flag stays on the device (no GPU
+    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation and at epoch end,
+    so before the templates' checkpoints are written."""
+
+    def __init__(self):
+        self.first_bad_step, self.step = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step  # the step this batch belongs to, numbered as in the logs (from 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, device=loss.device)
+        new = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(new, self.step, self.first_bad_step)
+        if loss.device.type == "cpu" or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self.check()
+
+    def on_validation_start(self, trainer, pl_module):
+        self.check()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.check()
+
+    def check(self) -> None:
+        step = -1 if self.first_bad_step is None else int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
+                " too high, float16 overflow (use bf16-mixed or 32-true), NaN/inf in the data, or a log/division of"
+                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation, then continue from"
+                " the last good checkpoint with --ckpt_path last and a lower learning rate")
+
+
+class CheckpointOnException(Callback):
+    """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
+    newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
+    without --ckpt_path into a resume, and it saves nothing after a NaN/inf loss (poisoned weights), when no step
+    ran, or with several processes (a rank failing alone would wait forever in the collective save)."""
+
+    def __init__(self, dirpath: Optional[str] = None):
+        self.dirpath, self.start_step = dirpath, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception):
+        if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
+                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)):
+            return
+        path = Path(self.dirpath) / "last-on-exception.ckpt"
+        trainer.save_checkpoint(path)
+        print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
+              " --ckpt_path last", file=sys.stderr)
+
+
+class ResumableRandomState(Callback):
+    """Stores the torch random state in every checkpoint and restores it on resume, so data order and dropout go
+    on as in an uninterrupted run (Lightning saves no random state)."""
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"].cpu())
+
+
+def check_run_inputs(config) -> None:
+    """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
+    CPU processes than cores (Lightning would start them all and stall)."""
+    ckpt = config.get("ckpt_path")
+    if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
+        path = Path(ckpt).expanduser()
+        if path.is_dir():  # a distributed checkpoint: shards plus Lightning's meta.pt, written last
+            if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
+                raise ConfigError(f"{path} is an incomplete distributed checkpoint (no .metadata or meta.pt):"
+                                  " pass an intact one, for example an epoch=*-step=*.ckpt folder next to it")
+        elif not path.is_file():
+            raise ConfigError(f"checkpoint not found: {path}: pass an existing .ckpt file, or --ckpt_path last")
+        elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose index is at the end
+            raise ConfigError(f"cannot load checkpoint {path}: it is truncated or not a PyTorch checkpoint: pass an"
+                              " intact one, for example last.ckpt or best.ckpt in the run's checkpoints folder")
+        else:
+            try:  # as LightningCLI will: weights_only runs no code from the file; mmap leaves the tensors on disk
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:
+                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+                reason = (f"it holds a Python object ({found.group(1)}) that could run code when loaded, so it is"
+                          " refused; save plain tensors and values instead") if found else (
+                    f"it is damaged ({str(err).splitlines()[0][:120]})")
+                raise ConfigError(f"cannot load checkpoint {path}: {reason}") from None
+    trainer = config.trainer
+    accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
+        raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
+                          f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line: callbacks that every run gets, with defaults that any config or flag can change.
 # ----------------------------------------------------------------------------------------------------------------
 class ClassifierCLI(LightningCLI):
@@ -330,6 +450,7 @@ class ClassifierCLI(LightningCLI):
                              "early_stopping.patience": 8})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -340,15 +461,25 @@ class ClassifierCLI(LightningCLI):
             typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
             near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
             raise ArgumentError(None, f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")) from None
+        # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
+        check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         checkpoints = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        for key in ("best_checkpoint", "last_checkpoint"):
+        for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = checkpoints
+        if config.get("weights_only", False) is None:
+            config.weights_only = True  # resume/test/predict load tensors and plain values only: no code runs
         if config.trainer.fast_dev_run:  # Lightning 2.6 still writes last.ckpt at train end under fast_dev_run: a
             config.last_checkpoint.save_last = False  # smoke test must not become the newest "last" to resume from
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, RuntimeError, ImportError, MisconfigurationException) as err:  # e.g. no GPU found
+            raise ConfigError(f"cannot build the Trainer: {err}") from None
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -367,8 +498,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
     callbacks are always added (hpo_optuna.py passes its pruning callback this way)."""
     torch.set_float32_matmul_precision("high")  # TF32 tensor cores for float32 matmuls on Ampere+; no-op on CPU
     defaults = {"max_epochs": 40, "log_every_n_steps": 10, "default_root_dir": "runs/classifier"}
-    if callbacks:
-        defaults["callbacks"] = list(callbacks)
+    defaults["callbacks"] = [ResumableRandomState(), StopOnNonFiniteLoss(), *callbacks]
     try:
         return ClassifierCLI(
             Classifier,
@@ -380,10 +510,11 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             args=args,
             run=run,
         )
-    except (DataError, ArgumentError) as err:
+    except (ConfigError, ArgumentError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
-        print(f"{Path(sys.argv[0]).name}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
+        print(f"{Path(sys.argv[0]).name}: error: {message}{hint}", file=sys.stderr)
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ import csv
 import gzip
 import json
 import math
+import os
 import re
 import sys
+import zipfile
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
@@ -32,7 +34,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -84,8 +86,10 @@ class TextClassifier(L.LightningModule):
                 self.model = AutoModelForSequenceClassification.from_pretrained(
                     hp.name_or_path, num_labels=hp.num_labels, trust_remote_code=hp.trust_remote_code)
             except (OSError, ValueError) as err:
-                raise ConfigError(f"cannot load model {hp.name_or_path!r} ({str(err).splitlines()[0]}): offline, pass"
-                                  " a local folder saved with save_pretrained or a name already in the cache")
+                fix = ("it ships its own Python code: read it, and only if you trust it pass --model.trust_remote_code"
+                       " true") if "custom code" in str(err) else ("offline, pass a local folder saved with"
+                                                                    " save_pretrained or a name already in the cache")
+                raise ConfigError(f"cannot load model {hp.name_or_path!r} ({str(err).splitlines()[0]}): {fix}")
         else:
             config = AutoConfig.for_model(hp.model_type, **{**TINY_BERT, **(hp.model_config or {}),
                                                             "vocab_size": hp.vocab_size, "num_labels": hp.num_labels})
@@ -245,6 +249,123 @@ class TextClassificationData(L.LightningDataModule):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fault tolerance (the same block in every template; references/checkpointing.md, "What survives what")
+# ----------------------------------------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf: reported as one line, exit code 1."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN/inf training loss and names its step. The flag stays on the device (no GPU
+    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation and at epoch end,
+    so before the templates' checkpoints are written."""
+
+    def __init__(self):
+        self.first_bad_step, self.step = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step  # the step this batch belongs to, numbered as in the logs (from 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, device=loss.device)
+        new = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(new, self.step, self.first_bad_step)
+        if loss.device.type == "cpu" or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self.check()
+
+    def on_validation_start(self, trainer, pl_module):
+        self.check()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.check()
+
+    def check(self) -> None:
+        step = -1 if self.first_bad_step is None else int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
+                " too high, float16 overflow (use bf16-mixed or 32-true), NaN/inf in the data, or a log/division of"
+                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation, then continue from"
+                " the last good checkpoint with --ckpt_path last and a lower learning rate")
+
+
+class CheckpointOnException(Callback):
+    """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
+    newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
+    without --ckpt_path into a resume, and it saves nothing after a NaN/inf loss (poisoned weights), when no step
+    ran, or with several processes (a rank failing alone would wait forever in the collective save)."""
+
+    def __init__(self, dirpath: Optional[str] = None):
+        self.dirpath, self.start_step = dirpath, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception):
+        if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
+                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)):
+            return
+        path = Path(self.dirpath) / "last-on-exception.ckpt"
+        trainer.save_checkpoint(path)
+        print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
+              " --ckpt_path last", file=sys.stderr)
+
+
+class ResumableRandomState(Callback):
+    """Stores the torch random state in every checkpoint and restores it on resume, so data order and dropout go
+    on as in an uninterrupted run (Lightning saves no random state)."""
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"].cpu())
+
+
+def check_run_inputs(config) -> None:
+    """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
+    CPU processes than cores (Lightning would start them all and stall)."""
+    ckpt = config.get("ckpt_path")
+    if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
+        path = Path(ckpt).expanduser()
+        if path.is_dir():  # a distributed checkpoint: shards plus Lightning's meta.pt, written last
+            if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
+                raise ConfigError(f"{path} is an incomplete distributed checkpoint (no .metadata or meta.pt):"
+                                  " pass an intact one, for example an epoch=*-step=*.ckpt folder next to it")
+        elif not path.is_file():
+            raise ConfigError(f"checkpoint not found: {path}: pass an existing .ckpt file, or --ckpt_path last")
+        elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose index is at the end
+            raise ConfigError(f"cannot load checkpoint {path}: it is truncated or not a PyTorch checkpoint: pass an"
+                              " intact one, for example last.ckpt or best.ckpt in the run's checkpoints folder")
+        else:
+            try:  # as LightningCLI will: weights_only runs no code from the file; mmap leaves the tensors on disk
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:
+                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+                reason = (f"it holds a Python object ({found.group(1)}) that could run code when loaded, so it is"
+                          " refused; save plain tensors and values instead") if found else (
+                    f"it is damaged ({str(err).splitlines()[0][:120]})")
+                raise ConfigError(f"cannot load checkpoint {path}: {reason}") from None
+    trainer = config.trainer
+    accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
+        raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
+                          f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 class FinetuneCLI(LightningCLI):
@@ -260,18 +381,23 @@ class FinetuneCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val_acc", "early_stopping.mode": "max",
                              "early_stopping.patience": 3})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
 
     def parse_arguments(self, parser, args) -> None:
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise ConfigError(str(err)) from None
+        # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
+        check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        for key in ("best_checkpoint", "last_checkpoint"):
+        for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        if config.get("weights_only", False) is None:
+            config.weights_only = True  # resume/validate load tensors and plain values only: no code runs
         if config.trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt at train end even under fast_dev_run
             config.last_checkpoint.save_last = False
         if config.model.name_or_path and not config.data.tokenizer:
@@ -298,14 +424,15 @@ def main(args=None) -> None:
             TextClassificationData,
             seed_everything_default=42,
             trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
-                              "default_root_dir": "runs/transformers_finetune"},
+                              "default_root_dir": "runs/transformers_finetune",
+                              "callbacks": [ResumableRandomState(), StopOnNonFiniteLoss()]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,
         )
-    except ConfigError as err:
+    except (ConfigError, NonFiniteLossError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,24 @@ def load_module(path: Path, name: str):
     return module
 
 
+# A word-level tokenizer for tiny random Hugging Face models saved with save_pretrained (offline tests).
+WORDS = ["the", "a", "film", "movie", "plot", "was", "is", "great", "superb", "lovely", "awful", "dull", "bad", "."]
+
+
+def save_tiny_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[EOS]")
+    fast.save_pretrained(folder)
+    return len(vocab)
+
+
 @pytest.fixture(autouse=True)
 def _skip_gpu_tests_without_cuda(request):
     if request.node.get_closest_marker("gpu"):

@@ -17,26 +17,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, load_module, run, run_template
+from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, load_module, run, run_template,
+                      save_tiny_tokenizer)
 
 LAUNCH = TEMPLATES / "launch"
-WORDS = ["the", "a", "film", "movie", "plot", "was", "is", "great", "superb", "lovely", "awful", "dull", "bad", "."]
-
-
-def save_tiny_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[EOS]")
-    fast.save_pretrained(folder)
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification
@@ -293,6 +277,17 @@ def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
     assert_one_error_line(result, expected)
 
 
+def test_model_config_overrides_the_tiny_defaults_under_either_name():
+    """GPT-2 names its width n_embd, an alias of the tiny default's hidden_size: the user's value must win."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_config")
+    gpt2 = lm.load_or_build(None, "gpt2", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}, 256,
+                            False, meta=True)
+    assert (gpt2.config.n_layer, gpt2.config.n_embd, gpt2.config.vocab_size) == (12, 768, 50304)
+    assert sum(p.numel() for p in gpt2.parameters()) == 124_475_904  # GPT-2 small with its vocabulary padded to 50304
+    tiny = lm.load_or_build(None, "llama", {"hidden_size": 64, "num_attention_heads": 2}, 256, False, meta=True)
+    assert (tiny.config.hidden_size, tiny.config.num_hidden_layers, tiny.config.vocab_size) == (64, 4, 256)
+
+
 # ---- throughput and MFU ------------------------------------------------------------------------------------------
 def test_peak_flops_for_gpus_missing_from_lightnings_table():
     peak = load_module(TEMPLATES / "causal_lm.py", "causal_lm_template").missing_peak_tflops
@@ -312,3 +307,4 @@ def test_throughput_logs_tokens_per_second(tmp_path):
     rates = [float(r["train/device/items_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
     flops = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
     assert rates and all(v > 0 for v in rates) and flops and all(v > 0 for v in flops)
+

@@ -144,8 +144,8 @@ PLANTS = {
                                         " torch.ones(1))\n")],
     "nan_loss": [("        logits = self(x)\n        loss", "        logits = self(x) * float('inf')\n        loss")],
     "dataloader_worker": [("num_workers=workers,", "num_workers=1, collate_fn=broken_collate,"),
-                          ("class DataError(ValueError):", "def broken_collate(batch):\n    raise ValueError('corrupt"
-                                                           " sample')\n\n\nclass DataError(ValueError):")],
+                          ("class ConfigError(ValueError):", "def broken_collate(batch):\n    raise ValueError('corrupt"
+                                                           " sample')\n\n\nclass ConfigError(ValueError):")],
     "cuda_oom": [(TRAIN_LOSS, TRAIN_LOSS + "        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to"
                                           " allocate 20.00 GiB')\n")],
     "missing_package": [("import torch\n", "import torch\nimport package_that_is_not_installed\n")],

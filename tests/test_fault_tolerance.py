@@ -1,0 +1,340 @@
+"""Fault tolerance and bad input: each test injects one failure into a real run of a template and checks what is kept.
+
+The failures come from tests/faults.py, which the template loads itself from a config file (this folder on
+PYTHONPATH), so the command under test is the template's own. references/checkpointing.md, "What survives what",
+names these tests.
+"""
+
+import csv
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, load_module, run, save_tiny_tokenizer
+
+TESTS = Path(__file__).resolve().parent
+CSV_LOGS = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
+            "--trainer.log_every_n_steps", "1"]
+
+
+def train(template: str, *args, cwd: Path, env: tuple = (), new_session: bool = False, timeout: float = 600):
+    """Runs a template with tests/ on PYTHONPATH and extra variables set through `env` (this process keeps its own)."""
+    cmd = ["env", f"PYTHONPATH={TESTS}", *env, sys.executable, TEMPLATES / template, *args]
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=new_session)
+
+
+def fault(path: Path, name: str, **init_args) -> Path:
+    """A config file that adds one callback of tests/faults.py to the Trainer."""
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": f"faults.{name}",
+                                                               "init_args": init_args}]}}))
+    return path
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def logged_steps(cwd: Path, key: str = "train_loss") -> list:
+    """Steps with a training loss in the newest CSV log of a run."""
+    versions = sorted((cwd / "logs" / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    return [int(r["step"]) for r in csv.DictReader(open(versions[-1] / "metrics.csv")) if r.get(key)]
+
+
+def final_step(result) -> int:
+    """The global step a causal_lm.py run ended at (its after_fit line)."""
+    return int(re.search(r"rank 0: step (\d+) val_loss", result.stdout).group(1))
+
+
+def restored_from(result) -> str:
+    match = re.search(r"Restored all states from the checkpoint at (\S+)", result.stdout + result.stderr)
+    assert match, (result.stdout + result.stderr)[-3000:]
+    return match.group(1)
+
+
+# ---- 1. kill -9 ----------------------------------------------------------------------------------------------------
+CLASSIFIER = ["--trainer.max_epochs", "4", "--trainer.deterministic", "true", *QUIET]
+
+
+def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    killed = train("classifier.py", "fit", "--config", fault(tmp_path / "kill.yaml", "KillAfterEpoch", epoch=1),
+                   *CLASSIFIER, "--trainer.default_root_dir", "killed", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert load(last)["epoch"] == 1  # epochs count from 0: the epoch-2 checkpoint and nothing after it
+
+    resumed = train("classifier.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "killed", "--ckpt_path",
+                    "last", *CSV_LOGS, cwd=tmp_path)
+    assert_ok(resumed)
+    assert restored_from(resumed) == str(last)
+    metrics = csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
+    assert {int(r["epoch"]) for r in metrics if r.get("val_acc")} == {2, 3}  # continued with epoch 3, nothing redone
+
+    straight = train("classifier.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    assert_ok(straight)
+    resumed_weights = load(last)["state_dict"]
+    straight_weights = load(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert resumed_weights.keys() == straight_weights.keys()
+    different = [k for k in straight_weights if not torch.equal(resumed_weights[k], straight_weights[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {different}"
+
+
+# ---- 2. SLURM preemption -----------------------------------------------------------------------------------------
+LM = ["--trainer.max_steps", "12", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", *CSV_LOGS,
+      *QUIET]
+SLURM_JOB = ["SLURM_JOB_ID=4242", "SLURM_JOB_NAME=causal_lm", "SLURM_NTASKS=1", "SLURM_NTASKS_PER_NODE=1",
+             "SLURM_PROCID=0", "SLURM_LOCALID=0", "SLURM_NODEID=0", "SLURM_JOB_NUM_NODES=1",
+             "SLURM_NODELIST=localhost"]
+
+
+def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path):
+    stub_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
+    stub_dir.mkdir()
+    # A stand-in for SLURM's scontrol: records its arguments, then ends the job the way a requeue does.
+    (stub_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nkill -9 $PPID\n')
+    (stub_dir / "scontrol").chmod(0o755)
+    env = (*SLURM_JOB, f"PATH={stub_dir}:{os.getenv('PATH', '/usr/bin:/bin')}")
+
+    first = train("causal_lm.py", "fit", "--config", fault(tmp_path / "usr1.yaml", "SignalAtStep", step=6), *LM,
+                  cwd=tmp_path, env=env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert "Handling auto-requeue signal" in first.stdout + first.stderr
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc = tmp_path / "runs" / "causal_lm" / "hpc_ckpt_1.ckpt"
+    assert load(hpc)["global_step"] == 6
+
+    requeued = train("causal_lm.py", "fit", *LM, cwd=tmp_path, env=env)  # the same command, as SLURM reruns it
+    assert_ok(requeued)
+    assert restored_from(requeued).endswith("hpc_ckpt_1.ckpt")
+    # 6 more optimizer steps to max_steps 12, none redone (after a mid-epoch restore Lightning numbers logged steps
+    # from k + 1, so the count is what is compared).
+    assert len(logged_steps(tmp_path)) == 12 - 6 and final_step(requeued) == 12
+
+
+# ---- 3. an exception in training_step ----------------------------------------------------------------------------
+def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_path):
+    failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=7),
+                   *LM, cwd=tmp_path)
+    assert failed.returncode == 1 and "injected failure in training_step at step 7" in failed.stderr
+    checkpoints = tmp_path / "runs" / "causal_lm" / "checkpoints"
+    saved = checkpoints / "last-on-exception.ckpt"
+    assert f"RuntimeError at step 7: saved {saved.relative_to(tmp_path)}" in failed.stderr
+    assert load(saved)["global_step"] == 7 and load(checkpoints / "last.ckpt")["global_step"] == 4
+
+    resumed = train("causal_lm.py", "fit", *LM, "--ckpt_path", "last", cwd=tmp_path)  # the newest last*.ckpt
+    assert_ok(resumed)
+    assert restored_from(resumed).endswith("last-on-exception.ckpt")
+    assert len(logged_steps(tmp_path)) == 12 - 7 and final_step(resumed) == 12
+
+
+def test_a_fit_without_ckpt_path_starts_fresh_next_to_an_exception_checkpoint(tmp_path):
+    """Lightning's own OnExceptionCheckpoint makes every fit without --ckpt_path resume; the templates' does not."""
+    failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=2),
+                   *LM, cwd=tmp_path)
+    assert failed.returncode == 1
+    fresh = train("causal_lm.py", "fit", *LM, "--trainer.max_steps", "3", cwd=tmp_path)
+    assert_ok(fresh)
+    assert "Restored all states" not in fresh.stdout + fresh.stderr and min(logged_steps(tmp_path)) == 0
+
+
+# ---- 4. NaN loss -------------------------------------------------------------------------------------------------
+def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses_it(tmp_path):
+    result = train("classifier.py", "fit", "--model.lr", "1e30", *QUIET, *CSV_LOGS, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "NaN or inf at step 1" in errors[0], errors
+    assert "learning rate" in errors[0] and "bf16-mixed" in errors[0] and "NaN/inf in the data" in errors[0]
+    assert logged_steps(tmp_path, "train_loss_step") == [0]  # stopped at once instead of running on
+    assert not (tmp_path / "runs" / "classifier" / "checkpoints").exists()  # no checkpoint of poisoned weights
+
+    smoke = run([sys.executable, REPO / "scripts" / "smoke_test.py", TEMPLATES / "classifier.py", "--cpu", "--format",
+                 "json", "--", "--model.lr", "1e30"], cwd=tmp_path)
+    assert smoke.returncode == 1 and json.loads(smoke.stdout)["diagnosis"] == "nan_loss", smoke.stdout
+
+
+# ---- 5. a distributed checkpoint ---------------------------------------------------------------------------------
+FSDP2 = ["--config", CONFIGS / "fsdp2.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--trainer.precision", "32-true", "--trainer.strategy.init_args.data_parallel_size", "2",
+         "--trainer.use_distributed_sampler", "false",  # every rank validates the same batches: one process can match
+         "--trainer.max_steps", "9", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "4",
+         *CSV_LOGS, *QUIET]
+
+
+def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_to_one_file(tmp_path):
+    kill_all = fault(tmp_path / "kill.yaml", "SignalAtStep", step=3, signal_name="SIGKILL", process_group=True)
+    killed = train("causal_lm.py", "fit", "--config", kill_all, *FSDP2, cwd=tmp_path, new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    assert (last / ".metadata").is_file() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
+
+    # One file by Lightning's own utility (lightning.pytorch's twin expects FSDPStrategy's layout: KeyError 'model').
+    single = tmp_path / "model.ckpt"
+    assert_ok(run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", last, "--output_file",
+                   single], cwd=tmp_path))
+    full = load(single)
+    assert full["global_step"] == 3
+    val_loss_at_save = next(state["best_model_score"] for key, state in full["callbacks"].items()
+                            if key.startswith("ModelCheckpoint{'monitor': 'val_loss'"))
+    validated = train("causal_lm.py", "validate", "--ckpt_path", single, "--trainer.limit_val_batches", "4", *QUIET,
+                      "--trainer.default_root_dir", "validate", cwd=tmp_path)
+    assert_ok(validated)
+    val_loss = float(re.search(r"val_loss\W+([0-9.]+)", validated.stdout).group(1))
+    assert abs(val_loss - float(val_loss_at_save)) < 1e-4, (val_loss, val_loss_at_save)
+
+    resumed = train("causal_lm.py", "fit", *FSDP2, "--ckpt_path", "last", cwd=tmp_path, timeout=900)
+    assert_ok(resumed)
+    assert restored_from(resumed).endswith("last.ckpt")
+    assert len(logged_steps(tmp_path)) == 9 - 3 and final_step(resumed) == 9
+
+
+# ---- 6. bad input to every template ------------------------------------------------------------------------------
+class CodePayload:
+    """Pickles to a call of Path.touch: loading it with weights_only=False would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A folder with bad inputs and the outputs of an earlier run of each template, which must stay untouched."""
+    (tmp_path / "wrong_type.yaml").write_text("trainer:\n  max_epochs: ten\n")
+    (tmp_path / "unknown_key.yaml").write_text("model:\n  hiden: 3\n")
+    torch.save({"state_dict": {"w": torch.ones(256, 256)}}, tmp_path / "intact.ckpt")
+    data = (tmp_path / "intact.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt.ckpt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"state_dict": {}, "hyper_parameters": CodePayload(tmp_path / "CODE_RAN")}, tmp_path / "code.ckpt")
+    for name in ("classifier", "causal_lm", "transformers_finetune"):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+BAD_INPUTS = [
+    (["--data.data_path", "missing.data"], "not found"),
+    (["--config", "missing.yaml"], "does not exist"),
+    (["--config", "wrong_type.yaml"], "trainer.max_epochs"),
+    (["--config", "unknown_key.yaml"], "model.hiden"),
+    (["--trainer.precision", "17"], "trainer.precision"),
+    (["--trainer.strategy", "ddpx"], "invalid strategy name"),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", str((os.cpu_count() or 1) + 1)], "CPU processes"),
+    (["--ckpt_path", "missing.ckpt"], "checkpoint not found"),
+    (["--ckpt_path", "truncated.ckpt"], "truncated or not a PyTorch checkpoint"),
+    (["--ckpt_path", "corrupt.ckpt"], "truncated or not a PyTorch checkpoint"),
+    (["--ckpt_path", "code.ckpt"], "could run code"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["--trainer.accelerator", "gpu"], "cannot build the Trainer"))
+
+
+@pytest.fixture(scope="module")
+def template_mains():
+    return {name: load_module(TEMPLATES / name, f"{name[:-3]}_bad_input").main
+            for name in ("classifier.py", "causal_lm.py", "transformers_finetune.py")}
+
+
+@pytest.mark.parametrize("template", ["classifier.py", "causal_lm.py", "transformers_finetune.py"])
+def test_bad_input_is_one_line_exit_2_and_changes_no_file(template, template_mains, workspace, capsys):
+    before = snapshot(workspace)
+    for args, expected in BAD_INPUTS:
+        with pytest.raises(SystemExit) as exit_info:
+            template_mains[template](["fit", *args, "--trainer.max_steps", "1"])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], (args, err[-2000:])
+        assert snapshot(workspace) == before, f"{args} left files behind or changed them"
+
+
+SCRIPT_BAD_INPUTS = [
+    ("scripts/check_env.py", ["--python", "missing/python"], "cannot run"),
+    ("scripts/detect_hardware.py", ["--profile", "missing.json"], "cannot read profile"),
+    ("scripts/detect_hardware.py", ["--params", "lots"], "parameter count"),
+    ("scripts/scaffold.py", ["classifier", "existing.txt"], "exists and is not a folder"),
+    ("scripts/scaffold.py", ["classifier", "new_project", "--hardware", "missing.yaml"], "cannot read --hardware"),
+    ("scripts/smoke_test.py", ["missing.py"], "no such script"),
+    ("scripts/smoke_test.py", [TEMPLATES / "classifier.py", "--config", "missing.yaml"], "no such config"),
+    ("scripts/launch.py", ["missing.yaml", "--target", "slurm"], "cannot read"),
+    ("scripts/launch.py", [CONFIGS / "ddp.yaml", "--target", "torchrun", "--devices", "2", "--script",
+                          TEMPLATES / "classifier.py", "--write", "existing.txt"],
+     "exists"),
+    ("scripts/summarize_run.py", ["missing_dir"], "no such folder"),
+    ("scripts/summarize_run.py", ["empty_run", "--plot", "existing.txt"], "exists"),
+    ("templates/hpo_optuna.py", ["--script", "missing.py"], "missing.py"),
+    ("templates/hpo_optuna.py", ["--config", "missing.yaml"], "missing.yaml"),
+]
+if not torch.cuda.is_available():
+    SCRIPT_BAD_INPUTS.append(("bench/bench.py", [], "no CUDA GPU here"))
+
+
+@pytest.mark.parametrize("script, args, expected", SCRIPT_BAD_INPUTS, ids=lambda v: str(v)[:40])
+def test_bad_input_to_every_script_is_one_line_and_changes_no_file(script, args, expected, workspace):
+    (workspace / "existing.txt").write_text("keep me\n")
+    (workspace / "empty_run").mkdir()
+    before = snapshot(workspace)
+    result = run([sys.executable, REPO / script, *args], cwd=workspace, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert snapshot(workspace) == before and (workspace / "existing.txt").read_text() == "keep me\n"
+
+
+def test_fault_tolerance_block_is_the_same_in_every_template():
+    """One block of code, copied: a fix in one template must reach the others (they stay self-contained)."""
+    start, end = "# Fault tolerance (the same block", "# Command line"
+    blocks = {name: (TEMPLATES / name).read_text().split(start)[1].split(end)[0]
+              for name in ("classifier.py", "causal_lm.py", "transformers_finetune.py")}
+    assert len(set(blocks.values())) == 1, "the fault-tolerance blocks differ: copy the edited one to the others"
+
+
+# ---- 7. no code runs from a checkpoint or a model folder unless asked --------------------------------------------
+def test_checkpoint_payload_is_live_but_never_run(tmp_path):
+    marker = tmp_path / "CODE_RAN"
+    torch.save({"hyper_parameters": CodePayload(marker)}, tmp_path / "code.ckpt")
+    result = train("classifier.py", "test", "--ckpt_path", "code.ckpt", *QUIET, cwd=tmp_path)
+    assert result.returncode == 2 and "could run code" in result.stderr and not marker.exists()
+    torch.load(tmp_path / "code.ckpt", weights_only=False)  # what a careless load would do: the payload is real
+    assert marker.exists()
+
+
+def test_templates_checkpoints_load_with_weights_only(tmp_path):
+    result = train("causal_lm.py", "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                   "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    for path in (tmp_path / "runs" / "causal_lm" / "checkpoints").glob("*.ckpt"):
+        assert load(path)["global_step"] == 2  # torch.load(weights_only=True) accepts every file the template writes
+
+
+@pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])
+def test_model_folder_code_runs_only_with_trust_remote_code(template, tmp_path):
+    folder, marker = tmp_path / "remote_model", tmp_path / "CODE_RAN"
+    folder.mkdir()
+    save_tiny_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "remote_demo", "auto_map": {
+        "AutoConfig": "remote_demo.RemoteDemoConfig", "AutoModelForCausalLM": "remote_demo.RemoteDemo",
+        "AutoModelForSequenceClassification": "remote_demo.RemoteDemo"}}))
+    (folder / "remote_demo.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    args = ["fit", "--model.name_or_path", folder, "--trainer.fast_dev_run", "true", *QUIET]
+    if template == "transformers_finetune.py":
+        (tmp_path / "r.csv").write_text("text,label\nthe film was great .,pos\nthe plot was dull .,neg\n" * 4)
+        args += ["--data.data_path", tmp_path / "r.csv"]
+    refused = train(template, *args, cwd=tmp_path)
+    assert refused.returncode == 2 and "trust_remote_code true" in refused.stderr and not marker.exists()
+    trusted = train(template, *args, "--model.trust_remote_code", "true", cwd=tmp_path)
+    assert marker.exists(), trusted.stderr[-2000:]  # asked for: the folder's code ran (and then failed, it is a stub)

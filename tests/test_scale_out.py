@@ -308,3 +308,17 @@ def test_throughput_logs_tokens_per_second(tmp_path):
     flops = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
     assert rates and all(v > 0 for v in rates) and flops and all(v > 0 for v in flops)
 
+
+def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
+    """bench/bench.py --tiny: the GPU benchmark's code on CPU, so it cannot rot; speed is read from its table, not
+    asserted here."""
+    result = run([sys.executable, TEMPLATES.parent / "bench" / "bench.py", "--tiny", "--format", "json"], cwd=tmp_path)
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop", "causal_lm.py (Trainer)",
+                                                      "classifier plain loop (CPU)", "classifier.py (Trainer, CPU)"]
+    assert all(r["ms/step"] > 0 for r in report["rows"])
+    checks = report["checks"]
+    assert checks["loss_falls"] and checks["final_loss_plain"] == checks["final_loss_trainer"]  # float32: exact
+    assert abs(checks["classifier_val_acc_plain"] - checks["classifier_val_acc_trainer"]) < 1e-4
+    assert abs(checks["flops_per_token_template"] / checks["flops_per_token_formula"] - 1) < 0.05

@@ -1,0 +1,298 @@
+"""Benchmark: the templates through Lightning's Trainer against plain PyTorch loops, side by side, in one process.
+
+Causal LM: templates/causal_lm.py (its own CLI, default logging and progress bar) against a plain loop with the same
+model, data, optimizer, schedule, clipping and precision. Classifier: templates/classifier.py against a plain loop
+on CPU. Prints one table: variant, card, batch x sequence, ms/step, tokens/s, MFU, ratio to the plain loop, peak
+memory; then the correctness checks (loss falls; template and plain loop reach the same loss).
+
+Usage:
+    python bench/bench.py                         # GPU: GPT-2-small shape (124M, vocab 50304, seq 1024), bf16, compile
+    python bench/bench.py --batch-size 32 --steps 80 --format json
+    python bench/bench.py --tiny                  # CPU, tiny shapes, seconds: the same code (run by the tests)
+MFU = tokens/s x (6 x parameters + 12 x layers x seq x width) / peak FLOP/s (989e12 for H100/H200 SXM in bf16).
+"""
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
+import causal_lm  # noqa: E402
+import classifier  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.trainer.states import RunningStage  # noqa: E402
+from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
+
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50304}
+TINY_GPT = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 512}
+# The template's defaults for weight decay (0.1), betas (0.9, 0.95) and the minimum learning rate (10%) apply to both.
+LM_HPARAMS = {"model_type": "gpt2", "learning_rate": 6e-4, "warmup_steps": 10}
+WEIGHT_DECAY, BETAS, MIN_LR_RATIO = 0.1, (0.9, 0.95), 0.1
+
+
+class UsageError(ValueError):
+    pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timing:
+    """Wall time of the steps after the warm-up (one device sync at each end) and the loss of every step."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.seconds, self.steps, self.losses = warmup, None, None, 0, []
+
+    def step_done(self, step: int, loss: torch.Tensor, device: torch.device, last: bool) -> None:
+        self.losses.append(loss.detach())  # read after the run: no per-step sync
+        if step == self.warmup:
+            sync(device)
+            self.start = time.perf_counter()
+        elif step > self.warmup:
+            self.steps += 1
+            if last:
+                sync(device)
+                self.seconds = time.perf_counter() - self.start
+
+    def loss_values(self) -> list:
+        return [float(v) for v in self.losses]
+
+
+class TrainerTiming(Callback):
+    def __init__(self, timing: Timing, total: int):
+        self.timing, self.total = timing, total
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        self.timing.step_done(step, outputs["loss"], pl_module.device, last=step == self.total)
+
+
+def write_corpus(path: Path, n_bytes: int) -> None:
+    """Random printable text: the template's byte tokenizer turns it into as many tokens as needed, no epoch ends."""
+    rng = random.Random(0)
+    path.write_text("".join(rng.choices(string.ascii_letters + string.digits + " .,\n", k=n_bytes)))
+
+
+def peak_memory(device: torch.device) -> str:
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+
+
+def lm_cli_args(opt, corpus: Path, root: Path, config: dict) -> list:
+    return ["--data.data_path", str(corpus), "--data.block_size", str(opt.seq_len), "--data.batch_size",
+            str(opt.batch_size), "--data.num_workers", str(opt.workers), "--model.model_type", LM_HPARAMS["model_type"],
+            "--model.model_config", json.dumps(config), "--model.compile", str(opt.compile).lower(),
+            "--model.learning_rate", str(LM_HPARAMS["learning_rate"]), "--model.warmup_steps",
+            str(LM_HPARAMS["warmup_steps"]), "--trainer.max_steps", str(opt.steps), "--trainer.precision",
+            opt.precision, "--trainer.accelerator", opt.accelerator, "--trainer.devices", "1",
+            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root)]
+
+
+def run_lm_trainer(opt, corpus: Path, root: Path, config: dict):
+    timing = Timing(opt.warmup)
+    cli = causal_lm.main(lm_cli_args(opt, corpus, root, config), run=False, callbacks=(TrainerTiming(timing, opt.steps),))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, causal_lm.Throughput))
+    reported = monitor._throughputs[RunningStage.TRAINING].compute().get("device/mfu")
+    n_params = sum(p.numel() for p in cli.model.parameters())
+    return timing, cli.model.flops_per_batch, reported, n_params
+
+
+def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
+    """The loop a careful engineer writes by hand around the same module, data and optimizer settings."""
+    device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
+    torch.manual_seed(42)  # what the template's seed_everything(42) does before it builds the model
+    data = causal_lm.TextData(data_path=str(corpus), block_size=opt.seq_len, batch_size=opt.batch_size,
+                              num_workers=opt.workers)
+    data.setup("fit")
+    module = causal_lm.CausalLM(vocab_size=data.vocab_size, model_config=config, compile=opt.compile, **LM_HPARAMS)
+    module.configure_model()
+    module.to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LM_HPARAMS["learning_rate"], betas=BETAS, fused=device.type == "cuda")
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, LM_HPARAMS["warmup_steps"], opt.steps,
+                                                            min_lr_rate=MIN_LR_RATIO)
+    dtype = torch.bfloat16 if opt.precision.startswith("bf16") else torch.float32
+    timing, step = Timing(opt.warmup), 0
+    module.train()
+    while step < opt.steps:
+        for x, y in data.train_dataloader():
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = F.cross_entropy(module(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            timing.step_done(step, loss, device, last=step == opt.steps)
+            if step == opt.steps:
+                break
+    return timing
+
+
+class StepClock(Callback):
+    """Time after every training step, per epoch (CPU only: no device to wait for)."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.epochs[-1].append(time.perf_counter())
+
+
+def median_step_ms(epochs: list) -> float:
+    """Median time between consecutive steps of an epoch: the steady per-step cost, without per-epoch work."""
+    return 1000 * statistics.median(b - a for times in epochs for a, b in zip(times, times[1:]))
+
+
+def run_classifier(opt, root: Path):
+    """classifier.py on the embedded digits as shipped (validation, checkpoints and logging every epoch) against a
+    plain loop that trains and validates the same module on the same data."""
+    epochs = 3 if opt.tiny else 10
+    clock = StepClock()
+    cli = classifier.main(["--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.devices",
+                           "1", "--trainer.default_root_dir", str(root)], run=False, callbacks=(clock,))
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    trainer_run = {"ms_per_step": median_step_ms(clock.epochs), "fit_seconds": time.perf_counter() - start,
+                   "val_acc": float(cli.trainer.callback_metrics["val_acc"])}
+
+    torch.manual_seed(42)
+    data = classifier.ClassificationData()
+    data.setup("fit")
+    model = classifier.Classifier(num_classes=data.num_classes, input_shape=data.input_shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr, weight_decay=model.hparams.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    start, times = time.perf_counter(), []
+    for _ in range(epochs):
+        model.train()
+        times.append([])
+        for x, y in data.train_dataloader():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[-1].append(time.perf_counter())
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in data.val_dataloader())
+        scheduler.step()
+    plain_run = {"ms_per_step": median_step_ms(times), "fit_seconds": time.perf_counter() - start,
+                 "val_acc": correct / len(data.datasets["val"])}
+    return plain_run, trainer_run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny model, a few steps (seconds)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per variant, warm-up included")
+    parser.add_argument("--warmup", type=int, default=15, help="steps left out of the timing (compilation)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode")
+    parser.add_argument("--peak-tflops", type=float, help="dense peak of the card (default: from its name)")
+    parser.add_argument("--format", choices=["text", "json"], default="text")
+    opt = parser.parse_args(argv)
+    try:
+        if opt.tiny:
+            opt.batch_size, opt.seq_len, opt.steps, opt.warmup, opt.workers, opt.compile = 4, 64, 12, 4, 0, False
+        if opt.warmup >= opt.steps - 1:
+            raise UsageError(f"--warmup {opt.warmup} leaves no timed steps out of --steps {opt.steps}")
+        if not opt.tiny and not torch.cuda.is_available():
+            raise UsageError("no CUDA GPU here: run with --tiny for the CPU check")
+    except UsageError as err:
+        print(f"bench.py: error: {err}", file=sys.stderr)
+        return 2
+    opt.accelerator, opt.precision = ("cpu", "32-true") if opt.tiny else ("gpu", "bf16-mixed")
+    config = TINY_GPT if opt.tiny else GPT2_SMALL
+    device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = opt.peak_tflops or (causal_lm.missing_peak_tflops(card, opt.precision) if device.type == "cuda" else None)
+
+    rows, checks = [], {}
+    # Lightning's own output (model summary, progress bar) goes to stderr: stdout holds only the report.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        corpus = Path(tmp) / "corpus.txt"
+        write_corpus(corpus, (opt.steps + 2) * opt.batch_size * (opt.seq_len + 1) * 21 // 20)
+        results = {}
+        for variant in ("plain PyTorch loop", "causal_lm.py (Trainer)"):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            if variant.startswith("plain"):
+                timing, extra = run_lm_plain(opt, corpus, config), {}
+            else:
+                timing, flops_per_batch, reported, n_params = run_lm_trainer(opt, corpus, Path(tmp) / "run", config)
+                extra = {"template_flops_per_batch": flops_per_batch, "template_mfu": reported, "params": n_params}
+            results[variant] = (timing, peak_memory(device), extra)
+
+        extra = results["causal_lm.py (Trainer)"][2]
+        per_token = 6 * extra["params"] + 12 * config["n_layer"] * opt.seq_len * config["n_embd"]
+        plain_ms = None
+        for variant, (timing, memory, _) in results.items():
+            ms = 1000 * timing.seconds / timing.steps
+            plain_ms = plain_ms or ms
+            tokens = opt.batch_size * opt.seq_len / (ms / 1000)
+            mfu = tokens * per_token / (peak * 1e12) if peak else None
+            rows.append({"variant": variant, "card": card, "batch x seq": f"{opt.batch_size} x {opt.seq_len}",
+                         "ms/step": round(ms, 2), "tokens/s": round(tokens), "MFU": mfu, "ratio": ms / plain_ms,
+                         "peak memory": memory})
+        plain_losses = results["plain PyTorch loop"][0].loss_values()
+        trainer_losses = results["causal_lm.py (Trainer)"][0].loss_values()
+        tolerance = 1e-3 if opt.tiny else 2e-2  # float32 on CPU; bf16 and different kernels on GPU
+        checks = {
+            "loss_falls": statistics.mean(plain_losses[-3:]) < statistics.mean(plain_losses[:3]),
+            "same_loss": abs(plain_losses[-1] - trainer_losses[-1]) <= tolerance * abs(plain_losses[-1]),
+            "final_loss_plain": plain_losses[-1], "final_loss_trainer": trainer_losses[-1],
+            "flops_per_token_formula": per_token,
+            "flops_per_token_template": extra["template_flops_per_batch"] / (opt.batch_size * opt.seq_len),
+            "mfu_template_monitor": extra["template_mfu"],
+        }
+        plain, trainer = run_classifier(opt, Path(tmp) / "classifier")
+        for variant, run in (("classifier plain loop (CPU)", plain), ("classifier.py (Trainer, CPU)", trainer)):
+            rows.append({"variant": variant, "card": "CPU", "batch x seq": "64 x 64 features",
+                         "ms/step": round(run["ms_per_step"], 3), "tokens/s": None, "MFU": None,
+                         "ratio": run["ms_per_step"] / plain["ms_per_step"], "peak memory": "-"})
+        checks.update({f"classifier_{key}_{name}": round(run[key], 4) for name, run in
+                       (("plain", plain), ("trainer", trainer)) for key in ("val_acc", "fit_seconds")})
+
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows, "checks": checks,
+              "command": " ".join(["python", "bench/bench.py", *(argv if argv is not None else sys.argv[1:])])}
+    if opt.format == "json":
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"{report['date']}, torch {report['torch']}: {report['command']}")
+        print("| variant | card | batch x seq | ms/step | tokens/s | MFU | ratio to plain loop | peak memory |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            mfu = f"{r['MFU']:.1%}" if r["MFU"] is not None else "-"
+            tokens = f"{r['tokens/s']:,}" if r["tokens/s"] is not None else "-"
+            print(f"| {r['variant']} | {r['card']} | {r['batch x seq']} | {r['ms/step']} | {tokens} | {mfu} |"
+                  f" {r['ratio']:.3f} | {r['peak memory']} |")
+        for key, value in checks.items():
+            print(f"{key}: {value}")
+    return 0 if checks["loss_falls"] and checks["same_loss"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

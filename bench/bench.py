@@ -14,6 +14,7 @@ MFU = tokens/s x (6 x parameters + 12 x layers x seq x width) / peak FLOP/s (989
 
 import argparse
 import contextlib
+import gc
 import json
 import random
 import statistics
@@ -102,7 +103,8 @@ def lm_cli_args(opt, corpus: Path, root: Path, config: dict) -> list:
 
 def run_lm_trainer(opt, corpus: Path, root: Path, config: dict):
     timing = Timing(opt.warmup)
-    cli = causal_lm.main(lm_cli_args(opt, corpus, root, config), run=False, callbacks=(TrainerTiming(timing, opt.steps),))
+    cli = causal_lm.main(lm_cli_args(opt, corpus, root, config), run=False,
+                         callbacks=(TrainerTiming(timing, opt.steps),))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, causal_lm.Throughput))
     reported = monitor._throughputs[RunningStage.TRAINING].compute().get("device/mfu")
@@ -118,8 +120,8 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
                               num_workers=opt.workers)
     data.setup("fit")
     module = causal_lm.CausalLM(vocab_size=data.vocab_size, model_config=config, compile=opt.compile, **LM_HPARAMS)
-    module.configure_model()
-    module.to(device)
+    with torch.device(device):  # as the Trainer does: weights drawn on the device, CPU generator left for shuffling
+        module.configure_model()
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -224,6 +226,7 @@ def main(argv=None) -> int:
         print(f"bench.py: error: {err}", file=sys.stderr)
         return 2
     opt.accelerator, opt.precision = ("cpu", "32-true") if opt.tiny else ("gpu", "bf16-mixed")
+    torch.set_float32_matmul_precision("high")  # what the templates' main() sets, for both variants
     config = TINY_GPT if opt.tiny else GPT2_SMALL
     device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -236,6 +239,8 @@ def main(argv=None) -> int:
         write_corpus(corpus, (opt.steps + 2) * opt.batch_size * (opt.seq_len + 1) * 21 // 20)
         results = {}
         for variant in ("plain PyTorch loop", "causal_lm.py (Trainer)"):
+            gc.collect()
+            torch._dynamo.reset()  # each variant compiles its own graphs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -259,10 +264,12 @@ def main(argv=None) -> int:
                          "peak memory": memory})
         plain_losses = results["plain PyTorch loop"][0].loss_values()
         trainer_losses = results["causal_lm.py (Trainer)"][0].loss_values()
-        tolerance = 1e-3 if opt.tiny else 2e-2  # float32 on CPU; bf16 and different kernels on GPU
+        tolerance = 1e-4 if opt.tiny else 2e-2  # float32 on CPU; bf16 on GPU
+        # Step by step from the first step: a different initialisation or data order shows in the early losses.
+        same = all(abs(a - b) <= tolerance * abs(a) for a, b in zip(plain_losses, trainer_losses))
         checks = {
             "loss_falls": statistics.mean(plain_losses[-3:]) < statistics.mean(plain_losses[:3]),
-            "same_loss": abs(plain_losses[-1] - trainer_losses[-1]) <= tolerance * abs(plain_losses[-1]),
+            "same_loss": same and len(plain_losses) == len(trainer_losses) == opt.steps,
             "final_loss_plain": plain_losses[-1], "final_loss_trainer": trainer_losses[-1],
             "flops_per_token_formula": per_token,
             "flops_per_token_template": extra["template_flops_per_batch"] / (opt.batch_size * opt.seq_len),

@@ -82,7 +82,7 @@ def load_or_build(name_or_path, model_type, model_config, vocab_size, trust_remo
             raise ConfigError(f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): {fix}")
     try:
         user = dict(model_config or {})
-        # A larger vocab_size in model_config pads the tokenizer's (GPT-2's 50257 -> 50304, a multiple of 64, is faster).
+        # A larger vocab_size in model_config pads the tokenizer's (GPT-2: 50257 -> 50304, a multiple of 64, is faster).
         user["vocab_size"] = max(vocab_size, user.get("vocab_size", 0))
         # Tiny defaults fill only what model_config leaves out, under either name (GPT-2's n_embd is hidden_size).
         aliases = AutoConfig.for_model(model_type).attribute_map
@@ -360,8 +360,9 @@ class NonFiniteLossError(RuntimeError):
 
 class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN/inf training loss and names its step. The flag stays on the device (no GPU
-    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation and at epoch end,
-    so before the templates' checkpoints are written."""
+    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation, at epoch end and
+    before every checkpoint save, so no checkpoint holds weights trained on a NaN. With several processes the ranks
+    decide together (one rank stopping alone would leave the others waiting)."""
 
     def __init__(self):
         self.first_bad_step, self.step = None, 0
@@ -370,7 +371,7 @@ class StopOnNonFiniteLoss(Callback):
         self.step = trainer.global_step  # the step this batch belongs to, numbered as in the logs (from 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not torch.is_tensor(loss):
             return
         if self.first_bad_step is None:
@@ -378,16 +379,21 @@ class StopOnNonFiniteLoss(Callback):
         new = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(new, self.step, self.first_bad_step)
         if loss.device.type == "cpu" or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            self.check()
+            self.check(trainer)
 
     def on_validation_start(self, trainer, pl_module):
-        self.check()
+        self.check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.check()
+        self.check(trainer)
 
-    def check(self) -> None:
-        step = -1 if self.first_bad_step is None else int(self.first_bad_step)
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)
+
+    def check(self, trainer) -> None:
+        if self.first_bad_step is None:
+            return
+        step = int(trainer.strategy.reduce(self.first_bad_step.clone(), reduce_op="max"))  # any rank's bad step
         if step >= 0:
             raise NonFiniteLossError(
                 f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
@@ -438,12 +444,13 @@ def check_run_inputs(config) -> None:
     """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
     CPU processes than cores (Lightning would start them all and stall)."""
     ckpt = config.get("ckpt_path")
-    if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
+    if ckpt and ckpt not in ("last", "best", "hpc") and not re.match(r"\w+:", str(ckpt)):  # URLs, registry:
         path = Path(ckpt).expanduser()
-        if path.is_dir():  # a distributed checkpoint: shards plus Lightning's meta.pt, written last
-            if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
-                raise ConfigError(f"{path} is an incomplete distributed checkpoint (no .metadata or meta.pt):"
-                                  " pass an intact one, for example an epoch=*-step=*.ckpt folder next to it")
+        if path.is_dir():  # sharded: torch distributed checkpoint (.metadata + Lightning's meta.pt) or DeepSpeed
+            distcp = (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+            if not distcp and not (path / "latest").is_file():
+                raise ConfigError(f"{path} is not a complete sharded checkpoint (no .metadata and meta.pt, no"
+                                  " DeepSpeed 'latest'): pass an intact one, e.g. an epoch=*-step=*.ckpt folder")
         elif not path.is_file():
             raise ConfigError(f"checkpoint not found: {path}: pass an existing .ckpt file, or --ckpt_path last")
         elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose index is at the end
@@ -462,7 +469,7 @@ def check_run_inputs(config) -> None:
     accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
                                       and not torch.backends.mps.is_available())
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
         raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
@@ -507,7 +514,7 @@ class CausalLMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (ValueError, RuntimeError, ImportError, MisconfigurationException) as err:  # e.g. FSDP on a CPU
+        except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # FSDP on CPU
             raise ConfigError(f"cannot build the Trainer: {err}") from None
         if isinstance(trainer.strategy, ModelParallelStrategy):  # a size mismatch only fails later, inside fit
             sizes = (self.config[self.subcommand] if self.subcommand else self.config).trainer.strategy.init_args

@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
+                                         ModelCheckpoint)
 from lightning.pytorch.cli import LightningCLI
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -322,8 +323,9 @@ class NonFiniteLossError(RuntimeError):
 
 class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN/inf training loss and names its step. The flag stays on the device (no GPU
-    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation and at epoch end,
-    so before the templates' checkpoints are written."""
+    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation, at epoch end and
+    before every checkpoint save, so no checkpoint holds weights trained on a NaN. With several processes the ranks
+    decide together (one rank stopping alone would leave the others waiting)."""
 
     def __init__(self):
         self.first_bad_step, self.step = None, 0
@@ -332,7 +334,7 @@ class StopOnNonFiniteLoss(Callback):
         self.step = trainer.global_step  # the step this batch belongs to, numbered as in the logs (from 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not torch.is_tensor(loss):
             return
         if self.first_bad_step is None:
@@ -340,16 +342,21 @@ class StopOnNonFiniteLoss(Callback):
         new = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(new, self.step, self.first_bad_step)
         if loss.device.type == "cpu" or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            self.check()
+            self.check(trainer)
 
     def on_validation_start(self, trainer, pl_module):
-        self.check()
+        self.check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.check()
+        self.check(trainer)
 
-    def check(self) -> None:
-        step = -1 if self.first_bad_step is None else int(self.first_bad_step)
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)
+
+    def check(self, trainer) -> None:
+        if self.first_bad_step is None:
+            return
+        step = int(trainer.strategy.reduce(self.first_bad_step.clone(), reduce_op="max"))  # any rank's bad step
         if step >= 0:
             raise NonFiniteLossError(
                 f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
@@ -400,12 +407,13 @@ def check_run_inputs(config) -> None:
     """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
     CPU processes than cores (Lightning would start them all and stall)."""
     ckpt = config.get("ckpt_path")
-    if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
+    if ckpt and ckpt not in ("last", "best", "hpc") and not re.match(r"\w+:", str(ckpt)):  # URLs, registry:
         path = Path(ckpt).expanduser()
-        if path.is_dir():  # a distributed checkpoint: shards plus Lightning's meta.pt, written last
-            if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
-                raise ConfigError(f"{path} is an incomplete distributed checkpoint (no .metadata or meta.pt):"
-                                  " pass an intact one, for example an epoch=*-step=*.ckpt folder next to it")
+        if path.is_dir():  # sharded: torch distributed checkpoint (.metadata + Lightning's meta.pt) or DeepSpeed
+            distcp = (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+            if not distcp and not (path / "latest").is_file():
+                raise ConfigError(f"{path} is not a complete sharded checkpoint (no .metadata and meta.pt, no"
+                                  " DeepSpeed 'latest'): pass an intact one, e.g. an epoch=*-step=*.ckpt folder")
         elif not path.is_file():
             raise ConfigError(f"checkpoint not found: {path}: pass an existing .ckpt file, or --ckpt_path last")
         elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose index is at the end
@@ -424,7 +432,7 @@ def check_run_inputs(config) -> None:
     accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
                                       and not torch.backends.mps.is_available())
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
         raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
@@ -478,7 +486,7 @@ class ClassifierCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         try:
             return super().instantiate_trainer(**kwargs)
-        except (ValueError, RuntimeError, ImportError, MisconfigurationException) as err:  # e.g. no GPU found
+        except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # no GPU
             raise ConfigError(f"cannot build the Trainer: {err}") from None
 
     def after_instantiate_classes(self) -> None:

@@ -26,9 +26,12 @@ CSV_LOGS = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--traine
             "--trainer.log_every_n_steps", "1"]
 
 
-def train(template: str, *args, cwd: Path, env: tuple = (), new_session: bool = False, timeout: float = 600):
-    """Runs a template with tests/ on PYTHONPATH and extra variables set through `env` (this process keeps its own)."""
-    cmd = ["env", f"PYTHONPATH={TESTS}", *env, sys.executable, TEMPLATES / template, *args]
+def train(template: str, *args, cwd: Path, env: tuple = (), unset: tuple = (), new_session: bool = False,
+          timeout: float = 600):
+    """Runs a template with tests/ on PYTHONPATH and extra variables set (or unset) through `env`; this process
+    keeps its own environment."""
+    cmd = ["env", *[f"--unset={name}" for name in unset], f"PYTHONPATH={TESTS}", *env, sys.executable,
+           TEMPLATES / template, *args]
     return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           start_new_session=new_session)
 
@@ -91,6 +94,7 @@ def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_ru
 # ---- 2. SLURM preemption -----------------------------------------------------------------------------------------
 LM = ["--trainer.max_steps", "12", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", *CSV_LOGS,
       *QUIET]
+SLURM_UNSET = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")  # from a real job this test might run in
 SLURM_JOB = ["SLURM_JOB_ID=4242", "SLURM_JOB_NAME=causal_lm", "SLURM_NTASKS=1", "SLURM_NTASKS_PER_NODE=1",
              "SLURM_PROCID=0", "SLURM_LOCALID=0", "SLURM_NODEID=0", "SLURM_JOB_NUM_NODES=1",
              "SLURM_NODELIST=localhost"]
@@ -105,14 +109,14 @@ def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path):
     env = (*SLURM_JOB, f"PATH={stub_dir}:{os.getenv('PATH', '/usr/bin:/bin')}")
 
     first = train("causal_lm.py", "fit", "--config", fault(tmp_path / "usr1.yaml", "SignalAtStep", step=6), *LM,
-                  cwd=tmp_path, env=env)
+                  cwd=tmp_path, env=env, unset=SLURM_UNSET)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert "Handling auto-requeue signal" in first.stdout + first.stderr
     assert calls.read_text().split() == ["requeue", "4242"]
     hpc = tmp_path / "runs" / "causal_lm" / "hpc_ckpt_1.ckpt"
     assert load(hpc)["global_step"] == 6
 
-    requeued = train("causal_lm.py", "fit", *LM, cwd=tmp_path, env=env)  # the same command, as SLURM reruns it
+    requeued = train("causal_lm.py", "fit", *LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)  # as SLURM reruns it
     assert_ok(requeued)
     assert restored_from(requeued).endswith("hpc_ckpt_1.ckpt")
     # 6 more optimizer steps to max_steps 12, none redone (after a mid-epoch restore Lightning numbers logged steps
@@ -159,6 +163,16 @@ def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses
     smoke = run([sys.executable, REPO / "scripts" / "smoke_test.py", TEMPLATES / "classifier.py", "--cpu", "--format",
                  "json", "--", "--model.lr", "1e30"], cwd=tmp_path)
     assert smoke.returncode == 1 and json.loads(smoke.stdout)["diagnosis"] == "nan_loss", smoke.stdout
+
+
+def test_nan_loss_stops_every_rank_of_a_ddp_run_together(tmp_path):
+    """The ranks decide together: one rank stopping alone would leave the other waiting in its next collective."""
+    result = train("classifier.py", "fit", "--model.lr", "1e30", "--config", CONFIGS / "ddp.yaml",
+                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true", *QUIET,
+                   cwd=tmp_path, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and len(errors) == 2, result.stderr[-3000:]  # one line from each rank
+    assert all("NaN or inf at step 1" in line for line in errors)
 
 
 # ---- 5. a distributed checkpoint ---------------------------------------------------------------------------------
@@ -235,7 +249,8 @@ BAD_INPUTS = [
     (["--config", "unknown_key.yaml"], "model.hiden"),
     (["--trainer.precision", "17"], "trainer.precision"),
     (["--trainer.strategy", "ddpx"], "invalid strategy name"),
-    (["--trainer.accelerator", "cpu", "--trainer.devices", str((os.cpu_count() or 1) + 1)], "CPU processes"),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], "CPU processes"),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "0,1"], "cannot build the Trainer"),
     (["--ckpt_path", "missing.ckpt"], "checkpoint not found"),
     (["--ckpt_path", "truncated.ckpt"], "truncated or not a PyTorch checkpoint"),
     (["--ckpt_path", "corrupt.ckpt"], "truncated or not a PyTorch checkpoint"),
@@ -317,8 +332,10 @@ def test_templates_checkpoints_load_with_weights_only(tmp_path):
     result = train("causal_lm.py", "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                    "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path)
     assert_ok(result)
-    for path in (tmp_path / "runs" / "causal_lm" / "checkpoints").glob("*.ckpt"):
-        assert load(path)["global_step"] == 2  # torch.load(weights_only=True) accepts every file the template writes
+    written = sorted(p.name for p in (tmp_path / "runs" / "causal_lm" / "checkpoints").glob("*.ckpt"))
+    assert written == ["best.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"], written
+    for name in written:
+        assert load(tmp_path / "runs" / "causal_lm" / "checkpoints" / name)["global_step"] == 2  # weights_only=True
 
 
 @pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])

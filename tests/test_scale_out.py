@@ -286,6 +286,11 @@ def test_model_config_overrides_the_tiny_defaults_under_either_name():
     assert sum(p.numel() for p in gpt2.parameters()) == 124_475_904  # GPT-2 small with its vocabulary padded to 50304
     tiny = lm.load_or_build(None, "llama", {"hidden_size": 64, "num_attention_heads": 2}, 256, False, meta=True)
     assert (tiny.config.hidden_size, tiny.config.num_hidden_layers, tiny.config.vocab_size) == (64, 4, 256)
+    finetune = load_module(TEMPLATES / "transformers_finetune.py", "finetune_config")
+    distilbert = finetune.TextClassifier(vocab_size=40, model_type="distilbert",
+                                         model_config={"dim": 64, "n_heads": 2, "hidden_dim": 128})
+    distilbert.configure_model()
+    assert (distilbert.model.config.dim, distilbert.model.config.n_layers) == (64, 2)  # dim wins, n_layers tiny
 
 
 # ---- throughput and MFU ------------------------------------------------------------------------------------------

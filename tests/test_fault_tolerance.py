@@ -355,3 +355,11 @@ def test_model_folder_code_runs_only_with_trust_remote_code(template, tmp_path):
     assert refused.returncode == 2 and "trust_remote_code true" in refused.stderr and not marker.exists()
     trusted = train(template, *args, "--model.trust_remote_code", "true", cwd=tmp_path)
     assert marker.exists(), trusted.stderr[-2000:]  # asked for: the folder's code ran (and then failed, it is a stub)
+
+
+def test_every_test_named_in_the_survival_table_exists():
+    table = (REPO / "references" / "checkpointing.md").read_text().split("## What survives what")[1].split("## ")[0]
+    named = set(re.findall(r"`(?:tests/\w+\.py::)?(test_\w+)`", table))
+    defined = {name for path in TESTS.glob("test_*.py")
+               for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    assert len(named) >= 9 and named <= defined, f"named in the table but not defined: {sorted(named - defined)}"

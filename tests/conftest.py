@@ -48,6 +48,21 @@ def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) ->
     assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
 
 
+def load_ckpt(path: Path) -> dict:
+    """A checkpoint as torch.load reads it with weights_only=True: tensors and plain values only."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def logged_steps(save_dir: Path, key: str = "train_loss") -> list:
+    """Steps that logged `key` in the newest CSVLogger version under save_dir."""
+    import csv
+
+    versions = sorted((save_dir / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    return [int(r["step"]) for r in csv.DictReader(open(versions[-1] / "metrics.csv")) if r.get(key)]
+
+
 def load_module(path: Path, name: str):
     """Imports a script or template by path (they are files to copy, not a package)."""
     spec = importlib.util.spec_from_file_location(name, path)

@@ -13,14 +13,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, load_module, run_template
+from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, load_ckpt, load_module, run_template
 
 TRAIN_SIZE = 1797 - 2 * int(1797 * 0.15)  # default val/test fractions of the embedded digits
 STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def best_val_acc(stdout: str) -> float:

@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, load_module, run, save_tiny_tokenizer
+from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, load_ckpt, load_module, logged_steps, run,
+                      save_tiny_tokenizer)
 
 TESTS = Path(__file__).resolve().parent
 CSV_LOGS = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
@@ -43,16 +44,6 @@ def fault(path: Path, name: str, **init_args) -> Path:
     return path
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def logged_steps(cwd: Path, key: str = "train_loss") -> list:
-    """Steps with a training loss in the newest CSV log of a run."""
-    versions = sorted((cwd / "logs" / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-    return [int(r["step"]) for r in csv.DictReader(open(versions[-1] / "metrics.csv")) if r.get(key)]
-
-
 def final_step(result) -> int:
     """The global step a causal_lm.py run ended at (its after_fit line)."""
     return int(re.search(r"rank 0: step (\d+) val_loss", result.stdout).group(1))
@@ -73,7 +64,7 @@ def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_ru
                    *CLASSIFIER, "--trainer.default_root_dir", "killed", cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    assert load(last)["epoch"] == 1  # epochs count from 0: the epoch-2 checkpoint and nothing after it
+    assert load_ckpt(last)["epoch"] == 1  # epochs count from 0: the epoch-2 checkpoint and nothing after it
 
     resumed = train("classifier.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "killed", "--ckpt_path",
                     "last", *CSV_LOGS, cwd=tmp_path)
@@ -84,8 +75,8 @@ def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_ru
 
     straight = train("classifier.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "straight", cwd=tmp_path)
     assert_ok(straight)
-    resumed_weights = load(last)["state_dict"]
-    straight_weights = load(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    resumed_weights = load_ckpt(last)["state_dict"]
+    straight_weights = load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
     assert resumed_weights.keys() == straight_weights.keys()
     different = [k for k in straight_weights if not torch.equal(resumed_weights[k], straight_weights[k])]
     assert not different, f"resumed weights differ from the uninterrupted run in {different}"
@@ -114,14 +105,14 @@ def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path):
     assert "Handling auto-requeue signal" in first.stdout + first.stderr
     assert calls.read_text().split() == ["requeue", "4242"]
     hpc = tmp_path / "runs" / "causal_lm" / "hpc_ckpt_1.ckpt"
-    assert load(hpc)["global_step"] == 6
+    assert load_ckpt(hpc)["global_step"] == 6
 
     requeued = train("causal_lm.py", "fit", *LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)  # as SLURM reruns it
     assert_ok(requeued)
     assert restored_from(requeued).endswith("hpc_ckpt_1.ckpt")
     # 6 more optimizer steps to max_steps 12, none redone (after a mid-epoch restore Lightning numbers logged steps
     # from k + 1, so the count is what is compared).
-    assert len(logged_steps(tmp_path)) == 12 - 6 and final_step(requeued) == 12
+    assert len(logged_steps(tmp_path / "logs")) == 12 - 6 and final_step(requeued) == 12
 
 
 # ---- 3. an exception in training_step ----------------------------------------------------------------------------
@@ -132,12 +123,21 @@ def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_pa
     checkpoints = tmp_path / "runs" / "causal_lm" / "checkpoints"
     saved = checkpoints / "last-on-exception.ckpt"
     assert f"RuntimeError at step 7: saved {saved.relative_to(tmp_path)}" in failed.stderr
-    assert load(saved)["global_step"] == 7 and load(checkpoints / "last.ckpt")["global_step"] == 4
+    assert load_ckpt(saved)["global_step"] == 7 and load_ckpt(checkpoints / "last.ckpt")["global_step"] == 4
 
     resumed = train("causal_lm.py", "fit", *LM, "--ckpt_path", "last", cwd=tmp_path)  # the newest last*.ckpt
     assert_ok(resumed)
     assert restored_from(resumed).endswith("last-on-exception.ckpt")
-    assert len(logged_steps(tmp_path)) == 12 - 7 and final_step(resumed) == 12
+    assert len(logged_steps(tmp_path / "logs")) == 12 - 7 and final_step(resumed) == 12
+
+
+def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
+    """SIGINT is what Ctrl-C sends: Lightning turns the KeyboardInterrupt into on_exception and exits 1."""
+    interrupted = train("causal_lm.py", "fit", "--config", fault(tmp_path / "int.yaml", "SignalAtStep", step=5,
+                                                                 signal_name="SIGINT"), *LM, cwd=tmp_path)
+    assert interrupted.returncode == 1 and "KeyboardInterrupt at step 5" in interrupted.stderr
+    saved = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last-on-exception.ckpt"
+    assert load_ckpt(saved)["global_step"] == 5
 
 
 def test_a_fit_without_ckpt_path_starts_fresh_next_to_an_exception_checkpoint(tmp_path):
@@ -147,7 +147,7 @@ def test_a_fit_without_ckpt_path_starts_fresh_next_to_an_exception_checkpoint(tm
     assert failed.returncode == 1
     fresh = train("causal_lm.py", "fit", *LM, "--trainer.max_steps", "3", cwd=tmp_path)
     assert_ok(fresh)
-    assert "Restored all states" not in fresh.stdout + fresh.stderr and min(logged_steps(tmp_path)) == 0
+    assert "Restored all states" not in fresh.stdout + fresh.stderr and min(logged_steps(tmp_path / "logs")) == 0
 
 
 # ---- 4. NaN loss -------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "NaN or inf at step 1" in errors[0], errors
     assert "learning rate" in errors[0] and "bf16-mixed" in errors[0] and "NaN/inf in the data" in errors[0]
-    assert logged_steps(tmp_path, "train_loss_step") == [0]  # stopped at once instead of running on
+    assert logged_steps(tmp_path / "logs", "train_loss_step") == [0]  # stopped at once instead of running on
     assert not (tmp_path / "runs" / "classifier" / "checkpoints").exists()  # no checkpoint of poisoned weights
 
     smoke = run([sys.executable, REPO / "scripts" / "smoke_test.py", TEMPLATES / "classifier.py", "--cpu", "--format",
@@ -194,7 +194,7 @@ def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_t
     single = tmp_path / "model.ckpt"
     assert_ok(run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", last, "--output_file",
                    single], cwd=tmp_path))
-    full = load(single)
+    full = load_ckpt(single)
     assert full["global_step"] == 3
     val_loss_at_save = next(state["best_model_score"] for key, state in full["callbacks"].items()
                             if key.startswith("ModelCheckpoint{'monitor': 'val_loss'"))
@@ -207,7 +207,11 @@ def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_t
     resumed = train("causal_lm.py", "fit", *FSDP2, "--ckpt_path", "last", cwd=tmp_path, timeout=900)
     assert_ok(resumed)
     assert restored_from(resumed).endswith("last.ckpt")
-    assert len(logged_steps(tmp_path)) == 9 - 3 and final_step(resumed) == 9
+    held = re.findall(r"\[rank (\d)\] FSDP2: this rank holds ([\d,]+) of ([\d,]+) parameter elements", resumed.stdout)
+    assert {rank for rank, _, _ in held} == {"0", "1"}
+    for _, local, total in held:  # really sharded: each of the 2 ranks holds about half
+        assert int(local.replace(",", "")) <= 0.6 * int(total.replace(",", ""))
+    assert len(logged_steps(tmp_path / "logs")) == 9 - 3 and final_step(resumed) == 9
 
 
 # ---- 6. bad input to every template ------------------------------------------------------------------------------
@@ -335,7 +339,7 @@ def test_templates_checkpoints_load_with_weights_only(tmp_path):
     written = sorted(p.name for p in (tmp_path / "runs" / "causal_lm" / "checkpoints").glob("*.ckpt"))
     assert written == ["best.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"], written
     for name in written:
-        assert load(tmp_path / "runs" / "causal_lm" / "checkpoints" / name)["global_step"] == 2  # weights_only=True
+        assert load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / name)["global_step"] == 2
 
 
 @pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])

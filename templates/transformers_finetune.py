@@ -378,6 +378,14 @@ def check_run_inputs(config) -> None:
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
 
 
+def release_process_group() -> None:
+    """Ends the process group while Python is still whole. Lightning 2.6 does this at exit for NCCL only; a gloo
+    (CPU) group left to interpreter shutdown can abort a finished run ("terminate called without an active
+    exception", exit code -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,6 +454,8 @@ def main(args=None) -> None:
     except (ConfigError, NonFiniteLossError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+    finally:  # after errors too, while the interpreter is still whole
+        release_process_group()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,12 @@ def train(template: str, *args, cwd: Path, env: tuple = (), unset: tuple = (), n
     cmd = ["env", *[f"--unset={name}" for name in unset], f"PYTHONPATH={TESTS}", *env, sys.executable,
            TEMPLATES / template, *args]
     return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=new_session)
+                          start_new_session=new_session, preexec_fn=terminal_ctrl_c)
+
+
+def terminal_ctrl_c() -> None:
+    """Ctrl-C as in a terminal: a test run started as a background job (`pytest &`) passes SIGINT on ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def fault(path: Path, name: str, **init_args) -> Path:

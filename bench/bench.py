@@ -7,7 +7,8 @@ memory; then the correctness checks (loss falls; template and plain loop reach t
 
 Usage:
     python bench/bench.py                         # GPU: GPT-2-small shape (124M, vocab 50304, seq 1024), bf16, compile
-    python bench/bench.py --batch-size 32 --steps 80 --format json
+    python bench/bench.py --batch-size 32 --no-bias --steps 80 --format json
+    python bench/bench.py --model-type gpt2 --trainer-only   # transformers' GPT2LMHeadModel, template only
     python bench/bench.py --tiny                  # CPU, tiny shapes, seconds: the same code (run by the tests)
 MFU = tokens/s x (6 x parameters + 12 x layers x seq x width) / peak FLOP/s (989e12 for H100/H200 SXM in bf16).
 """
@@ -15,6 +16,7 @@ MFU = tokens/s x (6 x parameters + 12 x layers x seq x width) / peak FLOP/s (989
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import random
 import statistics
@@ -38,7 +40,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E4
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50304}
 TINY_GPT = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 512}
 # The template's defaults for weight decay (0.1), betas (0.9, 0.95) and the minimum learning rate (10%) apply to both.
-LM_HPARAMS = {"model_type": "gpt2", "learning_rate": 6e-4, "warmup_steps": 10}
+LM_HPARAMS = {"learning_rate": 6e-4, "warmup_steps": 10}
 WEIGHT_DECAY, BETAS, MIN_LR_RATIO = 0.1, (0.9, 0.95), 0.1
 
 
@@ -93,7 +95,7 @@ def peak_memory(device: torch.device) -> str:
 
 def lm_cli_args(opt, corpus: Path, root: Path, config: dict) -> list:
     return ["--data.data_path", str(corpus), "--data.block_size", str(opt.seq_len), "--data.batch_size",
-            str(opt.batch_size), "--data.num_workers", str(opt.workers), "--model.model_type", LM_HPARAMS["model_type"],
+            str(opt.batch_size), "--data.num_workers", str(opt.workers), "--model.model_type", opt.model_type,
             "--model.model_config", json.dumps(config), "--model.compile", str(opt.compile).lower(),
             "--model.learning_rate", str(LM_HPARAMS["learning_rate"]), "--model.warmup_steps",
             str(LM_HPARAMS["warmup_steps"]), "--trainer.max_steps", str(opt.steps), "--trainer.precision",
@@ -119,7 +121,8 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
     data = causal_lm.TextData(data_path=str(corpus), block_size=opt.seq_len, batch_size=opt.batch_size,
                               num_workers=opt.workers)
     data.setup("fit")
-    module = causal_lm.CausalLM(vocab_size=data.vocab_size, model_config=config, compile=opt.compile, **LM_HPARAMS)
+    module = causal_lm.CausalLM(vocab_size=data.vocab_size, model_type=opt.model_type, model_config=config,
+                                compile=opt.compile, **LM_HPARAMS)
     with torch.device(device):  # as the Trainer does: weights drawn on the device, CPU generator left for shuffling
         module.configure_model()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -135,7 +138,7 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
         for x, y in data.train_dataloader():
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = F.cross_entropy(module(x).flatten(0, 1), y.flatten())
+                loss = module.loss(x, y)  # the template's forward and loss (one compiled graph with compile)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -212,6 +215,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=15, help="steps left out of the timing (compilation)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager mode")
+    parser.add_argument("--model-type", choices=["gpt", "gpt2"], default="gpt",
+                        help="gpt: the template's built-in GPT-2; gpt2: transformers' GPT2LMHeadModel")
+    parser.add_argument("--no-bias", dest="bias", action="store_false", help="gpt without biases in linears/norms")
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="inductor's coordinate-descent kernel tuning (longer compilation)")
+    parser.add_argument("--trainer-only", action="store_true", help="skip the plain loop (to compare levers)")
     parser.add_argument("--peak-tflops", type=float, help="dense peak of the card (default: from its name)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     opt = parser.parse_args(argv)
@@ -222,12 +231,16 @@ def main(argv=None) -> int:
             raise UsageError(f"--warmup {opt.warmup} leaves no timed steps out of --steps {opt.steps}")
         if not opt.tiny and not torch.cuda.is_available():
             raise UsageError("no CUDA GPU here: run with --tiny for the CPU check")
+        if not opt.bias and opt.model_type != "gpt":
+            raise UsageError("--no-bias needs --model-type gpt (GPT2LMHeadModel always has biases)")
     except UsageError as err:
         print(f"bench.py: error: {err}", file=sys.stderr)
         return 2
     opt.accelerator, opt.precision = ("cpu", "32-true") if opt.tiny else ("gpu", "bf16-mixed")
     torch.set_float32_matmul_precision("high")  # what the templates' main() sets, for both variants
-    config = TINY_GPT if opt.tiny else GPT2_SMALL
+    config = {**(TINY_GPT if opt.tiny else GPT2_SMALL), **({} if opt.bias else {"bias": False})}
+    if opt.coordinate_descent:
+        importlib.import_module("torch._inductor.config").coordinate_descent_tuning = True
     device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = opt.peak_tflops or (causal_lm.missing_peak_tflops(card, opt.precision) if device.type == "cuda" else None)
@@ -238,39 +251,42 @@ def main(argv=None) -> int:
         corpus = Path(tmp) / "corpus.txt"
         write_corpus(corpus, (opt.steps + 2) * opt.batch_size * (opt.seq_len + 1) * 21 // 20)
         results = {}
-        for variant in ("plain PyTorch loop", "causal_lm.py (Trainer)"):
+        model = f"{opt.model_type}{'' if opt.bias else ', no bias'}"
+        plain_name, trainer_name = f"plain PyTorch loop ({model})", f"causal_lm.py ({model}, Trainer)"
+        for variant in ([] if opt.trainer_only else [plain_name]) + [trainer_name]:
             gc.collect()
             torch._dynamo.reset()  # each variant compiles its own graphs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            if variant.startswith("plain"):
+            if variant == plain_name:
                 timing, extra = run_lm_plain(opt, corpus, config), {}
             else:
                 timing, flops_per_batch, reported, n_params = run_lm_trainer(opt, corpus, Path(tmp) / "run", config)
                 extra = {"template_flops_per_batch": flops_per_batch, "template_mfu": reported, "params": n_params}
             results[variant] = (timing, peak_memory(device), extra)
 
-        extra = results["causal_lm.py (Trainer)"][2]
+        extra = results[trainer_name][2]
         per_token = 6 * extra["params"] + 12 * config["n_layer"] * opt.seq_len * config["n_embd"]
-        plain_ms = None
+        plain_ms = None if opt.trainer_only else 1000 * results[plain_name][0].seconds / results[plain_name][0].steps
         for variant, (timing, memory, _) in results.items():
             ms = 1000 * timing.seconds / timing.steps
-            plain_ms = plain_ms or ms
             tokens = opt.batch_size * opt.seq_len / (ms / 1000)
             mfu = tokens * per_token / (peak * 1e12) if peak else None
             rows.append({"variant": variant, "card": card, "batch x seq": f"{opt.batch_size} x {opt.seq_len}",
-                         "ms/step": round(ms, 2), "tokens/s": round(tokens), "MFU": mfu, "ratio": ms / plain_ms,
+                         "ms/step": round(ms, 2), "tokens/s": round(tokens), "MFU": mfu, "ratio": ms / plain_ms if plain_ms else None,
                          "peak memory": memory})
-        plain_losses = results["plain PyTorch loop"][0].loss_values()
-        trainer_losses = results["causal_lm.py (Trainer)"][0].loss_values()
+        trainer_losses = results[trainer_name][0].loss_values()
+        plain_losses = trainer_losses if opt.trainer_only else results[plain_name][0].loss_values()
         tolerance = 1e-4 if opt.tiny else 2e-2  # float32 on CPU; bf16 on GPU
         # Step by step from the first step: a different initialisation or data order shows in the early losses.
         same = all(abs(a - b) <= tolerance * abs(a) for a, b in zip(plain_losses, trainer_losses))
         checks = {
-            "loss_falls": statistics.mean(plain_losses[-3:]) < statistics.mean(plain_losses[:3]),
-            "same_loss": same and len(plain_losses) == len(trainer_losses) == opt.steps,
-            "final_loss_plain": plain_losses[-1], "final_loss_trainer": trainer_losses[-1],
+            "loss_falls": statistics.mean(trainer_losses[-3:]) < statistics.mean(trainer_losses[:3]),
+            "same_loss": None if opt.trainer_only else (same and len(plain_losses) == len(trainer_losses)
+                                                        == opt.steps),
+            "final_loss_plain": None if opt.trainer_only else plain_losses[-1],
+            "final_loss_trainer": trainer_losses[-1],
             "flops_per_token_formula": per_token,
             "flops_per_token_template": extra["template_flops_per_batch"] / (opt.batch_size * opt.seq_len),
             "mfu_template_monitor": extra["template_mfu"],
@@ -294,11 +310,12 @@ def main(argv=None) -> int:
         for r in rows:
             mfu = f"{r['MFU']:.1%}" if r["MFU"] is not None else "-"
             tokens = f"{r['tokens/s']:,}" if r["tokens/s"] is not None else "-"
+            ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
             print(f"| {r['variant']} | {r['card']} | {r['batch x seq']} | {r['ms/step']} | {tokens} | {mfu} |"
-                  f" {r['ratio']:.3f} | {r['peak memory']} |")
+                  f" {ratio} | {r['peak memory']} |")
         for key, value in checks.items():
             print(f"{key}: {value}")
-    return 0 if checks["loss_falls"] and checks["same_loss"] else 1
+    return 0 if checks["loss_falls"] and checks["same_loss"] is not False else 1
 
 
 if __name__ == "__main__":

@@ -204,10 +204,11 @@ def test_strategy_that_cannot_run_here_is_one_clear_line(tmp_path, config, expec
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["gpu.yaml", "fsdp.yaml"])
-def test_gpu_training(tmp_path, config):
-    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--trainer.devices", "1",
-                          "--model.compile", "true", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+@pytest.mark.parametrize("config, model_type", [("gpu.yaml", "llama"), ("fsdp.yaml", "llama"), ("gpu.yaml", "gpt")])
+def test_gpu_training(tmp_path, config, model_type):
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--model.model_type", model_type,
+                          "--trainer.devices", "1", "--model.compile", "true", "--trainer.max_steps", "20",
+                          "--trainer.val_check_interval", "10",
                           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
                           "logs", *QUIET, cwd=tmp_path, timeout=600)
     assert_ok(result)
@@ -272,6 +273,74 @@ def test_model_config_overrides_the_tiny_defaults_under_either_name():
     assert (distilbert.model.config.dim, distilbert.model.config.n_layers) == (64, 2)  # dim wins, n_layers tiny
 
 
+def gpt2_weights_for_builtin_gpt(hf_state: dict, n_layer: int) -> dict:
+    """GPT2LMHeadModel's state dict under the built-in GPT's names (its Conv1D weights are stored transposed)."""
+    names = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
+             "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
+             "lm_head.weight": "lm_head.weight"}
+    state = {ours: hf_state[theirs] for ours, theirs in names.items()}
+    for i in range(n_layer):
+        for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("qkv", "attn.c_attn"), ("attn_out", "attn.c_proj"),
+                             ("fc", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")):
+            weight = hf_state[f"transformer.h.{i}.{theirs}.weight"]
+            state[f"blocks.{i}.{ours}.weight"] = weight if ours.startswith("ln") else weight.t()
+            state[f"blocks.{i}.{ours}.bias"] = hf_state[f"transformer.h.{i}.{theirs}.bias"]
+    return state
+
+
+def test_builtin_gpt_is_gpt2():
+    """model_type gpt computes what transformers' GPT2LMHeadModel computes, with the same parameter count; activation
+    checkpointing leaves the gradients as they are; bias false drops every bias."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_gpt")
+    torch.manual_seed(0)
+    sizes = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=96, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **sizes)).eval()
+    gpt = lm.build_gpt(sizes, 96).eval()
+    gpt.load_state_dict(gpt2_weights_for_builtin_gpt(hf.state_dict(), 2), strict=True)
+    x = torch.randint(0, 96, (2, 20))
+    torch.testing.assert_close(gpt(x), hf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+    gpt.train()
+    gpt(x).sum().backward()
+    plain = {name: p.grad.clone() for name, p in gpt.named_parameters()}
+    gpt.zero_grad()
+    gpt.activation_checkpointing = True
+    gpt(x).sum().backward()
+    for name, p in gpt.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-6)
+
+    small = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}
+    builtin = lm.load_or_build(None, "gpt", small, 256, False, meta=True)
+    assert sum(p.numel() for p in builtin.parameters()) == 124_475_904
+    no_bias = lm.load_or_build(None, "gpt", {**small, "bias": False}, 256, False, meta=True)
+    assert not any(name.endswith("bias") for name, _ in no_bias.named_parameters())
+    with pytest.raises(lm.ConfigError, match="unknown model_config key"):
+        lm.build_gpt({"n_embed": 64}, 256)
+
+
+def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
+    """Tied input/output embeddings under FSDP2: the sharded checkpoint consolidates with Lightning's utility and a
+    one-process validate of that file gives the val_loss of the 2-process run."""
+    result = run_template("causal_lm.py", "fit", "--model.model_type", "gpt", "--config", CONFIGS / "fsdp2.yaml",
+                          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+                          "--trainer.strategy.init_args.data_parallel_size", "2", "--trainer.max_steps", "4",
+                          "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "4", *QUIET,
+                          cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    losses = final_val_loss(result.stdout)
+    assert set(losses) == {0, 1} and losses[0] == losses[1]
+    last = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    assert_ok(run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", last, "--output_file",
+                   tmp_path / "one.ckpt"], cwd=tmp_path))
+    validated = run_template("causal_lm.py", "validate", "--ckpt_path", tmp_path / "one.ckpt",
+                             "--trainer.limit_val_batches", "4", "--trainer.default_root_dir", "validate", *QUIET,
+                             cwd=tmp_path)
+    assert_ok(validated)
+    assert abs(float(re.search(r"val_loss\W+([0-9.]+)", validated.stdout).group(1)) - losses[0]) < 1e-4
+
+
 # ---- throughput and MFU ------------------------------------------------------------------------------------------
 def test_peak_flops_for_gpus_missing_from_lightnings_table():
     peak = load_module(TEMPLATES / "causal_lm.py", "causal_lm_template").missing_peak_tflops
@@ -299,7 +368,7 @@ def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
     result = run([sys.executable, TEMPLATES.parent / "bench" / "bench.py", "--tiny", "--format", "json"], cwd=tmp_path)
     assert_ok(result)
     report = json.loads(result.stdout)
-    assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop", "causal_lm.py (Trainer)",
+    assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop (gpt)", "causal_lm.py (gpt, Trainer)",
                                                       "classifier plain loop (CPU)", "classifier.py (Trainer, CPU)"]
     assert all(r["ms/step"] > 0 for r in report["rows"])
     checks = report["checks"]

@@ -123,8 +123,8 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
     data.setup("fit")
     module = causal_lm.CausalLM(vocab_size=data.vocab_size, model_type=opt.model_type, model_config=config,
                                 compile=opt.compile, **LM_HPARAMS)
-    with torch.device(device):  # as the Trainer does: weights drawn on the device, CPU generator left for shuffling
-        module.configure_model()
+    module.configure_model()  # as under the Trainer: load_or_build draws the weights on the CPU, then they move
+    module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -231,6 +231,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--warmup {opt.warmup} leaves no timed steps out of --steps {opt.steps}")
         if not opt.tiny and not torch.cuda.is_available():
             raise UsageError("no CUDA GPU here: run with --tiny for the CPU check")
+        if opt.coordinate_descent and not opt.compile:
+            raise UsageError("--coordinate-descent tunes compiled kernels: not with --no-compile or --tiny")
         if not opt.bias and opt.model_type != "gpt":
             raise UsageError("--no-bias needs --model-type gpt (GPT2LMHeadModel always has biases)")
     except UsageError as err:

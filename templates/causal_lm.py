@@ -95,14 +95,16 @@ class GPT(torch.nn.Module):
         self.lm_head = torch.nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings, as in GPT-2
         self.activation_checkpointing = False
-        for module in self.modules():  # GPT-2's initialization; residual projections scaled by depth
+        residual = {id(layer) for block in self.blocks for layer in (block.attn_out, block.mlp_out)}
+
+        def init(module: torch.nn.Module) -> None:  # GPT-2's: residual projections scaled down by depth
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=0.02)
+                std = 0.02 / math.sqrt(2 * n_layer) if id(module) in residual else 0.02
+                torch.nn.init.normal_(module.weight, std=std)
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for layer in (block.attn_out, block.mlp_out):
-                torch.nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * n_layer))
+
+        self.apply(init)  # through apply(): DeepSpeed ZeRO-3 gathers each module's partitioned weights for it
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.wte
@@ -651,8 +653,9 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         message = " ".join(str(err).split())
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
-    finally:  # after errors too, while the interpreter is still whole
-        release_process_group()
+    finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
+        if run:
+            release_process_group()
 
 
 if __name__ == "__main__":

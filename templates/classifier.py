@@ -531,8 +531,9 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
         print(f"{Path(sys.argv[0]).name}: error: {message}{hint}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
-    finally:  # after errors too, while the interpreter is still whole
-        release_process_group()
+    finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
+        if run:
+            release_process_group()
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def test_strategy_that_cannot_run_here_is_one_clear_line(tmp_path, config, expec
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config, model_type", [("gpu.yaml", "llama"), ("fsdp.yaml", "llama"), ("gpu.yaml", "gpt")])
+@pytest.mark.parametrize("config, model_type", [("gpu.yaml", "llama"), ("fsdp.yaml", "llama"), ("gpu.yaml", "gpt"),
+                                                ("fsdp.yaml", "gpt")])
 def test_gpu_training(tmp_path, config, model_type):
     result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--model.model_type", model_type,
                           "--trainer.devices", "1", "--model.compile", "true", "--trainer.max_steps", "20",
@@ -319,6 +320,11 @@ def test_builtin_gpt_is_gpt2():
     with pytest.raises(lm.ConfigError, match="unknown model_config key"):
         lm.build_gpt({"n_embed": 64}, 256)
 
+    deep = lm.build_gpt({"n_layer": 8, "n_head": 4, "n_embd": 256}, 256)  # GPT-2's init: residual std 0.02 / 4
+    block = deep.blocks[3]
+    assert abs(block.fc.weight.std().item() - 0.02) < 1e-3 and abs(block.mlp_out.weight.std().item() - 0.005) < 3e-4
+    assert deep.lm_head.weight is deep.wte.weight and not block.qkv.bias.any()
+
 
 def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
     """Tied input/output embeddings under FSDP2: the sharded checkpoint consolidates with Lightning's utility and a
@@ -326,6 +332,7 @@ def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
     result = run_template("causal_lm.py", "fit", "--model.model_type", "gpt", "--config", CONFIGS / "fsdp2.yaml",
                           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
                           "--trainer.strategy.init_args.data_parallel_size", "2", "--trainer.max_steps", "4",
+                          "--trainer.use_distributed_sampler", "false",  # both ranks validate what one process will
                           "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "4", *QUIET,
                           cwd=tmp_path, timeout=600)
     assert_ok(result)

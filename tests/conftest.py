@@ -1,6 +1,7 @@
 """Shared helpers: paths, the file list the Hermes client installs, and subprocess runners for templates."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,11 +42,25 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
                                    f"{result.stderr[-5000:]}"
 
 
-def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
-    """Exit 2, no traceback, and exactly one error line that says what is wrong (info lines may precede it)."""
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str, code: int = 2) -> str:
+    """Exit `code` (2: usage), no traceback, and exactly one error line that says what is wrong (info lines may
+    precede it); returns that line."""
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    return errors[0]
+
+
+def consolidate_and_validate(sharded: Path, cwd: Path) -> tuple:
+    """One file from a sharded causal_lm.py checkpoint folder by Lightning's own utility (lightning.pytorch's twin
+    expects FSDPStrategy's layout: KeyError 'model'), then a one-process validate of it: (file, val_loss)."""
+    single = cwd / "model.ckpt"
+    assert_ok(run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", sharded,
+                   "--output_file", single], cwd=cwd))
+    validated = run_template("causal_lm.py", "validate", "--ckpt_path", single, "--trainer.limit_val_batches", "4",
+                             "--trainer.default_root_dir", "validate", *QUIET, cwd=cwd)
+    assert_ok(validated)
+    return single, float(re.search(r"val_loss\W+([0-9.]+)", validated.stdout).group(1))
 
 
 def load_ckpt(path: Path) -> dict:

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, load_module, run, run_template,
-                      save_tiny_tokenizer)
+from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
+                      load_module, run, run_template, save_tiny_tokenizer)
 
 LAUNCH = TEMPLATES / "launch"
 
@@ -338,14 +338,8 @@ def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
     assert_ok(result)
     losses = final_val_loss(result.stdout)
     assert set(losses) == {0, 1} and losses[0] == losses[1]
-    last = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
-    assert_ok(run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", last, "--output_file",
-                   tmp_path / "one.ckpt"], cwd=tmp_path))
-    validated = run_template("causal_lm.py", "validate", "--ckpt_path", tmp_path / "one.ckpt",
-                             "--trainer.limit_val_batches", "4", "--trainer.default_root_dir", "validate", *QUIET,
-                             cwd=tmp_path)
-    assert_ok(validated)
-    assert abs(float(re.search(r"val_loss\W+([0-9.]+)", validated.stdout).group(1)) - losses[0]) < 1e-4
+    _, val_loss = consolidate_and_validate(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt", tmp_path)
+    assert abs(val_loss - losses[0]) < 1e-4, (val_loss, losses[0])
 
 
 # ---- throughput and MFU ------------------------------------------------------------------------------------------

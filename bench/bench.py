@@ -9,6 +9,7 @@ Usage:
     python bench/bench.py                         # GPU: GPT-2-small shape (124M, vocab 50304, seq 1024), bf16, compile
     python bench/bench.py --batch-size 32 --no-bias --steps 80 --format json
     python bench/bench.py --model-type gpt2 --trainer-only   # transformers' GPT2LMHeadModel, template only
+    python bench/bench.py --trainer-only --sdpa-backend cudnn   # one lever at a time (or --max-autotune, ...)
     python bench/bench.py --tiny                  # CPU, tiny shapes, seconds: the same code (run by the tests)
 MFU = tokens/s x (6 x parameters + 12 x layers x seq x width) / peak FLOP/s (989e12 for H100/H200 SXM in bf16).
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
@@ -97,10 +99,12 @@ def lm_cli_args(opt, corpus: Path, root: Path, config: dict) -> list:
     return ["--data.data_path", str(corpus), "--data.block_size", str(opt.seq_len), "--data.batch_size",
             str(opt.batch_size), "--data.num_workers", str(opt.workers), "--model.model_type", opt.model_type,
             "--model.model_config", json.dumps(config), "--model.compile", str(opt.compile).lower(),
+            *(["--model.sdpa_backend", opt.sdpa_backend] if opt.sdpa_backend else []),
             "--model.learning_rate", str(LM_HPARAMS["learning_rate"]), "--model.warmup_steps",
             str(LM_HPARAMS["warmup_steps"]), "--trainer.max_steps", str(opt.steps), "--trainer.precision",
             opt.precision, "--trainer.accelerator", opt.accelerator, "--trainer.devices", "1",
-            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root)]
+            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
+            *(["--throughput.peak_tflops", str(opt.peak_tflops)] if opt.peak_tflops else [])]
 
 
 def run_lm_trainer(opt, corpus: Path, root: Path, config: dict):
@@ -122,7 +126,7 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
                               num_workers=opt.workers)
     data.setup("fit")
     module = causal_lm.CausalLM(vocab_size=data.vocab_size, model_type=opt.model_type, model_config=config,
-                                compile=opt.compile, **LM_HPARAMS)
+                                compile=opt.compile, sdpa_backend=opt.sdpa_backend, **LM_HPARAMS)
     module.configure_model()  # as under the Trainer: load_or_build draws the weights on the CPU, then they move
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -206,9 +210,20 @@ def run_classifier(opt, root: Path):
     return plain_run, trainer_run
 
 
+def sdpa_kernel_for(opt, config: dict, device: torch.device) -> str:
+    """The attention kernel PyTorch picks for these shapes and switches: the choice compile also bakes in."""
+    if opt.model_type != "gpt":
+        return "-"  # transformers' GPT-2 may reshape q/k/v differently
+    heads = config["n_head"]
+    dtype = torch.bfloat16 if opt.precision.startswith("bf16") else torch.float32
+    q = torch.randn(opt.batch_size, heads, opt.seq_len, config["n_embd"] // heads, device=device, dtype=dtype,
+                    requires_grad=True)
+    return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU, tiny model, a few steps (seconds)")
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, the same steps (seconds)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per variant, warm-up included")
@@ -220,19 +235,26 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bias", dest="bias", action="store_false", help="gpt without biases in linears/norms")
     parser.add_argument("--coordinate-descent", action="store_true",
                         help="inductor's coordinate-descent kernel tuning (longer compilation)")
+    parser.add_argument("--sdpa-backend", choices=["cudnn", "flash", "efficient"],
+                        help="the template's --model.sdpa_backend, for both variants (default: PyTorch's choice)")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="inductor's max-autotune: Triton matmul templates with fused epilogues (long compile)")
     parser.add_argument("--trainer-only", action="store_true", help="skip the plain loop (to compare levers)")
-    parser.add_argument("--peak-tflops", type=float, help="dense peak of the card (default: from its name)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="dense peak of the card, for both MFUs (default: from its name; on CPU none)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     opt = parser.parse_args(argv)
     try:
         if opt.tiny:
-            opt.batch_size, opt.seq_len, opt.steps, opt.warmup, opt.workers, opt.compile = 4, 64, 12, 4, 0, False
+            # Same steps as on a GPU: the template's throughput window (5 logging steps of 10) fills the same way.
+            opt.batch_size, opt.seq_len, opt.workers, opt.compile = 4, 64, 0, False
         if opt.warmup >= opt.steps - 1:
             raise UsageError(f"--warmup {opt.warmup} leaves no timed steps out of --steps {opt.steps}")
         if not opt.tiny and not torch.cuda.is_available():
             raise UsageError("no CUDA GPU here: run with --tiny for the CPU check")
-        if opt.coordinate_descent and not opt.compile:
-            raise UsageError("--coordinate-descent tunes compiled kernels: not with --no-compile or --tiny")
+        for flag in ("coordinate_descent", "max_autotune"):
+            if getattr(opt, flag) and not opt.compile:
+                raise UsageError(f"--{flag.replace('_', '-')} tunes compiled kernels: not with --no-compile or --tiny")
         if not opt.bias and opt.model_type != "gpt":
             raise UsageError("--no-bias needs --model-type gpt (GPT2LMHeadModel always has biases)")
     except UsageError as err:
@@ -241,8 +263,9 @@ def main(argv=None) -> int:
     opt.accelerator, opt.precision = ("cpu", "32-true") if opt.tiny else ("gpu", "bf16-mixed")
     torch.set_float32_matmul_precision("high")  # what the templates' main() sets, for both variants
     config = {**(TINY_GPT if opt.tiny else GPT2_SMALL), **({} if opt.bias else {"bias": False})}
-    if opt.coordinate_descent:
-        importlib.import_module("torch._inductor.config").coordinate_descent_tuning = True
+    inductor = importlib.import_module("torch._inductor.config")
+    inductor.coordinate_descent_tuning = opt.coordinate_descent or inductor.coordinate_descent_tuning
+    inductor.max_autotune = opt.max_autotune or inductor.max_autotune  # mode "max-autotune-no-cudagraphs"
     device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = opt.peak_tflops or (causal_lm.missing_peak_tflops(card, opt.precision) if device.type == "cuda" else None)
@@ -253,7 +276,9 @@ def main(argv=None) -> int:
         corpus = Path(tmp) / "corpus.txt"
         write_corpus(corpus, (opt.steps + 2) * opt.batch_size * (opt.seq_len + 1) * 21 // 20)
         results = {}
-        model = f"{opt.model_type}{'' if opt.bias else ', no bias'}"
+        levers = [("no bias", not opt.bias), (f"{opt.sdpa_backend} attention", opt.sdpa_backend),
+                  ("max-autotune", opt.max_autotune), ("coordinate descent", opt.coordinate_descent)]
+        model = ", ".join([opt.model_type] + [name for name, on in levers if on])
         plain_name, trainer_name = f"plain PyTorch loop ({model})", f"causal_lm.py ({model}, Trainer)"
         for variant in ([] if opt.trainer_only else [plain_name]) + [trainer_name]:
             gc.collect()
@@ -278,6 +303,7 @@ def main(argv=None) -> int:
             rows.append({"variant": variant, "card": card, "batch x seq": f"{opt.batch_size} x {opt.seq_len}",
                          "ms/step": round(ms, 2), "tokens/s": round(tokens), "MFU": mfu, "ratio": ms / plain_ms if plain_ms else None,
                          "peak memory": memory})
+        trainer_mfu = next(r["MFU"] for r in rows if r["variant"] == trainer_name)
         trainer_losses = results[trainer_name][0].loss_values()
         plain_losses = trainer_losses if opt.trainer_only else results[plain_name][0].loss_values()
         tolerance = 1e-4 if opt.tiny else 2e-2  # float32 on CPU; bf16 on GPU
@@ -292,6 +318,9 @@ def main(argv=None) -> int:
             "flops_per_token_formula": per_token,
             "flops_per_token_template": extra["template_flops_per_batch"] / (opt.batch_size * opt.seq_len),
             "mfu_template_monitor": extra["template_mfu"],
+            # Same run, two clocks: the monitor's last 4 logging intervals against the timed steps after warm-up.
+            "mfu_monitor_over_bench": extra["template_mfu"] / trainer_mfu if extra["template_mfu"] and trainer_mfu
+            else None,
         }
         plain, trainer = run_classifier(opt, Path(tmp) / "classifier")
         for variant, run in (("classifier plain loop (CPU)", plain), ("classifier.py (Trainer, CPU)", trainer)):
@@ -301,6 +330,8 @@ def main(argv=None) -> int:
         checks.update({f"classifier_{key}_{name}": round(run[key], 4) for name, run in
                        (("plain", plain), ("trainer", trainer)) for key in ("val_acc", "fit_seconds")})
 
+    checks["sdpa_kernel"] = sdpa_kernel_for(opt, config, device)
+    checks["cudnn"] = torch.backends.cudnn.version()
     report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows, "checks": checks,
               "command": " ".join(["python", "bench/bench.py", *(argv if argv is not None else sys.argv[1:])])}
     if opt.format == "json":

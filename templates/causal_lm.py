@@ -18,6 +18,7 @@ Your data and model (config values, no code change):
     --model.model_type gpt --model.model_config '{"n_layer": 12, "n_head": 12, "n_embd": 768}'    # from scratch:
                                                             # built-in GPT-2, or a transformers type (llama, gpt2)
     --model.activation_checkpointing true                   # trade compute for activation memory
+    --model.sdpa_backend cudnn                              # the fused attention kernel (flash, efficient, cudnn)
     --throughput.peak_tflops 989                            # MFU on GPUs missing from Lightning's table
 
 Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,items}_per_sec (items = tokens) and
@@ -28,10 +29,11 @@ import math
 import os
 import re
 import sys
+import time
 import zipfile
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,8 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_only
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "references"
 TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
@@ -198,10 +202,13 @@ class CausalLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        sdpa_backend: Optional[Literal["cudnn", "flash", "efficient", "math"]] = None,
         trust_remote_code: bool = False,
     ):
         """name_or_path: pretrained model (fine-tuning); else a fresh `model_type` model with `model_config`
-        overriding the tiny default. trust_remote_code runs Python code shipped with a model: off unless you trust it."""
+        overriding the tiny default. sdpa_backend: the one fused attention kernel PyTorch may use (math stays as the
+        fallback); None leaves the choice to PyTorch. trust_remote_code runs Python code shipped with a model: off
+        unless you trust it."""
         super().__init__()
         self.save_hyperparameters()
         self.model: Optional[torch.nn.Module] = None
@@ -222,6 +229,10 @@ class CausalLM(L.LightningModule):
             self.model.config.use_cache = False
             if hp.activation_checkpointing:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.sdpa_backend:  # process-wide: compiled graphs and checkpointing's recomputation see the same kernel
+            torch.backends.cuda.enable_flash_sdp(hp.sdpa_backend == "flash")
+            torch.backends.cuda.enable_mem_efficient_sdp(hp.sdpa_backend == "efficient")
+            torch.backends.cuda.enable_cudnn_sdp(hp.sdpa_backend == "cudnn")
         strategy = self.trainer.strategy if self._trainer is not None else None
         blocks = transformer_blocks(self.model)
         if isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" not in strategy.kwargs:
@@ -413,12 +424,14 @@ def missing_peak_tflops(device_name: str, precision: str) -> Optional[float]:
 
 class Throughput(ThroughputMonitor):
     """ThroughputMonitor that (1) supplies the peak FLOP/s Lightning lacks for some GPUs (or the one you pass) and
-    (2) synchronizes the GPU only on logging steps: the stock callback calls torch.cuda.synchronize() every step."""
+    (2) times training at logging steps only: the stock callback calls torch.cuda.synchronize() after every batch.
+    window_size counts logging steps here (rates and MFU cover the last window_size - 1 logging intervals)."""
 
-    def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 10):
+    def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 5):
         super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
                          window_size=window_size)
         self.peak_tflops = peak_tflops
+        self._timed: dict = {}  # per stage: batches counted at the last timing
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -431,13 +444,33 @@ class Throughput(ThroughputMonitor):
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.available_flops
 
+    def _start(self, trainer) -> None:
+        super()._start(trainer)
+        self._timed[trainer.state.stage] = self._batches[trainer.state.stage]
+
     def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
-        if trainer.strategy.root_device.type != "cuda" or trainer._logger_connector.should_update_logs:
-            return super()._update(trainer, pl_module, batch, iter_num)
-        stage = trainer.state.stage  # count the batch without a device sync; rates use the logged steps' times
+        stage = trainer.state.stage
         self._lengths[stage] += self.length_fn(batch)
         self._samples[stage] += self.batch_size_fn(batch)
         self._batches[stage] += 1
+        if stage != RunningStage.TRAINING or trainer._logger_connector.should_update_logs:
+            self._time(trainer, pl_module, stage)  # else counted now, timed at the next logging step
+
+    def _time(self, trainer, pl_module, stage) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the queued steps finish: the clock then covers them
+        new, self._timed[stage] = self._batches[stage] - self._timed[stage], self._batches[stage]
+        flops = getattr(pl_module, "flops_per_batch", None)
+        self._throughputs[stage].update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
+                                        samples=self._samples[stage], lengths=self._lengths[stage],
+                                        flops=None if flops is None else flops * new)  # FLOPs of the new batches
+
+    @rank_zero_only
+    def on_validation_start(self, trainer, pl_module) -> None:
+        stage = RunningStage.TRAINING
+        if not trainer.sanity_checking and self._batches.get(stage, 0) > self._timed.get(stage, 0):
+            self._time(trainer, pl_module, stage)  # end the training interval here: validation time is not in it
+        super().on_validation_start(trainer, pl_module)
 
 
 # ----------------------------------------------------------------------------------------------------------------

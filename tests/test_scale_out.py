@@ -209,7 +209,7 @@ def test_strategy_that_cannot_run_here_is_one_clear_line(tmp_path, config, expec
 def test_gpu_training(tmp_path, config, model_type):
     result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--model.model_type", model_type,
                           "--trainer.devices", "1", "--model.compile", "true", "--trainer.max_steps", "20",
-                          "--trainer.val_check_interval", "10",
+                          "--trainer.val_check_interval", "10", "--throughput.window_size", "2",  # 2 logging steps
                           "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
                           "logs", *QUIET, cwd=tmp_path, timeout=600)
     assert_ok(result)
@@ -326,6 +326,30 @@ def test_builtin_gpt_is_gpt2():
     assert deep.lm_head.weight is deep.wte.weight and not block.qkv.bias.any()
 
 
+def test_sdpa_backend_selects_the_attention_kernel_that_runs():
+    """--model.sdpa_backend sets PyTorch's fused-attention switches for the whole process, so the kernel chosen also
+    runs in activation checkpointing's recomputation (a context around forward alone would not reach it). On CPU the
+    profiler shows "math" replacing the default flash kernel, in the forward and the backward."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_sdpa")
+    switches = [(torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+                (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+                (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp)]
+    before = [enabled() for enabled, _ in switches]
+    x, ran = torch.randint(0, 256, (2, 16)), {}
+    try:
+        for backend in (None, "math"):
+            module = lm.CausalLM(model_type="gpt", sdpa_backend=backend, activation_checkpointing=True)
+            module.configure_model()
+            with torch.profiler.profile() as profile:
+                module.loss(x, x).backward()
+            ran[backend] = {e.name for e in profile.events() if e.name.startswith("aten::_scaled_dot_product")}
+    finally:  # the switches are global: leave them as they were for the other tests in this process
+        for (_, enable), value in zip(switches, before):
+            enable(value)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ran[None]
+    assert ran["math"] == {"aten::_scaled_dot_product_attention_math"}
+
+
 def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
     """Tied input/output embeddings under FSDP2: the sharded checkpoint consolidates with Lightning's utility and a
     one-process validate of that file gives the val_loss of the 2-process run."""
@@ -350,23 +374,33 @@ def test_peak_flops_for_gpus_missing_from_lightnings_table():
     assert peak("Tesla T4", "16-mixed") is None
 
 
-def test_throughput_logs_tokens_per_second(tmp_path):
+def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path):
+    """The monitor times training at logging steps only (the path GPUs take, here on CPU): its FLOPs must still
+    cover every batch, so FLOPs/s over tokens/s is measure_flops per token, and MFU is FLOPs/s over the peak."""
     result = run_template("causal_lm.py", "fit", "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
-                          "--trainer.log_every_n_steps", "2", "--throughput.window_size", "3", "--trainer.logger",
+                          "--trainer.log_every_n_steps", "2", "--throughput.window_size", "3",
+                          "--throughput.peak_tflops", "0.5", "--trainer.logger",
                           "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs", *QUIET,
                           cwd=tmp_path)
     assert_ok(result)
     assert "flops_per_batch" not in result.stderr  # the module measured its FLOPs (no ThroughputMonitor warning)
-    rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
-    rates = [float(r["train/device/items_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
-    flops = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
-    assert rates and all(v > 0 for v in rates) and flops and all(v > 0 for v in flops)
+    rows = [r for r in csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
+            if r.get("train/device/flops_per_sec")]
+    template = load_module(TEMPLATES / "causal_lm.py", "causal_lm_template")
+    batch, block = template.TextData().hparams.batch_size, template.TextData().hparams.block_size
+    per_token = template.CausalLM(vocab_size=256)._measure_flops((batch, block)) / (batch * block)
+    assert len(rows) >= 3
+    for r in rows:
+        tokens, flops = float(r["train/device/items_per_sec"]), float(r["train/device/flops_per_sec"])
+        assert tokens > 0 and flops / tokens == pytest.approx(per_token, rel=1e-6)
+        assert float(r["train/device/mfu"]) == pytest.approx(flops / 0.5e12, rel=1e-6)
 
 
 def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
     """bench/bench.py --tiny: the GPU benchmark's code on CPU, so it cannot rot; speed is read from its table, not
     asserted here."""
-    result = run([sys.executable, TEMPLATES.parent / "bench" / "bench.py", "--tiny", "--format", "json"], cwd=tmp_path)
+    result = run([sys.executable, TEMPLATES.parent / "bench" / "bench.py", "--tiny", "--peak-tflops", "1", "--format",
+                  "json"], cwd=tmp_path)
     assert_ok(result)
     report = json.loads(result.stdout)
     assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop (gpt)", "causal_lm.py (gpt, Trainer)",
@@ -377,3 +411,7 @@ def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
     assert checks["final_loss_plain"] == checks["final_loss_trainer"]  # float32 on CPU: exactly equal
     assert abs(checks["classifier_val_acc_plain"] - checks["classifier_val_acc_trainer"]) < 1e-4
     assert abs(checks["flops_per_token_template"] / checks["flops_per_token_formula"] - 1) < 0.05
+    # The template's logged MFU and the benchmark's, one run timed by two clocks (the tiny model's FLOPs formulas
+    # differ by 4%): a monitor that lost batches or used another peak would be off by a factor.
+    assert 0.7 < checks["mfu_monitor_over_bench"] < 1.3
+    assert checks["sdpa_kernel"] in ("FLASH_ATTENTION", "MATH")  # what PyTorch picks for these shapes on CPU

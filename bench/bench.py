@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
 import causal_lm  # noqa: E402
 import classifier  # noqa: E402
+from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.trainer.states import RunningStage  # noqa: E402
 from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
@@ -104,7 +105,7 @@ def lm_cli_args(opt, corpus: Path, root: Path, config: dict) -> list:
             str(LM_HPARAMS["warmup_steps"]), "--trainer.max_steps", str(opt.steps), "--trainer.precision",
             opt.precision, "--trainer.accelerator", opt.accelerator, "--trainer.devices", "1",
             "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
-            *(["--throughput.peak_tflops", str(opt.peak_tflops)] if opt.peak_tflops else [])]
+            *(["--throughput.peak_tflops", str(opt.peak)] if opt.peak else [])]  # one peak for both MFUs
 
 
 def run_lm_trainer(opt, corpus: Path, root: Path, config: dict):
@@ -214,11 +215,11 @@ def sdpa_kernel_for(opt, config: dict, device: torch.device) -> str:
     """The attention kernel PyTorch picks for these shapes and switches: the choice compile also bakes in."""
     if opt.model_type != "gpt":
         return "-"  # transformers' GPT-2 may reshape q/k/v differently
-    heads = config["n_head"]
+    heads, width = config["n_head"], config["n_embd"]
     dtype = torch.bfloat16 if opt.precision.startswith("bf16") else torch.float32
-    q = torch.randn(opt.batch_size, heads, opt.seq_len, config["n_embd"] // heads, device=device, dtype=dtype,
-                    requires_grad=True)
-    return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
+    qkv = torch.randn(opt.batch_size, opt.seq_len, 3 * width, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.view(opt.batch_size, opt.seq_len, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # as GPTBlock
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True)).name
 
 
 def main(argv=None) -> int:
@@ -268,7 +269,11 @@ def main(argv=None) -> int:
     inductor.max_autotune = opt.max_autotune or inductor.max_autotune  # mode "max-autotune-no-cudagraphs"
     device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = opt.peak_tflops or (causal_lm.missing_peak_tflops(card, opt.precision) if device.type == "cuda" else None)
+    peak = opt.peak_tflops
+    if peak is None and device.type == "cuda":  # the template's table for cards Lightning lacks, then Lightning's
+        peak = causal_lm.missing_peak_tflops(card, opt.precision) or (get_available_flops(device, torch.bfloat16)
+                                                                       or 0) / 1e12 or None
+    opt.peak = peak
 
     rows, checks = [], {}
     # Lightning's own output (model summary, progress bar) goes to stderr: stdout holds only the report.

@@ -424,8 +424,8 @@ def missing_peak_tflops(device_name: str, precision: str) -> Optional[float]:
 
 class Throughput(ThroughputMonitor):
     """ThroughputMonitor that (1) supplies the peak FLOP/s Lightning lacks for some GPUs (or the one you pass) and
-    (2) times training at logging steps only: the stock callback calls torch.cuda.synchronize() after every batch.
-    window_size counts logging steps here (rates and MFU cover the last window_size - 1 logging intervals)."""
+    (2) times training only at logging steps and when validation starts (on CPUs as on GPUs): the stock callback
+    calls torch.cuda.synchronize() after every batch. window_size counts these timings, not batches."""
 
     def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 5):
         super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
@@ -453,7 +453,8 @@ class Throughput(ThroughputMonitor):
         self._lengths[stage] += self.length_fn(batch)
         self._samples[stage] += self.batch_size_fn(batch)
         self._batches[stage] += 1
-        if stage != RunningStage.TRAINING or trainer._logger_connector.should_update_logs:
+        if stage != RunningStage.TRAINING or (trainer._logger_connector.should_update_logs
+                                              and not trainer.fit_loop._should_accumulate()):
             self._time(trainer, pl_module, stage)  # else counted now, timed at the next logging step
 
     def _time(self, trainer, pl_module, stage) -> None:

@@ -11,11 +11,13 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from typing import Union
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
                       load_module, run, run_template, save_tiny_tokenizer)
@@ -374,26 +376,41 @@ def test_peak_flops_for_gpus_missing_from_lightnings_table():
     assert peak("Tesla T4", "16-mixed") is None
 
 
+class SlowSteps(Callback):
+    """Makes every training batch take at least `seconds`: a known ceiling on the batches per second."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        time.sleep(self.seconds)
+
+
 def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path):
-    """The monitor times training at logging steps only (the path GPUs take, here on CPU): its FLOPs must still
-    cover every batch, so FLOPs/s over tokens/s is measure_flops per token, and MFU is FLOPs/s over the peak."""
-    result = run_template("causal_lm.py", "fit", "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
-                          "--trainer.log_every_n_steps", "2", "--throughput.window_size", "3",
-                          "--throughput.peak_tflops", "0.5", "--trainer.logger",
-                          "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs", *QUIET,
-                          cwd=tmp_path)
-    assert_ok(result)
-    assert "flops_per_batch" not in result.stderr  # the module measured its FLOPs (no ThroughputMonitor warning)
+    """The monitor times training at logging steps and validation starts only (the path GPUs take, here on CPU). Its
+    FLOPs must still cover every batch (FLOPs/s over tokens/s is measure_flops per token, MFU is FLOPs/s over the
+    peak), and a validation between logging steps must not take the training batch before it out of the training
+    time: with a window of 2 timings, that would show as 2 batches in the time of one, above the ceiling that
+    0.1 s per batch sets (checkpoints are off here: their save time counts as training time and would hide it)."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_throughput")
+    cli = lm.main(["--trainer.max_steps", "14", "--trainer.val_check_interval", "5", "--trainer.limit_val_batches",
+                   "2", "--trainer.log_every_n_steps", "2", "--data.batch_size", "4", "--throughput.window_size", "2",
+                   "--throughput.peak_tflops", "0.5", "--best_checkpoint.save_top_k", "0",
+                   "--last_checkpoint.save_top_k", "0", "--last_checkpoint.save_last", "false",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                   str(tmp_path / "logs"), "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET],
+                  run=False, callbacks=(SlowSteps(0.1),))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows = [r for r in csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
             if r.get("train/device/flops_per_sec")]
-    template = load_module(TEMPLATES / "causal_lm.py", "causal_lm_template")
-    batch, block = template.TextData().hparams.batch_size, template.TextData().hparams.block_size
-    per_token = template.CausalLM(vocab_size=256)._measure_flops((batch, block)) / (batch * block)
-    assert len(rows) >= 3
+    batch, block = cli.datamodule.hparams.batch_size, cli.datamodule.hparams.block_size
+    per_token = cli.model._measure_flops((batch, block)) / (batch * block)
+    assert len(rows) >= 4
     for r in rows:
         tokens, flops = float(r["train/device/items_per_sec"]), float(r["train/device/flops_per_sec"])
-        assert tokens > 0 and flops / tokens == pytest.approx(per_token, rel=1e-6)
+        assert flops / tokens == pytest.approx(per_token, rel=1e-6)
         assert float(r["train/device/mfu"]) == pytest.approx(flops / 0.5e12, rel=1e-6)
+        assert 0 < float(r["train/device/batches_per_sec"]) <= 10.0, r  # 0.1 s per batch at least
 
 
 def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):

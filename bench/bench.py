@@ -306,8 +306,8 @@ def main(argv=None) -> int:
             tokens = opt.batch_size * opt.seq_len / (ms / 1000)
             mfu = tokens * per_token / (peak * 1e12) if peak else None
             rows.append({"variant": variant, "card": card, "batch x seq": f"{opt.batch_size} x {opt.seq_len}",
-                         "ms/step": round(ms, 2), "tokens/s": round(tokens), "MFU": mfu, "ratio": ms / plain_ms if plain_ms else None,
-                         "peak memory": memory})
+                         "ms/step": round(ms, 2), "tokens/s": round(tokens), "MFU": mfu,
+                         "ratio": ms / plain_ms if plain_ms else None, "peak memory": memory})
         trainer_mfu = next(r["MFU"] for r in rows if r["variant"] == trainer_name)
         trainer_losses = results[trainer_name][0].loss_values()
         plain_losses = trainer_losses if opt.trainer_only else results[plain_name][0].loss_values()

@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.utils.data import DataLoader, Dataset
-from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import (AttentionInterface, get_constant_schedule_with_warmup,
+                          get_cosine_with_min_lr_schedule_with_warmup)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -140,11 +142,35 @@ def build_gpt(model_config, vocab_size) -> GPT:
 def load_or_build(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta=False):
     """A transformers causal LM with SDPA attention (pretrained weights from a name/folder, or a fresh config), or
     the built-in GPT for model_type "gpt"."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if model_type == "gpt" and not name_or_path:
         with torch.device("meta") if meta else torch.device("cpu"):
             return build_gpt(model_config, vocab_size)
+    return use_causal_sdpa(load_or_build_transformers(name_or_path, model_type, model_config, vocab_size,
+                                                      trust_remote_code, meta))
+
+
+# transformers' own SDPA function under a name with no mask function: transformers then builds no attention mask and
+# SDPA runs with is_causal=True. Its mask code would otherwise read a value from the GPU every forward (a wait), and
+# under torch.compile pass a batch x 1 x seq x seq mask that rules out the flash kernels (transformers 5.x).
+CAUSAL_SDPA = "sdpa_causal"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+def use_causal_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """Switches a model whose every layer is plain causal attention to CAUSAL_SDPA: right for this template's
+    unpadded blocks (it never passes an attention mask); sliding-window or chunked models keep their masks."""
+    config = model.config
+    plain = (set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+             and not getattr(config, "sliding_window", None) and not getattr(config, "attention_chunk_size", None)
+             and getattr(config, "is_causal", True))
+    if plain and getattr(model, "_supports_attention_backend", False):
+        model.set_attn_implementation(CAUSAL_SDPA)
+    return model
+
+
+def load_or_build_transformers(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if name_or_path:
         local = Path(name_or_path).expanduser()
         if name_or_path.startswith((".", "/", "~")) and not local.exists():

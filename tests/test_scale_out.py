@@ -4,6 +4,7 @@ Hugging Face models and tokenizers are built tiny and random, saved with save_pr
 templates with from_pretrained: the real loading code, offline.
 """
 
+import copy
 import csv
 import json
 import re
@@ -12,12 +13,15 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from pathlib import Path
 from typing import Union
 
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from torch.overrides import TorchFunctionMode
 
 from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
                       load_module, run, run_template, save_tiny_tokenizer)
@@ -352,6 +356,44 @@ def test_sdpa_backend_selects_the_attention_kernel_that_runs():
     assert ran["math"] == {"aten::_scaled_dot_product_attention_math"}
 
 
+def sdpa_calls_in_compiled_graph(fn, *args) -> list:
+    """The arguments of every fused-attention call in the graph torch.compile captures (traced, not run by inductor)."""
+    calls = []
+
+    def record(graph_module, example_inputs):
+        calls.extend(dict(n.kwargs) for n in graph_module.graph.nodes if "scaled_dot_product" in str(n.target))
+        return graph_module
+
+    torch.compile(fn, backend=record)(*args)
+    return calls
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_transformers_causal_lms_attend_without_a_mask(model_type):
+    """transformers' mask code builds a batch x 1 x seq x seq mask under torch.compile (no flash kernels) and reads a
+    value every eager forward. The template's models skip it and give the same logits; a sliding-window model keeps
+    its mask."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_attention")
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2}
+    torch.manual_seed(0)
+    model = lm.load_or_build(None, model_type, sizes, 64, False).eval()
+    stock = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="sdpa").eval()
+    stock.load_state_dict(model.state_dict())
+    assert model.config._attn_implementation == lm.CAUSAL_SDPA and stock.config._attn_implementation == "sdpa"
+    model.config.use_cache = stock.config.use_cache = False  # as configure_model sets it for training
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(lm.logits_of(model, x), lm.logits_of(stock, x), rtol=0, atol=1e-6)
+    calls = sdpa_calls_in_compiled_graph(lambda ids: model(input_ids=ids).logits, x)
+    assert len(calls) == 2 and all(c.get("attn_mask") is None and c["is_causal"] for c in calls)
+    assert sdpa_calls_in_compiled_graph(lambda ids: stock(input_ids=ids).logits, x)[0]["attn_mask"] is not None
+    sliding = lm.load_or_build(None, "mistral", {**sizes, "sliding_window": 8}, 64, False)
+    assert sliding.config._attn_implementation == "sdpa"
+    assert AutoConfig.for_model("mistral").sliding_window  # the default that this check relies on
+
+
 def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
     """Tied input/output embeddings under FSDP2: the sharded checkpoint consolidates with Lightning's utility and a
     one-process validate of that file gives the val_loss of the 2-process run."""
@@ -411,6 +453,59 @@ def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path):
         assert flops / tokens == pytest.approx(per_token, rel=1e-6)
         assert float(r["train/device/mfu"]) == pytest.approx(flops / 0.5e12, rel=1e-6)
         assert 0 < float(r["train/device/batches_per_sec"]) <= 10.0, r  # 0.1 s per batch at least
+
+
+class HostReads(TorchFunctionMode, Callback):
+    """Records every read of a tensor's value in Python during training steps, with its step and caller: on a GPU
+    each one waits for the queued work to finish, so Lightning's per-step Python work would no longer overlap it.
+    Left out: torch.optim's and the DataLoader's own host-side values (step counters, seeds, indices), and the NaN
+    check, which reads on CPU at every step and on GPUs at logging steps only."""
+
+    METHODS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+    HOST_SIDE = ("/torch/optim/", "/torch/utils/data/")
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.reads = None, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.step is not None and getattr(func, "__name__", "") in self.METHODS:
+            stack = traceback.extract_stack()[:-1]
+            caller = stack[-1]
+            if not any(s in caller.filename for s in self.HOST_SIDE) and not (
+                    caller.name == "check" and caller.filename.endswith(("causal_lm.py", "classifier.py"))):
+                self.reads.append((*self.step, func.__name__, [f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                                               for f in stack[-6:]]))
+        return func(*args, **(kwargs or {}))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = (trainer.global_step, trainer._logger_connector.should_update_logs)  # this step logs
+
+    def on_validation_start(self, trainer, pl_module):  # validation and epoch ends read once per interval, not step
+        self.step = None
+
+    on_train_epoch_end = on_validation_start
+
+
+@pytest.mark.parametrize("template, args", [
+    pytest.param("causal_lm.py", ["--model.model_type", "gpt", "--trainer.max_steps", "12", "--data.batch_size", "4"],
+                 id="causal_lm-gpt"),
+    pytest.param("causal_lm.py", ["--trainer.max_steps", "12", "--data.batch_size", "4"], id="causal_lm-llama"),
+    pytest.param("classifier.py", ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "12"],
+                 id="classifier")])
+def test_training_steps_do_not_wait_for_the_device(tmp_path, template, args):
+    """With the template's own logging and progress bar, only logging steps read a tensor value (Lightning hands
+    the logged loss to the logger): the other steps queue their work without waiting, which is what lets the
+    Trainer keep pace with a plain loop on a GPU (bench/bench.py measures that)."""
+    module = load_module(TEMPLATES / template, f"{template[:-3]}_host_reads")
+    reads = HostReads()
+    cli = module.main([*args, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path)],
+                      run=False, callbacks=(reads,))
+    with reads:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 12 and cli.trainer.log_every_n_steps == 10
+    assert [r for r in reads.reads if not r[1]] == []
+    assert {r[0] for r in reads.reads} == {9}  # the positive control: the one logging step reads the loss
 
 
 def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):

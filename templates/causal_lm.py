@@ -154,18 +154,31 @@ def load_or_build(name_or_path, model_type, model_config, vocab_size, trust_remo
 # under torch.compile pass a batch x 1 x seq x seq mask that rules out the flash kernels (transformers 5.x).
 CAUSAL_SDPA = "sdpa_causal"
 AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+# Decoder-only types whose attention is causal, windowed only where the config says so (a sweep over tiny models gave
+# the logits of transformers' eager attention). Not: multimodal wrappers (gemma3), own masks (doge), remote code.
+CAUSAL_SDPA_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gpt2", "gpt_neox", "olmo", "olmo2",
+                     "phi", "phi3", "granite", "starcoder2", "opt"}
 
 
 def use_causal_sdpa(model: torch.nn.Module) -> torch.nn.Module:
-    """Switches a model whose every layer is plain causal attention to CAUSAL_SDPA: right for this template's
-    unpadded blocks (it never passes an attention mask); sliding-window or chunked models keep their masks."""
+    """Switches a model of CAUSAL_SDPA_TYPES with neither sliding-window nor chunked layers to CAUSAL_SDPA: right for
+    this template's unpadded blocks. A later forward given attention_mask or position_ids (padding, generate(),
+    packed documents) raises instead of ignoring them."""
     config = model.config
-    plain = (set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
-             and not getattr(config, "sliding_window", None) and not getattr(config, "attention_chunk_size", None)
-             and getattr(config, "is_causal", True))
-    if plain and getattr(model, "_supports_attention_backend", False):
+    if (config.model_type in CAUSAL_SDPA_TYPES and type(model).__module__.startswith("transformers.")
+            and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and not getattr(config, "sliding_window", None) and not getattr(config, "attention_chunk_size", None)):
         model.set_attn_implementation(CAUSAL_SDPA)
+        model.register_forward_pre_hook(refuse_masks, with_kwargs=True)
     return model
+
+
+def refuse_masks(model, args, kwargs) -> None:
+    if model.config._attn_implementation == CAUSAL_SDPA and any(
+            kwargs.get(name) is not None for name in ("attention_mask", "position_ids")):
+        raise ValueError("this model attends causally with no mask (causal_lm.py's sdpa_causal, for unpadded"
+                         " training): call model.set_attn_implementation('sdpa') before passing attention_mask or"
+                         " position_ids")
 
 
 def load_or_build_transformers(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta):
@@ -711,7 +724,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         )
     except (ConfigError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
-        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
         if run:

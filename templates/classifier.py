@@ -128,7 +128,9 @@ class Classifier(L.LightningModule):
         return {"prediction": prediction, "confidence": confidence, "label": y}
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused on CUDA: one kernel, and under 16-mixed no GPU read per step (GradScaler hands it the inf check)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      fused=self.device.type == "cuda")
         epochs = self.trainer.max_epochs
         if not epochs or epochs < 1:  # max_epochs=-1 trains until stopped: keep the learning rate constant
             return optimizer
@@ -529,7 +531,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
     except (ConfigError, ArgumentError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
-        print(f"{Path(sys.argv[0]).name}: error: {message}{hint}", file=sys.stderr)
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}{hint}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
         if run:

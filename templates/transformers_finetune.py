@@ -452,7 +452,8 @@ def main(args=None) -> None:
             args=args,
         )
     except (ConfigError, NonFiniteLossError) as err:
-        print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     finally:  # after errors too, while the interpreter is still whole
         release_process_group()

@@ -369,29 +369,35 @@ def sdpa_calls_in_compiled_graph(fn, *args) -> list:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_transformers_causal_lms_attend_without_a_mask(model_type):
+def test_transformers_causal_lms_attend_without_a_mask(model_type, monkeypatch):
     """transformers' mask code builds a batch x 1 x seq x seq mask under torch.compile (no flash kernels) and reads a
-    value every eager forward. The template's models skip it and give the same logits; a sliding-window model keeps
-    its mask."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    value every eager forward. The template's models skip it and give the logits of transformers' eager attention;
+    an attention mask passed later is refused, not ignored; a sliding-window model keeps its mask."""
+    from transformers import AutoModelForCausalLM
 
     lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_attention")
+    monkeypatch.setitem(sys.modules, lm.__name__, lm)  # importable, as a run script is: compile traces its hook
     sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 2}
     torch.manual_seed(0)
     model = lm.load_or_build(None, model_type, sizes, 64, False).eval()
-    stock = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="sdpa").eval()
-    stock.load_state_dict(model.state_dict())
+    stock, eager = (AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation=name).eval()
+                    for name in ("sdpa", "eager"))
+    for other in (stock, eager):
+        other.load_state_dict(model.state_dict())
     assert model.config._attn_implementation == lm.CAUSAL_SDPA and stock.config._attn_implementation == "sdpa"
-    model.config.use_cache = stock.config.use_cache = False  # as configure_model sets it for training
+    model.config.use_cache = stock.config.use_cache = eager.config.use_cache = False  # as in configure_model
     x = torch.randint(0, 64, (2, 16))
-    torch.testing.assert_close(lm.logits_of(model, x), lm.logits_of(stock, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(lm.logits_of(model, x), lm.logits_of(eager, x), rtol=0, atol=1e-5)
     calls = sdpa_calls_in_compiled_graph(lambda ids: model(input_ids=ids).logits, x)
     assert len(calls) == 2 and all(c.get("attn_mask") is None and c["is_causal"] for c in calls)
     assert sdpa_calls_in_compiled_graph(lambda ids: stock(input_ids=ids).logits, x)[0]["attn_mask"] is not None
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        model(input_ids=x, attention_mask=torch.ones_like(x))
+    model.set_attn_implementation("sdpa")
+    model(input_ids=x, attention_mask=torch.ones_like(x))  # the documented way back to masks
     sliding = lm.load_or_build(None, "mistral", {**sizes, "sliding_window": 8}, 64, False)
     assert sliding.config._attn_implementation == "sdpa"
-    assert AutoConfig.for_model("mistral").sliding_window  # the default that this check relies on
 
 
 def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
 import causal_lm  # noqa: E402
 import classifier  # noqa: E402
+import lightning as L  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.trainer.states import RunningStage  # noqa: E402
@@ -122,7 +123,7 @@ def run_lm_trainer(opt, corpus: Path, root: Path, config: dict):
 def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
     """The loop a careful engineer writes by hand around the same module, data and optimizer settings."""
     device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
-    torch.manual_seed(42)  # what the template's seed_everything(42) does before it builds the model
+    L.seed_everything(42, verbose=False)  # as the template does before it builds the model (and data order)
     data = causal_lm.TextData(data_path=str(corpus), block_size=opt.seq_len, batch_size=opt.batch_size,
                               num_workers=opt.workers)
     data.setup("fit")
@@ -137,10 +138,12 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, LM_HPARAMS["warmup_steps"], opt.steps,
                                                             min_lr_rate=MIN_LR_RATIO)
     dtype = torch.bfloat16 if opt.precision.startswith("bf16") else torch.float32
-    timing, step = Timing(opt.warmup), 0
+    timing, step, epoch, loader = Timing(opt.warmup), 0, 0, data.train_dataloader()
     module.train()
     while step < opt.steps:
-        for x, y in data.train_dataloader():
+        loader.sampler.set_epoch(epoch)  # as Lightning does: the template's order, seed + epoch
+        epoch += 1
+        for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = module.loss(x, y)  # the template's forward and loss (one compiled graph with compile)

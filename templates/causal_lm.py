@@ -25,11 +25,13 @@ Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,i
 train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/checkpoints/{best,last}.ckpt.
 """
 
+import itertools
 import math
 import os
 import re
 import sys
 import time
+import warnings
 import zipfile
 from argparse import ArgumentError
 from pathlib import Path
@@ -38,7 +40,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import (AttentionInterface, get_constant_schedule_with_warmup,
                           get_cosine_with_min_lr_schedule_with_warmup)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -50,7 +52,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "references"
 TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
@@ -367,6 +369,29 @@ class PackedBlocks(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class ResumableSampler(DistributedSampler):
+    """Shuffles every epoch with seed + epoch, as Lightning's DDP sampler does, on one process too; the first epoch
+    after a resume starts at the checkpoint's epoch and skips the samples it had trained on. A resumed run then sees
+    the data an uninterrupted one would; Lightning alone starts the epoch over, in a new order."""
+
+    def __init__(self, dataset: Dataset, resume: dict, **kwargs):
+        super().__init__(dataset, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)  # Lightning's
+        self.resume = resume  # TextData's: load_state_dict may fill it after this sampler is built
+
+    def order(self) -> list:
+        return [len(self.dataset), self.num_replicas, self.seed]  # what decides each process's samples
+
+    def __iter__(self):
+        skip, resume = 0, dict(self.resume)
+        self.resume.clear()
+        if resume and resume["order"] != self.order():
+            rank_zero_warn("the training data, seed or number of processes differ from the checkpoint's: the resumed"
+                           " epoch starts over in a new order")
+        elif resume and self.epoch <= resume["epoch"]:  # lower: workers began before Lightning's set_epoch
+            self.epoch, skip = resume["epoch"], resume["samples"]
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 class TextData(L.LightningDataModule):
     def __init__(
         self,
@@ -393,7 +418,7 @@ class TextData(L.LightningDataModule):
             else [self.path]
         if not self.files:
             raise ConfigError(f"{self.path} holds no {', '.join(sorted(TEXT_SUFFIXES))} files")
-        self.tokenizer = None
+        self.tokenizer, self.train_sampler, self.resume = None, None, {}
         if tokenizer:
             from transformers import AutoTokenizer
 
@@ -437,16 +462,34 @@ class TextData(L.LightningDataModule):
                               f" {self.hparams.val_fraction}; lower --data.block_size or add text")
         self.train_set, self.val_set = PackedBlocks(ids[:-n_val], block), PackedBlocks(ids[-n_val:], block)
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self):
-        return self._loader(self.train_set, shuffle=True)
+        trainer = self.trainer  # None outside a Trainer (bench.py's plain loop)
+        ranks = (trainer.distributed_sampler_kwargs if trainer else None) or {"num_replicas": 1, "rank": 0}
+        self.train_sampler = ResumableSampler(self.train_set, self.resume, **ranks)
+        return self._loader(self.train_set, sampler=self.train_sampler, drop_last=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
+
+    def state_dict(self) -> dict:
+        """Stored in every checkpoint: the training data's epoch and the samples each process has trained on in it
+        (the batches Lightning counts as processed; a checkpoint at the end of an epoch points at the next one)."""
+        trainer, sampler = self.trainer, self.train_sampler
+        if trainer is None or sampler is None:
+            return {}
+        epoch, batches = sampler.epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "samples": batches * self.hparams.batch_size, "order": sampler.order()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume.clear()  # the sampler may exist already: it reads this dict when its next epoch starts
+        self.resume.update(state_dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -602,6 +645,19 @@ class ResumableRandomState(Callback):
             torch.cuda.set_rng_state(state_dict["cuda"].cpu())
 
 
+class ResumeAtUnfinishedBatch(Callback):
+    """Writes a checkpoint saved in the middle of a batch (an exception, SLURM's requeue signal) with that batch not
+    begun. On resume Lightning 2.6 rewinds the epoch's batch counters to the last finished batch, not the run's
+    (`_Progress.reset_on_restart`), and with check_val_every_n_epoch=None validation counts the run's: validation,
+    its checkpoints and the logged step numbers came one batch early for the rest of a resumed run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress and progress["total"]["processed"] < progress["total"]["ready"]:
+            for counts in (progress["total"], progress["current"]):
+                counts["ready"] = counts["started"] = counts["processed"]
+
+
 def check_run_inputs(config) -> None:
     """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
     CPU processes than cores (Lightning would start them all and stall)."""
@@ -708,6 +764,8 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
     """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
     callbacks are always added (hpo_optuna.py and bench/bench.py pass theirs this way)."""
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the float32 matmuls outside autocast
+    # Lightning looks for a state_dict on the DataLoader; TextData keeps the position in its own (ResumableSampler).
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     try:
         return CausalLMCLI(
             CausalLM,
@@ -716,7 +774,8 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             trainer_defaults={"max_steps": 200, "val_check_interval": 50, "check_val_every_n_epoch": None,
                               "limit_val_batches": 20, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                               "default_root_dir": "runs/causal_lm",
-                              "callbacks": [ResumableRandomState(), StopOnNonFiniteLoss(), *callbacks]},
+                              "callbacks": [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(),
+                                            *callbacks]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,

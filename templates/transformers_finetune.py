@@ -343,6 +343,19 @@ class ResumableRandomState(Callback):
             torch.cuda.set_rng_state(state_dict["cuda"].cpu())
 
 
+class ResumeAtUnfinishedBatch(Callback):
+    """Writes a checkpoint saved in the middle of a batch (an exception, SLURM's requeue signal) with that batch not
+    begun. On resume Lightning 2.6 rewinds the epoch's batch counters to the last finished batch, not the run's
+    (`_Progress.reset_on_restart`), and with check_val_every_n_epoch=None validation counts the run's: validation,
+    its checkpoints and the logged step numbers came one batch early for the rest of a resumed run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress and progress["total"]["processed"] < progress["total"]["ready"]:
+            for counts in (progress["total"], progress["current"]):
+                counts["ready"] = counts["started"] = counts["processed"]
+
+
 def check_run_inputs(config) -> None:
     """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
     CPU processes than cores (Lightning would start them all and stall)."""
@@ -446,7 +459,7 @@ def main(args=None) -> None:
             seed_everything_default=42,
             trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                               "default_root_dir": "runs/transformers_finetune",
-                              "callbacks": [ResumableRandomState(), StopOnNonFiniteLoss()]},
+                              "callbacks": [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss()]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,

@@ -96,7 +96,25 @@ SLURM_JOB = ["SLURM_JOB_ID=4242", "SLURM_JOB_NAME=causal_lm", "SLURM_NTASKS=1", 
              "SLURM_NODELIST=localhost"]
 
 
-def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_lm(tmp_path_factory) -> dict:
+    """causal_lm.py's 12 steps with no failure: what a resumed run must end with (last.ckpt at step 12)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert_ok(train("causal_lm.py", "fit", *LM, cwd=root))
+    return load_ckpt(root / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+
+
+def assert_same_run(resumed_root: Path, uninterrupted: dict) -> None:
+    """The resumed run validated and saved at the uninterrupted run's steps (last.ckpt at 12; Lightning alone puts
+    it at 11) and trained on the same batches in the same order: bit-equal weights on CPU."""
+    resumed = load_ckpt(resumed_root / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == uninterrupted["global_step"] == 12
+    weights, expected = resumed["state_dict"], uninterrupted["state_dict"]
+    different = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {len(different)} tensors"
+
+
+def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path, uninterrupted_lm):
     stub_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
     stub_dir.mkdir()
     # A stand-in for SLURM's scontrol: records its arguments, then ends the job the way a requeue does.
@@ -115,13 +133,12 @@ def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path):
     requeued = train("causal_lm.py", "fit", *LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)  # as SLURM reruns it
     assert_ok(requeued)
     assert restored_from(requeued).endswith("hpc_ckpt_1.ckpt")
-    # 6 more optimizer steps to max_steps 12, none redone (after a mid-epoch restore Lightning numbers logged steps
-    # from k + 1, so the count is what is compared).
-    assert len(logged_steps(tmp_path / "logs")) == 12 - 6 and final_step(requeued) == 12
+    assert logged_steps(tmp_path / "logs") == list(range(6, 12)) and final_step(requeued) == 12  # none redone
+    assert_same_run(tmp_path, uninterrupted_lm)  # the data went on at the batch after the last one trained
 
 
 # ---- 3. an exception in training_step ----------------------------------------------------------------------------
-def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_path):
+def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_path, uninterrupted_lm):
     failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=7),
                    *LM, cwd=tmp_path)
     assert failed.returncode == 1 and "injected failure in training_step at step 7" in failed.stderr
@@ -133,7 +150,8 @@ def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_pa
     resumed = train("causal_lm.py", "fit", *LM, "--ckpt_path", "last", cwd=tmp_path)  # the newest last*.ckpt
     assert_ok(resumed)
     assert restored_from(resumed).endswith("last-on-exception.ckpt")
-    assert len(logged_steps(tmp_path / "logs")) == 12 - 7 and final_step(resumed) == 12
+    assert logged_steps(tmp_path / "logs") == list(range(7, 12)) and final_step(resumed) == 12  # step 7 redone
+    assert_same_run(tmp_path, uninterrupted_lm)
 
 
 def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
@@ -207,7 +225,14 @@ def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_t
     assert {rank for rank, _, _ in held} == {"0", "1"}
     for _, local, total in held:  # really sharded: each of the 2 ranks holds about half
         assert int(local.replace(",", "")) <= 0.6 * int(total.replace(",", ""))
-    assert len(logged_steps(tmp_path / "logs")) == 9 - 3 and final_step(resumed) == 9
+    assert logged_steps(tmp_path / "logs") == list(range(3, 9)) and final_step(resumed) == 9
+
+    # Each rank went on with its own shard of the data where it stopped: the same result as an uninterrupted run.
+    straight = train("causal_lm.py", "fit", *FSDP2, "--trainer.default_root_dir", "straight", cwd=tmp_path,
+                     timeout=900)
+    assert_ok(straight)
+    val_losses = [re.findall(r"rank \d: step 9 val_loss=(\S+)", run.stdout) for run in (resumed, straight)]
+    assert len(val_losses[0]) == 2 and val_losses[0] == val_losses[1], val_losses
 
 
 # ---- 6. bad input to every template ------------------------------------------------------------------------------

@@ -343,17 +343,28 @@ class ResumableRandomState(Callback):
             torch.cuda.set_rng_state(state_dict["cuda"].cpu())
 
 
+def unfinished_batches(trainer) -> int:
+    """Batches of this epoch whose gradients the weights do not hold yet: those of an unfinished accumulation group
+    (Lightning steps every accumulate_grad_batches batches of an epoch, and at its last batch)."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return 0 if done >= trainer.num_training_batches else done % trainer.accumulate_grad_batches
+
+
 class ResumeAtUnfinishedBatch(Callback):
-    """Writes a checkpoint saved in the middle of a batch (an exception, SLURM's requeue signal) with that batch not
-    begun. On resume Lightning 2.6 rewinds the epoch's batch counters to the last finished batch, not the run's
-    (`_Progress.reset_on_restart`), and with check_val_every_n_epoch=None validation counts the run's: validation,
-    its checkpoints and the logged step numbers came one batch early for the rest of a resumed run."""
+    """Writes every checkpoint so that a resumed run redoes the batches its weights do not hold: one that had started
+    (an exception, SLURM's requeue signal) and those of an unfinished gradient-accumulation group, whose gradients
+    are not saved. Lightning 2.6 goes on after the last finished batch, so such a group stepped with part of its
+    gradients; and it rewinds only the epoch's batch counters, not the run's (`_Progress.reset_on_restart`), which
+    validation counts with check_val_every_n_epoch=None: validation, its checkpoints and the logged step numbers
+    came one batch early for the rest of a resumed run."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if progress and progress["total"]["processed"] < progress["total"]["ready"]:
+        redo = unfinished_batches(trainer)
+        if progress and (redo or progress["total"]["processed"] < progress["total"]["ready"]):
             for counts in (progress["total"], progress["current"]):
-                counts["ready"] = counts["started"] = counts["processed"]
+                done = counts["processed"] - redo
+                counts.update(ready=done, started=done, processed=done, completed=done)
 
 
 def check_run_inputs(config) -> None:

@@ -41,17 +41,20 @@ class SignalAtStep(Callback):
 
 
 class RaiseInTrainingStep(Callback):
-    """Makes the LightningModule's training_step raise when `step` optimizer steps are done."""
+    """Makes the LightningModule's training_step raise when `step` optimizer steps are done, in the batch numbered
+    `micro_batch` (from 0) of that step's gradient-accumulation group."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, micro_batch: int = 0):
+        self.step, self.micro_batch = step, micro_batch
 
     def setup(self, trainer, pl_module, stage):
-        original = pl_module.training_step
+        original, batches_of_step = pl_module.training_step, []
 
         def training_step(*args, **kwargs):
             if trainer.global_step == self.step:
-                raise RuntimeError(f"injected failure in training_step at step {self.step}")
+                batches_of_step.append(1)
+                if len(batches_of_step) > self.micro_batch:
+                    raise RuntimeError(f"injected failure in training_step at step {self.step}")
             return original(*args, **kwargs)
 
         pl_module.training_step = training_step

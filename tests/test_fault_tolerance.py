@@ -154,6 +154,22 @@ def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_pa
     assert_same_run(tmp_path, uninterrupted_lm)
 
 
+def test_exception_inside_a_gradient_accumulation_group_resumes_to_the_uninterrupted_weights(tmp_path):
+    """2 batches per step, failure in the second batch of step 5: the first one's gradients were not saved, so the
+    resumed run redoes both (Lightning alone goes on with the second and steps on half the gradients)."""
+    accumulate = [*LM, "--trainer.accumulate_grad_batches", "2"]
+    straight = train("causal_lm.py", "fit", *accumulate, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    assert_ok(straight)
+    failed = train("causal_lm.py", "fit", "--config",
+                   fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=5, micro_batch=1), *accumulate,
+                   cwd=tmp_path)
+    assert failed.returncode == 1 and "injected failure in training_step at step 5" in failed.stderr
+    resumed = train("causal_lm.py", "fit", *accumulate, "--ckpt_path", "last", cwd=tmp_path)
+    assert_ok(resumed)
+    assert restored_from(resumed).endswith("last-on-exception.ckpt") and final_step(resumed) == 12
+    assert_same_run(tmp_path, load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt"))
+
+
 def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
     """SIGINT is what Ctrl-C sends: Lightning turns the KeyboardInterrupt into on_exception and exits 1."""
     interrupted = train("causal_lm.py", "fit", "--config", fault(tmp_path / "int.yaml", "SignalAtStep", step=5,

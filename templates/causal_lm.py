@@ -376,13 +376,13 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, resume: dict, **kwargs):
         super().__init__(dataset, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)  # Lightning's
-        self.resume = resume  # TextData's: load_state_dict may fill it after this sampler is built
+        self.resume, self.started = resume, False  # TextData's: load_state_dict may fill it after this is built
 
     def order(self) -> list:
         return [len(self.dataset), self.num_replicas, self.seed]  # what decides each process's samples
 
     def __iter__(self):
-        skip, resume = 0, dict(self.resume)
+        skip, resume, self.started = 0, dict(self.resume), True
         self.resume.clear()
         if resume and resume["order"] != self.order():
             rank_zero_warn("the training data, seed or number of processes differ from the checkpoint's: the resumed"
@@ -491,6 +491,11 @@ class TextData(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self.resume.clear()  # the sampler may exist already: it reads this dict when its next epoch starts
         self.resume.update(state_dict)
+        if self.train_sampler is not None and self.train_sampler.started:
+            # FSDP, DeepSpeed and ModelParallel restore after configure_optimizers, whose estimated_stepping_batches
+            # (under max_epochs) started the loader: its workers hold this epoch's first samples already
+            rank_zero_warn("the resumed epoch's data starts over: DataLoader workers took their samples before the"
+                           " checkpoint was restored; use --data.num_workers 0 or --trainer.max_steps")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -648,26 +653,33 @@ class ResumableRandomState(Callback):
 
 def unfinished_batches(trainer) -> int:
     """Batches of this epoch whose gradients the weights do not hold yet: those of an unfinished accumulation group
-    (Lightning steps every accumulate_grad_batches batches of an epoch, and at its last batch)."""
+    (Lightning steps every accumulate_grad_batches batches of an epoch, and at its last batch; DeepSpeed keeps its
+    own count, left as it is)."""
     done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return 0 if done >= trainer.num_training_batches else done % trainer.accumulate_grad_batches
+    if done >= trainer.num_training_batches or trainer.strategy.handles_gradient_accumulation:
+        return 0
+    return done % trainer.accumulate_grad_batches
 
 
 class ResumeAtUnfinishedBatch(Callback):
     """Writes every checkpoint so that a resumed run redoes the batches its weights do not hold: one that had started
     (an exception, SLURM's requeue signal) and those of an unfinished gradient-accumulation group, whose gradients
     are not saved. Lightning 2.6 goes on after the last finished batch, so such a group stepped with part of its
-    gradients; and it rewinds only the epoch's batch counters, not the run's (`_Progress.reset_on_restart`), which
-    validation counts with check_val_every_n_epoch=None: validation, its checkpoints and the logged step numbers
-    came one batch early for the rest of a resumed run."""
+    gradients, and its restart logic expects saves between batches: from one inside a batch it resumed with the
+    run's batch count one ahead (validation came one batch early with check_val_every_n_epoch=None) and the logged
+    step numbers one ahead. Such checkpoints are written as Lightning writes one at the end of the batch before."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        redo = unfinished_batches(trainer)
-        if progress and (redo or progress["total"]["processed"] < progress["total"]["ready"]):
-            for counts in (progress["total"], progress["current"]):
-                done = counts["processed"] - redo
-                counts.update(ready=done, started=done, processed=done, completed=done)
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress, redo = loop.get("epoch_loop.batch_progress"), unfinished_batches(trainer)
+        in_batch = progress is not None and progress["current"]["processed"] < progress["current"]["ready"]
+        if progress is None or not (in_batch or redo):
+            return
+        for counts in (progress["total"], progress["current"]):
+            done = counts["processed"] - redo  # on_train_batch_end's state: all counted but completed
+            counts.update(ready=done, started=done, processed=done, completed=done - 1)
+        progress["is_last_batch"] = False
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
 
 
 def check_run_inputs(config) -> None:

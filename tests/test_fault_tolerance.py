@@ -104,11 +104,11 @@ def uninterrupted_lm(tmp_path_factory) -> dict:
     return load_ckpt(root / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
 
 
-def assert_same_run(resumed_root: Path, uninterrupted: dict) -> None:
+def assert_same_run(resumed_root: Path, uninterrupted: dict, steps: int = 12) -> None:
     """The resumed run validated and saved at the uninterrupted run's steps (last.ckpt at 12; Lightning alone puts
     it at 11) and trained on the same batches in the same order: bit-equal weights on CPU."""
     resumed = load_ckpt(resumed_root / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
-    assert resumed["global_step"] == uninterrupted["global_step"] == 12
+    assert resumed["global_step"] == uninterrupted["global_step"] == steps
     weights, expected = resumed["state_dict"], uninterrupted["state_dict"]
     different = [k for k in expected if not torch.equal(weights[k], expected[k])]
     assert not different, f"resumed weights differ from the uninterrupted run in {len(different)} tensors"
@@ -139,18 +139,20 @@ def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path, 
 
 # ---- 3. an exception in training_step ----------------------------------------------------------------------------
 def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_path, uninterrupted_lm):
-    failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=7),
+    step = 7
+    failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=step),
                    *LM, cwd=tmp_path)
-    assert failed.returncode == 1 and "injected failure in training_step at step 7" in failed.stderr
+    assert failed.returncode == 1 and f"injected failure in training_step at step {step}" in failed.stderr
     checkpoints = tmp_path / "runs" / "causal_lm" / "checkpoints"
     saved = checkpoints / "last-on-exception.ckpt"
-    assert f"RuntimeError at step 7: saved {saved.relative_to(tmp_path)}" in failed.stderr
-    assert load_ckpt(saved)["global_step"] == 7 and load_ckpt(checkpoints / "last.ckpt")["global_step"] == 4
+    assert f"RuntimeError at step {step}: saved {saved.relative_to(tmp_path)}" in failed.stderr
+    assert load_ckpt(saved)["global_step"] == step and load_ckpt(checkpoints / "last.ckpt")["global_step"] == 4 * (
+        step // 4)  # the validation before the failure
 
     resumed = train("causal_lm.py", "fit", *LM, "--ckpt_path", "last", cwd=tmp_path)  # the newest last*.ckpt
     assert_ok(resumed)
     assert restored_from(resumed).endswith("last-on-exception.ckpt")
-    assert logged_steps(tmp_path / "logs") == list(range(7, 12)) and final_step(resumed) == 12  # step 7 redone
+    assert logged_steps(tmp_path / "logs") == list(range(step, 12)) and final_step(resumed) == 12  # step k redone
     assert_same_run(tmp_path, uninterrupted_lm)
 
 
@@ -168,6 +170,25 @@ def test_exception_inside_a_gradient_accumulation_group_resumes_to_the_uninterru
     assert_ok(resumed)
     assert restored_from(resumed).endswith("last-on-exception.ckpt") and final_step(resumed) == 12
     assert_same_run(tmp_path, load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt"))
+
+
+def test_failure_in_an_epochs_last_batch_right_after_a_validation_resumes_to_the_uninterrupted_weights(tmp_path):
+    """10 batches per epoch, validation after the 9th, failure in the 10th: the resumed run does not validate again,
+    trains that last batch (Lightning alone ended the epoch without it) and numbers its steps as before."""
+    corpus = tmp_path / "corpus.txt"  # 86,500 bytes: 641 training blocks of 128, 10 batches of 64 per epoch
+    corpus.write_text(("the quick brown fox jumps over the lazy dog " * 2000)[:86500])
+    args = [*LM, "--data.data_path", corpus, "--data.batch_size", "64", "--trainer.max_steps", "18",
+            "--trainer.val_check_interval", "9"]
+    straight = train("causal_lm.py", "fit", *args, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    assert_ok(straight)
+    failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=9),
+                   *args, cwd=tmp_path)
+    assert failed.returncode == 1 and "injected failure in training_step at step 9" in failed.stderr
+    resumed = train("causal_lm.py", "fit", *args, "--ckpt_path", "last", cwd=tmp_path)
+    assert_ok(resumed)
+    assert restored_from(resumed).endswith("last-on-exception.ckpt")
+    assert logged_steps(tmp_path / "logs") == list(range(9, 18)) and final_step(resumed) == 18
+    assert_same_run(tmp_path, load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt"), steps=18)
 
 
 def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):

@@ -294,7 +294,8 @@ class CausalLM(L.LightningModule):
             fully_shard(self.model, mesh=mesh)
             local = sum(p.to_local().numel() for p in self.model.parameters())
             total = sum(p.numel() for p in self.model.parameters())
-            print(f"[rank {self.global_rank}] FSDP2: this rank holds {local:,} of {total:,} parameter elements")
+            sys.stdout.write(f"[rank {self.global_rank}] FSDP2: this rank holds {local:,} of {total:,} parameter"
+                             " elements\n")  # one write: the ranks' lines do not interleave
         if hp.compile:  # checkpoint keys keep their names (no "_orig_mod."): modules compile in place
             if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
                 for block in blocks:
@@ -778,7 +779,8 @@ class CausalLMCLI(LightningCLI):
     def after_fit(self) -> None:
         val = self.trainer.callback_metrics.get("val_loss")
         if val is not None:  # every rank prints: multi-process tests compare them
-            print(f"rank {self.trainer.global_rank}: step {self.trainer.global_step} val_loss={val.item():.4f}")
+            sys.stdout.write(f"rank {self.trainer.global_rank}: step {self.trainer.global_step}"
+                             f" val_loss={val.item():.4f}\n")  # one write: the ranks' lines do not interleave
         best = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
             print(f"best val_loss={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")

@@ -63,6 +63,11 @@ def consolidate_and_validate(sharded: Path, cwd: Path) -> tuple:
     return single, float(re.search(r"val_loss\W+([0-9.]+)", validated.stdout).group(1))
 
 
+def final_val_loss(output: str) -> dict:
+    """{rank: val_loss} from the lines causal_lm.py's ranks print after fit."""
+    return {int(r): float(v) for r, v in re.findall(r"rank (\d+): step \d+ val_loss=([0-9.]+)", output)}
+
+
 def load_ckpt(path: Path) -> dict:
     """A checkpoint as torch.load reads it with weights_only=True: tensors and plain values only."""
     import torch

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 
 from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
-                      load_module, run, run_template, save_tiny_tokenizer)
+                      final_val_loss, load_module, run, run_template, save_tiny_tokenizer)
 
 LAUNCH = TEMPLATES / "launch"
 
@@ -65,10 +65,6 @@ def write_reviews(path, n=240):
             adjective = ["great", "superb", "lovely"][i % 3] if good else ["awful", "dull", "bad"][i % 3]
             noun = ["film", "movie", "plot"][int(torch.randint(0, 3, (1,), generator=gen))]
             writer.writerow([f"the {noun} was {adjective} .", "pos" if good else "neg"])
-
-
-def final_val_loss(output: str) -> dict:
-    return {int(r): float(v) for r, v in re.findall(r"rank (\d+): step \d+ val_loss=([0-9.]+)", output)}
 
 
 # ---- transformers_finetune.py ------------------------------------------------------------------------------------

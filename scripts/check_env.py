@@ -26,13 +26,14 @@ REQUIREMENTS = [
     ("pyyaml", "6", None, True, "YAML configs"),
     ("tensorboard", "2.14", None, False, "TensorBoard logs (without it Lightning falls back to CSVLogger)"),
     ("pillow", "10", None, False, "image-folder datasets"),
+    ("numpy", "1.26", None, False, "causal_lm.py (memory-mapped .npy token files)"),
     ("transformers", "5", "6", False, "Hugging Face templates"),
 ]
 INSTALL_SPEC = {
     "lightning": "lightning>=2.6,<2.7", "torch": "torch>=2.11", "torchmetrics": "torchmetrics>=1.4,<2",
     "jsonargparse": "jsonargparse[signatures]>=4.39,<5", "docstring-parser": "jsonargparse[signatures]>=4.39,<5",
     "typeshed-client": "jsonargparse[signatures]>=4.39,<5", "pyyaml": "pyyaml>=6", "tensorboard": "tensorboard>=2.14",
-    "pillow": "pillow>=10", "transformers": "transformers>=5,<6",
+    "pillow": "pillow>=10", "numpy": "numpy>=1.26", "transformers": "transformers>=5,<6",
 }
 
 

@@ -14,6 +14,7 @@ Out of the box it trains a tiny Llama-style model on byte-level tokens of this s
 
 Your data and model (config values, no code change):
     --data.data_path corpus.txt | corpus.jsonl | folder/    # .txt/.md files, or JSONL with --data.text_field
+    --data.data_path tokens.npy                             # large corpora: token ids tokenized once, memory-mapped
     --model.name_or_path gpt2 (or a local save_pretrained folder) # fine-tune; the tokenizer follows the model
     --model.model_type gpt --model.model_config '{"n_layer": 12, "n_head": 12, "n_embd": 768}'    # from scratch:
                                                             # built-in GPT-2, or a transformers type (llama, gpt2)
@@ -37,6 +38,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -358,15 +360,53 @@ class CausalLM(L.LightningModule):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: packed sequences of block_size + 1 tokens from .txt/.md files or JSONL records
 # ----------------------------------------------------------------------------------------------------------------
-class PackedBlocks(Dataset):
-    def __init__(self, ids: torch.Tensor, block_size: int):
-        self.ids, self.block_size = ids, block_size
+class TokenFile:
+    """Token ids in a .npy file (a 1-D integer array), memory-mapped: read one slice at a time, shared by all the
+    processes of a machine through the page cache, and never copied into DataLoader workers (each maps it itself)."""
+
+    def __init__(self, path: Path):
+        self.path, self.tokens = path, None
+        try:
+            tokens = self.map()
+        except (OSError, ValueError):  # not a .npy file, or one of Python objects (never unpickled here)
+            tokens = None
+        if tokens is None or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            found = "" if tokens is None else f" (it holds {tokens.dtype} values of shape {tokens.shape})"
+            raise ConfigError(f"cannot read {path} as token ids{found}: save a 1-D integer array with numpy.save"
+                              " (uint16 for vocabularies up to 65,536, else uint32)")
+        chunks = range(0, len(tokens), 1 << 24)  # one pass over the file, 16M tokens at a time
+        self.max_id = max((int(tokens[i:i + (1 << 24)].max()) for i in chunks), default=-1)
+        if tokens.dtype.kind == "i" and min((int(tokens[i:i + (1 << 24)].min()) for i in chunks), default=0) < 0:
+            raise ConfigError(f"{path} holds negative token ids: save the tokenizer's ids unchanged")
+        self.length = len(tokens)
+
+    def map(self) -> np.ndarray:
+        if self.tokens is None:
+            self.tokens = np.load(self.path, mmap_mode="r")
+        return self.tokens
 
     def __len__(self) -> int:
-        return (len(self.ids) - 1) // self.block_size
+        return self.length
+
+    def __getitem__(self, window: slice) -> torch.Tensor:
+        return torch.from_numpy(self.map()[window].astype(np.int64))  # a copy: nothing keeps the mapping alive
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tokens": None}  # workers started by spawn map the file again
+
+
+class PackedBlocks(Dataset):
+    """Blocks of block_size + 1 consecutive tokens of ids[start:stop] (a tensor or a TokenFile): input and target."""
+
+    def __init__(self, ids, block_size: int, start: int, stop: int):
+        self.ids, self.block_size, self.start, self.stop = ids, block_size, start, stop
+
+    def __len__(self) -> int:
+        return (self.stop - self.start - 1) // self.block_size
 
     def __getitem__(self, i):
-        chunk = self.ids[i * self.block_size: (i + 1) * self.block_size + 1]
+        begin = self.start + i * self.block_size
+        chunk = self.ids[begin: begin + self.block_size + 1]
         return chunk[:-1], chunk[1:]
 
 
@@ -406,8 +446,10 @@ class TextData(L.LightningDataModule):
         trust_remote_code: bool = False,
     ):
         """data_path: a .txt/.md file, a JSONL file (one record per document, text in `text_field`) or a folder of
-        them; default: this skill's references/. tokenizer: a Hugging Face name or folder; None = UTF-8 bytes (256
-        tokens), or the model's own tokenizer when --model.name_or_path is set."""
+        them; default: this skill's references/. Or a .npy file of token ids, tokenized once (references/
+        performance.md): memory-mapped, for corpora larger than memory. tokenizer: a Hugging Face name or folder;
+        None = UTF-8 bytes (256 tokens; for a .npy file, its largest id + 1), or the model's own tokenizer when
+        --model.name_or_path is set."""
         super().__init__()
         self.save_hyperparameters()
         self.path = Path(data_path).expanduser() if data_path else DEFAULT_CORPUS
@@ -418,7 +460,9 @@ class TextData(L.LightningDataModule):
         self.files = sorted(p for p in self.path.rglob("*") if p.suffix in TEXT_SUFFIXES) if self.path.is_dir() \
             else [self.path]
         if not self.files:
-            raise ConfigError(f"{self.path} holds no {', '.join(sorted(TEXT_SUFFIXES))} files")
+            raise ConfigError(f"{self.path} holds no {', '.join(sorted(TEXT_SUFFIXES))} files (or pass one .npy file"
+                              " of token ids)")
+        self.token_file = TokenFile(self.path) if self.path.suffix == ".npy" else None
         self.tokenizer, self.train_sampler, self.resume = None, None, {}
         if tokenizer:
             from transformers import AutoTokenizer
@@ -429,10 +473,16 @@ class TextData(L.LightningDataModule):
                 self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]})")
+            top, size = (self.token_file.max_id if self.token_file else -1), len(self.tokenizer)
+            if top >= size:
+                raise ConfigError(f"{self.path} holds token id {top}, outside the {size} tokens of {tokenizer!r}:"
+                                  " pass the tokenizer the file was made with")
 
     @property
     def vocab_size(self) -> int:
-        return 256 if self.tokenizer is None else len(self.tokenizer)
+        if self.tokenizer is not None:
+            return len(self.tokenizer)
+        return 256 if self.token_file is None else self.token_file.max_id + 1
 
     def documents(self):
         import json
@@ -455,13 +505,18 @@ class TextData(L.LightningDataModule):
         return self.tokenizer(text)["input_ids"] + [self.tokenizer.eos_token_id or 0]
 
     def setup(self, stage: str) -> None:
-        ids = torch.tensor([t for doc in self.documents() for t in self.encode(doc)], dtype=torch.long)
+        if self.token_file is not None:
+            ids = self.token_file
+        else:  # one tensor per document, then one copy: no Python int per token for the whole corpus
+            ids = torch.cat([torch.tensor(self.encode(doc), dtype=torch.long) for doc in self.documents()] or
+                            [torch.zeros(0, dtype=torch.long)])
         n_val = int(len(ids) * self.hparams.val_fraction)
         block = self.hparams.block_size
         if n_val < block + 1 or len(ids) - n_val < block + 1:
             raise ConfigError(f"the corpus has {len(ids)} tokens: too few for block_size {block} with val_fraction"
                               f" {self.hparams.val_fraction}; lower --data.block_size or add text")
-        self.train_set, self.val_set = PackedBlocks(ids[:-n_val], block), PackedBlocks(ids[-n_val:], block)
+        self.train_set = PackedBlocks(ids, block, 0, len(ids) - n_val)
+        self.val_set = PackedBlocks(ids, block, len(ids) - n_val, len(ids))
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers

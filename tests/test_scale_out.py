@@ -7,6 +7,7 @@ templates with from_pretrained: the real loading code, offline.
 import copy
 import csv
 import json
+import pickle
 import re
 import shlex
 import socket
@@ -17,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 
 from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
-                      final_val_loss, load_module, run, run_template, save_tiny_tokenizer)
+                      final_val_loss, load_ckpt, load_module, run, run_template, save_tiny_tokenizer)
 
 LAUNCH = TEMPLATES / "launch"
 
@@ -116,6 +118,38 @@ def test_causal_lm_overfits_tiny_corpus(tmp_path):
     loss = final_val_loss(result.stdout)[0]
     print(f"val_loss after 120 steps: {loss:.3f} (uniform over bytes: {torch.log(torch.tensor(256.0)):.2f})")
     assert loss < 0.5  # bar: a memorized repeating sentence
+
+
+def test_causal_lm_trains_on_a_token_file_as_on_its_text(tmp_path):
+    """A .npy of the ids the template's byte tokenizer gives a text (memory-mapped, read by 2 DataLoader workers)
+    trains to the same weights as the text itself: same blocks, same split, same order."""
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    (tmp_path / "corpus.txt").write_text(text)
+    np.save(tmp_path / "tokens.npy", np.array(list(text.encode()) + [10], dtype=np.uint16))  # a newline ends it
+    common = ["--data.block_size", "32", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+              "--model.model_config", '{"vocab_size": 256}', *QUIET]  # the token file's own vocabulary is 123 ids
+    for name, data in (("text", ["--data.data_path", "corpus.txt"]),
+                       ("tokens", ["--data.data_path", "tokens.npy", "--data.num_workers", "2"])):
+        assert_ok(run_template("causal_lm.py", "fit", *data, *common, "--trainer.default_root_dir", name,
+                               cwd=tmp_path))
+    text_run, token_run = (load_ckpt(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("text", "tokens"))
+    assert token_run["global_step"] == 6
+    assert all(torch.equal(token_run["state_dict"][k], w) for k, w in text_run["state_dict"].items())
+
+
+def test_a_token_file_reaches_workers_as_its_path_not_its_tokens(tmp_path, monkeypatch):
+    """DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: the memory map must not
+    travel as a copy of the corpus."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_tokens")
+    monkeypatch.setitem(sys.modules, "causal_lm_tokens", lm)  # pickle finds classes by module name, as spawn does
+    np.save(tmp_path / "tokens.npy", np.arange(1_000_000, dtype=np.uint32) % 50_000)
+    data = lm.TextData(data_path=str(tmp_path / "tokens.npy"), block_size=64)
+    data.setup("fit")
+    assert data.vocab_size == 50_000 and len(data.train_set) == (950_000 - 1) // 64
+    shipped = pickle.dumps(data.train_set)
+    assert len(shipped) < 10_000, f"{len(shipped):,} bytes"
+    x, y = pickle.loads(shipped)[100]
+    assert torch.equal(x, torch.arange(6400, 6464)) and torch.equal(y, torch.arange(6401, 6465))
 
 
 def test_causal_lm_pretrained_folder(tmp_path, tiny_llama):
@@ -249,12 +283,14 @@ def test_torchrun_launch_file_is_valid_bash_and_matches_config():
     ("causal_lm.py", ["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no field 'content'"),
     ("causal_lm.py", ["--model.name_or_path", "./no_such_model"], "folder not found"),
     ("causal_lm.py", ["--data.data_path", "c.jsonl", "--data.block_size", "4096"], "too few for block_size"),
+    ("causal_lm.py", ["--data.data_path", "f.npy"], "cannot read f.npy as token ids (it holds float32 values"),
     ("transformers_finetune.py", ["--data.data_path", "missing.csv"], "data not found"),
     ("transformers_finetune.py", ["--data.data_path", "r.csv", "--data.text_column", "body"], "no column 'body'"),
     ("transformers_finetune.py", ["--model.name_or_path", "./no_such_model"], "folder not found"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    np.save(tmp_path / "f.npy", np.zeros(100, dtype=np.float32))  # embeddings, say, not token ids
     write_reviews(tmp_path / "r.csv", n=10)
     result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", cwd=tmp_path)
     assert_one_error_line(result, expected)

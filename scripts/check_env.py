@@ -26,7 +26,7 @@ REQUIREMENTS = [
     ("pyyaml", "6", None, True, "YAML configs"),
     ("tensorboard", "2.14", None, False, "TensorBoard logs (without it Lightning falls back to CSVLogger)"),
     ("pillow", "10", None, False, "image-folder datasets"),
-    ("numpy", "1.26", None, False, "causal_lm.py (memory-mapped .npy token files)"),
+    ("numpy", "1.26", None, False, "causal_lm.py (it reads .npy token files)"),
     ("transformers", "5", "6", False, "Hugging Face templates"),
 ]
 INSTALL_SPEC = {

@@ -365,18 +365,23 @@ class TokenFile:
     processes of a machine through the page cache, and never copied into DataLoader workers (each maps it itself)."""
 
     def __init__(self, path: Path):
-        self.path, self.tokens = path, None
+        self.path, self.tokens, found = path, None, ""
         try:
             tokens = self.map()
-        except (OSError, ValueError):  # not a .npy file, or one of Python objects (never unpickled here)
-            tokens = None
-        if tokens is None or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            found = "" if tokens is None else f" (it holds {tokens.dtype} values of shape {tokens.shape})"
+        except (OSError, ValueError, EOFError) as err:  # empty, cut short, not .npy, or Python objects (not loaded)
+            tokens, found = None, "" if "pickle" in str(err) else f" ({str(err).splitlines()[0]})"
+        if isinstance(tokens, np.ndarray) and (tokens.ndim != 1 or tokens.dtype.kind not in "iu"):
+            found = f" (it holds {tokens.dtype} values of shape {tokens.shape})"
+        if found or not isinstance(tokens, np.ndarray):  # np.load gives an archive of arrays for an .npz file
             raise ConfigError(f"cannot read {path} as token ids{found}: save a 1-D integer array with numpy.save"
                               " (uint16 for vocabularies up to 65,536, else uint32)")
-        chunks = range(0, len(tokens), 1 << 24)  # one pass over the file, 16M tokens at a time
-        self.max_id = max((int(tokens[i:i + (1 << 24)].max()) for i in chunks), default=-1)
-        if tokens.dtype.kind == "i" and min((int(tokens[i:i + (1 << 24)].min()) for i in chunks), default=0) < 0:
+        lowest, self.max_id = 0, -1
+        for i in range(0, len(tokens), 1 << 24):  # one pass over the file, 16M tokens at a time
+            chunk = tokens[i:i + (1 << 24)]
+            self.max_id = max(self.max_id, int(chunk.max()))
+            if tokens.dtype.kind == "i":
+                lowest = min(lowest, int(chunk.min()))
+        if lowest < 0:
             raise ConfigError(f"{path} holds negative token ids: save the tokenizer's ids unchanged")
         self.length = len(tokens)
 
@@ -454,7 +459,8 @@ class TextData(L.LightningDataModule):
         self.save_hyperparameters()
         self.path = Path(data_path).expanduser() if data_path else DEFAULT_CORPUS
         if not self.path.exists():
-            raise ConfigError(f"data not found: {self.path}: set --data.data_path to a text/JSONL file or folder")
+            raise ConfigError(f"data not found: {self.path}: set --data.data_path to a text/JSONL file or folder,"
+                              " or a .npy file of token ids")
         if not 0 < val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
         self.files = sorted(p for p in self.path.rglob("*") if p.suffix in TEXT_SUFFIXES) if self.path.is_dir() \
@@ -507,7 +513,7 @@ class TextData(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.token_file is not None:
             ids = self.token_file
-        else:  # one tensor per document, then one copy: no Python int per token for the whole corpus
+        else:  # one tensor per document, then one copy
             ids = torch.cat([torch.tensor(self.encode(doc), dtype=torch.long) for doc in self.documents()] or
                             [torch.zeros(0, dtype=torch.long)])
         n_val = int(len(ids) * self.hparams.val_fraction)

@@ -152,6 +152,26 @@ def test_a_token_file_reaches_workers_as_its_path_not_its_tokens(tmp_path, monke
     assert torch.equal(x, torch.arange(6400, 6464)) and torch.equal(y, torch.arange(6401, 6465))
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"", "as token ids (No data left in file)"),  # an interrupted write
+    ("npz", "as token ids: save a 1-D integer array"),  # numpy.savez's archive under a .npy name
+    (np.array([3, -1, 5], dtype=np.int32), "holds negative token ids"),
+    (np.array([3, 20, 5], dtype=np.uint16), "holds token id 20, outside the 20 tokens of"),  # the tokenizer's ids: 0-19
+])
+def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expected):
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_refusals")
+    path = tmp_path / "tokens.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        np.savez(open(path, "wb"), ids=np.arange(10))
+    else:
+        np.save(path, content)
+    assert save_tiny_tokenizer(tmp_path / "tokenizer") == 20
+    with pytest.raises(lm.ConfigError, match=re.escape(expected)):
+        lm.TextData(data_path=str(path), tokenizer=str(tmp_path / "tokenizer"))
+
+
 def test_causal_lm_pretrained_folder(tmp_path, tiny_llama):
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"body": "the film was great . " * 8}) + "\n"
                                                    for _ in range(30)))

@@ -362,7 +362,8 @@ class CausalLM(L.LightningModule):
 # ----------------------------------------------------------------------------------------------------------------
 class TokenFile:
     """Token ids in a .npy file (a 1-D integer array), memory-mapped: read one slice at a time, shared by all the
-    processes of a machine through the page cache, and never copied into DataLoader workers (each maps it itself)."""
+    processes of a machine through the page cache, and never copied into DataLoader workers (a spawned one gets the
+    path and maps the file itself)."""
 
     def __init__(self, path: Path):
         self.path, self.tokens, found = path, None, ""

@@ -24,6 +24,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
 
 from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
                       final_val_loss, load_ckpt, load_module, run, run_template, save_tiny_tokenizer)
@@ -137,19 +138,22 @@ def test_causal_lm_trains_on_a_token_file_as_on_its_text(tmp_path):
     assert all(torch.equal(token_run["state_dict"][k], w) for k, w in text_run["state_dict"].items())
 
 
-def test_a_token_file_reaches_workers_as_its_path_not_its_tokens(tmp_path, monkeypatch):
-    """DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: the memory map must not
-    travel as a copy of the corpus."""
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_tokens")
-    monkeypatch.setitem(sys.modules, "causal_lm_tokens", lm)  # pickle finds classes by module name, as spawn does
+def test_a_token_file_reaches_spawned_workers_as_its_path_not_its_tokens(tmp_path, monkeypatch):
+    """DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: the memory map must travel
+    as its path, not as a copy of the corpus, and the worker must map the file again."""
+    monkeypatch.syspath_prepend(str(TEMPLATES))
+    import causal_lm  # by name, as a spawned worker imports it
+
     np.save(tmp_path / "tokens.npy", np.arange(1_000_000, dtype=np.uint32) % 50_000)
-    data = lm.TextData(data_path=str(tmp_path / "tokens.npy"), block_size=64)
+    data = causal_lm.TextData(data_path=str(tmp_path / "tokens.npy"), block_size=64)
     data.setup("fit")
     assert data.vocab_size == 50_000 and len(data.train_set) == (950_000 - 1) // 64
-    shipped = pickle.dumps(data.train_set)
+    shipped = pickle.dumps(data.train_set)  # what the worker receives
     assert len(shipped) < 10_000, f"{len(shipped):,} bytes"
-    x, y = pickle.loads(shipped)[100]
-    assert torch.equal(x, torch.arange(6400, 6464)) and torch.equal(y, torch.arange(6401, 6465))
+    loader = DataLoader(data.train_set, batch_size=2, sampler=[100, 101], num_workers=1,
+                        multiprocessing_context="spawn")
+    x, y = next(iter(loader))
+    assert torch.equal(x, torch.arange(6400, 6528).view(2, 64)) and torch.equal(y, x + 1)
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -164,7 +168,8 @@ def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expecte
     if isinstance(content, bytes):
         path.write_bytes(content)
     elif isinstance(content, str):
-        np.savez(open(path, "wb"), ids=np.arange(10))
+        with open(path, "wb") as f:  # a file object: given a name, savez would add ".npz"
+            np.savez(f, ids=np.arange(10))
     else:
         np.save(path, content)
     assert save_tiny_tokenizer(tmp_path / "tokenizer") == 20

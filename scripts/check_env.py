@@ -28,12 +28,15 @@ REQUIREMENTS = [
     ("pillow", "10", None, False, "image-folder datasets"),
     ("numpy", "1.26", None, False, "causal_lm.py (it reads .npy token files)"),
     ("transformers", "5", "6", False, "Hugging Face templates"),
+    ("optuna", "5", None, False, "hpo_optuna.py (hyperparameter search)"),
+    ("optuna-integration", "5", None, False, "hpo_optuna.py (its Lightning pruning callback)"),
 ]
 INSTALL_SPEC = {
     "lightning": "lightning>=2.6,<2.7", "torch": "torch>=2.11", "torchmetrics": "torchmetrics>=1.4,<2",
     "jsonargparse": "jsonargparse[signatures]>=4.39,<5", "docstring-parser": "jsonargparse[signatures]>=4.39,<5",
     "typeshed-client": "jsonargparse[signatures]>=4.39,<5", "pyyaml": "pyyaml>=6", "tensorboard": "tensorboard>=2.14",
-    "pillow": "pillow>=10", "numpy": "numpy>=1.26", "transformers": "transformers>=5,<6",
+    "pillow": "pillow>=10", "numpy": "numpy>=1.26", "transformers": "transformers>=5,<6", "optuna": "optuna>=5",
+    "optuna-integration": "optuna-integration>=5",
 }
 
 

@@ -1,19 +1,23 @@
 """Print (or write) the command or sbatch file that launches a LightningCLI config on its devices and nodes.
 
 Usage:
-    python scripts/launch.py config.yaml --target local                   # python SCRIPT fit --config config.yaml
+    python scripts/launch.py config.yaml --target local                   # cd DIR && python SCRIPT fit --config ...
     python scripts/launch.py configs/multinode.yaml --target torchrun --script causal_lm.py
     python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
 
 The processes per node must equal trainer.devices and the nodes trainer.num_nodes, or the run hangs at
 "Initializing distributed": a --nodes (or --devices) that disagrees with the config is an error. --script defaults
-to the only .py file in the config's folder or the folder above it. --write never replaces an existing file.
+to the only .py file in the config's folder or the folder above it. The command runs in the script's folder (`cd`,
+or `#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as scaffold.py's
+commands do. --write never replaces an existing file.
 Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -42,14 +46,24 @@ def read_trainer(path: Path) -> dict:
     return data["trainer"]
 
 
-def find_script(config: Path, given) -> str:
-    if given:
-        return given
+def find_script(config: Path, given) -> Path:
+    if given:  # as given, else next to the config or in the folder above it (where scaffold.py puts them)
+        for path in (Path(given).expanduser(), config.parent / given, config.parent.parent / given):
+            if path.is_file():
+                return path.resolve()
+        raise UsageError(f"no such script: {given}: pass --script with the training script's path")
     for folder in (config.parent, config.parent.parent):
         scripts = sorted(folder.glob("*.py"))
         if len(scripts) == 1:
-            return os.path.relpath(scripts[0])
+            return scripts[0].resolve()
     raise UsageError("cannot tell which training script to launch: pass --script FILE")
+
+
+def python_command() -> str:
+    """`python` when that is this interpreter, else this interpreter's path (a bare python may lack torch)."""
+    found = shutil.which("python")
+    same = found is not None and os.path.abspath(found) == os.path.abspath(sys.executable)
+    return "python" if same else shlex.quote(sys.executable)
 
 
 def plan(trainer: dict, target: str, nodes, devices) -> tuple:
@@ -71,13 +85,16 @@ def plan(trainer: dict, target: str, nodes, devices) -> tuple:
     return config_nodes, per_node
 
 
-def render(target: str, script: str, config: str, nodes: int, per_node) -> str:
-    run = f"{script} fit --config {config}"
+def render(target: str, script: Path, config: Path, nodes: int, per_node) -> str:
+    folder, config = script.parent, config.resolve()
+    shown = config.relative_to(folder) if config.is_relative_to(folder) else config
+    run = f"{shlex.quote(script.name)} fit --config {shlex.quote(str(shown))}"
+    cd = f"cd {shlex.quote(str(folder))} && "
     if target == "local":
-        return f"python {run}\n"
+        return f"{cd}{python_command()} {run}\n"
     if target == "torchrun":
         return ("# on every machine, NODE_RANK=0 on the one at MASTER_ADDR:\n"
-                f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank $NODE_RANK"
+                f"{cd}torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank $NODE_RANK"
                 f" --master-addr $MASTER_ADDR --master-port ${{MASTER_PORT:-29500}} {run}\n")
     return "\n".join([
         "#!/bin/bash",
@@ -92,8 +109,9 @@ def render(target: str, script: str, config: str, nodes: int, per_node) -> str:
         "#SBATCH --signal=SIGUSR1@90",
         "#SBATCH --requeue",
         "#SBATCH --output=slurm-%j.out",
+        f"#SBATCH --chdir={folder}",
         "",
-        f"srun python {run}",
+        f"srun {python_command()} {run}",
         "",
     ])
 
@@ -125,7 +143,7 @@ def main(argv=None) -> int:
         config = Path(args.config)
         trainer = read_trainer(config)
         nodes, per_node = plan(trainer, args.target, args.nodes, args.devices)
-        text = render(args.target, find_script(config, args.script), args.config, nodes, per_node)
+        text = render(args.target, find_script(config, args.script), config, nodes, per_node)
         if args.write:
             write_new(Path(args.write), text)
     except UsageError as err:

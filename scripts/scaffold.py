@@ -10,13 +10,16 @@ Usage:
 config.yaml = the template's own defaults (its `fit --print_config`), then the `trainer:` section that
 detect_hardware.py recommends for this machine (--hardware auto, the default), then every --set key=value.
 Keys are checked against the template's LightningCLI; values are YAML data (numbers, true/false, null, lists),
-anything else stays a plain string. Nothing is written unless everything succeeds; existing files are never replaced
-without --force. Exit codes: 0 ok, 2 bad input.
+anything else stays a plain string. A relative path in a *_path value is read from the current folder and
+written absolute (the commands run in DEST). Nothing is written unless everything succeeds; existing files are never
+replaced without --force. Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
 import difflib
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,6 +62,28 @@ def parse_sets(items: list) -> list:
             raise UsageError(f"--set {item!r} is not key=value (example: --set trainer.max_epochs=5)")
         pairs.append((key.strip(), parse_value(value)))
     return pairs
+
+
+def absolute_paths(sets: list) -> list:
+    """The commands run in DEST, so a relative path given here becomes absolute: a file or folder named by a *_path
+    key (or data.tokenizer) that exists from the current folder. A data path that does not exist is an error."""
+    resolved = []
+    for key, value in sets:
+        if isinstance(value, str) and (key.endswith("_path") or key == "data.tokenizer"):
+            path = Path(value).expanduser()
+            if path.exists():
+                value = str(path.resolve())
+            elif key in ("data.data_path", "data.predict_path"):
+                raise UsageError(f"--set {key}={value}: not found (relative paths are read from {Path.cwd()})")
+        resolved.append((key, value))
+    return resolved
+
+
+def python_command() -> str:
+    """`python` when that is this interpreter, else this interpreter's path (a bare python may lack torch)."""
+    found = shutil.which("python")
+    same = found is not None and os.path.abspath(found) == os.path.abspath(sys.executable)
+    return "python" if same else shlex.quote(sys.executable)
 
 
 def flat_keys(tree: dict, prefix: str = "") -> set:
@@ -164,7 +189,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         script, configs, launch, entry = template_files(args.template)
-        sets = parse_sets(args.set)
+        sets = absolute_paths(parse_sets(args.set))
         dest = Path(args.dest).expanduser()
         if dest.exists() and not dest.is_dir():
             raise UsageError(f"{dest} exists and is not a folder")
@@ -193,14 +218,14 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"scaffold.py: error: {err}", file=sys.stderr)
         return 2
-    scripts = SKILL / "scripts"
+    scripts, python = SKILL / "scripts", python_command()
     run_dir = config["trainer"].get("default_root_dir") or "lightning_logs"
     commands = {
         "cd": f"cd {dest.resolve()}",
-        "smoke_test": f"python {scripts / 'smoke_test.py'} {script.name} --config config.yaml",
-        "train": f"python {script.name} fit --config config.yaml",
-        "resume": f"python {script.name} fit --config config.yaml --ckpt_path last",
-        "summarize": f"python {scripts / 'summarize_run.py'} {run_dir}",
+        "smoke_test": f"{python} {scripts / 'smoke_test.py'} {script.name} --config config.yaml",
+        "train": f"{python} {script.name} fit --config config.yaml",
+        "resume": f"{python} {script.name} fit --config config.yaml --ckpt_path last",
+        "summarize": f"{python} {scripts / 'summarize_run.py'} {run_dir}",
     }
     written = sorted(str(p.resolve()) for p in [*targets, dest / "config.yaml"])
     if args.format == "json":

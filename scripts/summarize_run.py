@@ -1,7 +1,7 @@
 """Summarize a Lightning run's logs: best and last value of each metric, progress, throughput, and warning flags.
 
 Usage:
-    python scripts/summarize_run.py runs/classifier                 # newest version under the folder
+    python scripts/summarize_run.py runs/classifier                 # newest training log under the folder
     python scripts/summarize_run.py runs/classifier/lightning_logs/version_3 --format json
     python scripts/summarize_run.py runs/causal_lm --plot curves.png  # needs matplotlib
 
@@ -22,12 +22,23 @@ MINIMIZE = ("loss", "ppl", "perplexity", "error", "mse", "mae")
 
 
 def find_run(folder: Path) -> tuple:
-    """(kind, path) of the newest log under folder: ('csv', metrics.csv) or ('tensorboard', its folder)."""
+    """(kind, path, series) of the newest log under folder that holds a training loss: a later `test` or
+    `predict` writes a log folder of its own, which must not hide the training run. Without one, the newest log
+    that holds any metric. kind: 'csv' (path: metrics.csv) or 'tensorboard' (path: its folder)."""
     candidates = [("csv", p) for p in folder.rglob("metrics.csv")]
-    candidates += [("tensorboard", p.parent) for p in folder.rglob("events.out.tfevents.*")]
+    candidates += [("tensorboard", d) for d in {p.parent for p in folder.rglob("events.out.tfevents.*")}]
     if not candidates:
         raise ValueError(f"no metrics.csv or TensorBoard event files under {folder}")
-    return max(candidates, key=lambda c: (c[1].stat().st_mtime, c[0] == "csv"))
+    fallback = None
+    for kind, path in sorted(candidates, key=lambda c: (c[1].stat().st_mtime, c[0] == "csv"), reverse=True):
+        series = read_csv(path) if kind == "csv" else read_tensorboard(path)
+        if series and train_loss_key(series):
+            return kind, path, series
+        if series and fallback is None:
+            fallback = kind, path, series
+    if fallback is None:
+        raise ValueError(f"no log under {folder} holds metrics yet")
+    return fallback
 
 
 def read_csv(path: Path) -> dict:
@@ -156,10 +167,7 @@ def main(argv=None) -> int:
             raise ValueError(f"no such folder: {folder}")
         if args.plot and Path(args.plot).exists():
             raise ValueError(f"{args.plot} exists: choose a new --plot file name (nothing was written)")
-        kind, path = find_run(folder)
-        series = read_csv(path) if kind == "csv" else read_tensorboard(path)
-        if not series:
-            raise ValueError(f"{path} holds no metrics yet")
+        kind, path, series = find_run(folder)
     except ValueError as err:
         print(f"summarize_run.py: error: {err}", file=sys.stderr)
         return 2
@@ -171,7 +179,7 @@ def main(argv=None) -> int:
     if args.format == "json":
         print(json.dumps(report, indent=2))
         return 0
-    print(f"run: {path} ({kind}); {report['epochs']} epoch(s), {report['steps']} step(s)")
+    print(f"run: {path} ({kind}); {report['epochs']} epoch(s), last logged step {report['steps']}")
     print(f"{'metric':<34} {'best':>12} {'last':>12} {'points':>7}")
     for name, m in report["metrics"].items():
         best = "-" if m["best"] is None else f"{m['best']:.5g}"

@@ -26,10 +26,13 @@ Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,i
 train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/checkpoints/{best,last}.ckpt.
 """
 
+import difflib
+import inspect
 import itertools
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -52,6 +55,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -225,6 +229,16 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits  # transformers models return an output object
 
 
+def position_limit(model: torch.nn.Module) -> tuple:
+    """(positions the model was built for or None, whether a learned position table holds them)."""
+    if isinstance(model, GPT):
+        return model.wpe.num_embeddings, True
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    learned = any(isinstance(m, torch.nn.Embedding) and ("pos" in name.split(".")[-1] or name.endswith("wpe"))
+                  for name, m in model.named_modules())
+    return positions, learned
+
+
 def transformer_blocks(model: torch.nn.Module) -> list:
     """The repeated decoder blocks (what FSDP shards one at a time and activation checkpointing recomputes)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
@@ -263,6 +277,7 @@ class CausalLM(L.LightningModule):
         hp = self.hparams
         self.model = load_or_build(hp.name_or_path, hp.model_type, hp.model_config, hp.vocab_size,
                                    hp.trust_remote_code)
+        self.model.train()  # from_pretrained returns eval mode (no dropout) and Lightning 2.6 keeps a module's mode
         if self.model.get_input_embeddings().num_embeddings < hp.vocab_size:
             raise ConfigError(f"the tokenizer has {hp.vocab_size} tokens but the model only"
                               f" {self.model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
@@ -321,6 +336,26 @@ class CausalLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def on_fit_start(self) -> None:
+        self._check_positions()
+
+    def on_validation_start(self) -> None:  # also `validate`, which has no fit start
+        self._check_positions()
+
+    def _check_positions(self) -> None:
+        """A block longer than a learned position table fails deep in an embedding lookup (IndexError): refuse it in
+        one line. Rotary positions run past the model's max_position_embeddings: warn."""
+        block = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("block_size")
+        positions, learned = position_limit(self.model)
+        if block is None or positions is None or block <= positions:
+            return
+        if learned:
+            raise ConfigError(f"--data.block_size {block} is longer than the model's {positions} positions: use at"
+                              " most that, or build the model with more (--model.model_config n_positions or"
+                              " max_position_embeddings)")
+        rank_zero_warn(f"--data.block_size {block} is longer than max_position_embeddings {positions}: rotary"
+                       " positions run past what the model was built or trained for")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if not hasattr(self, "flops_per_batch"):  # read by ThroughputMonitor to compute MFU
@@ -479,7 +514,10 @@ class TextData(L.LightningDataModule):
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as err:
-                raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]})")
+                fix = ("it ships its own Python code: read it, and only if you trust it pass"
+                       " --model.trust_remote_code true") if "custom code" in str(err) else (
+                    "offline, pass a local folder saved with save_pretrained or a name already in the cache")
+                raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]}): {fix}")
             top, size = (self.token_file.max_id if self.token_file else -1), len(self.tokenizer)
             if top >= size:
                 raise ConfigError(f"{self.path} holds token id {top}, outside the {size} tokens of {tokenizer!r}:"
@@ -791,6 +829,35 @@ def release_process_group() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+def refuse_misspelt_keys(model_type: str, model_config) -> None:
+    """A transformers config keeps any keyword, so a misspelt model_config key would change nothing, silently: refuse
+    a key that is not the config's own but within a letter or two of one of its keys."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError:
+        return  # an unknown model_type is reported where the model is built
+    known = set(config.to_dict()) | set(config.attribute_map)
+    for cls in type(config).__mro__:
+        if "__init__" in vars(cls):
+            known |= set(inspect.signature(cls.__init__).parameters)
+    near = {key: difflib.get_close_matches(key, known, n=1, cutoff=0.85) for key in model_config or {}}
+    typos = {key: match[0] for key, match in near.items() if key not in known and match}
+    if typos:
+        raise ConfigError(f"model_config key(s) {sorted(typos)} are not {type(config).__name__} settings; did you"
+                          f" mean: {', '.join(typos[key] for key in sorted(typos))}")
+
+
+def with_nearest_keys(parser, err: Exception) -> str:
+    """The parser's error, plus the nearest valid keys for a mistyped one."""
+    subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
+    keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
+    typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
+    near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
+    return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
+
+
 class CausalLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -807,9 +874,12 @@ class CausalLMCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(with_nearest_keys(parser, err)) from None
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
+        model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
+        if model.model_type != "gpt" and not model.name_or_path:
+            refuse_misspelt_keys(model.model_type, model.model_config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -869,6 +939,10 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             args=args,
             run=run,
         )
+    except SIGTERMException:  # Lightning raises it as a SystemExit without a code, which would exit 0 (success)
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
+                         " checkpoint\n")
+        sys.exit(128 + signal.SIGTERM)
     except (ConfigError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole

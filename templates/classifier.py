@@ -10,6 +10,7 @@ Run it:
     python classifier.py fit --ckpt_path last                    # resume an interrupted run where it stopped
     python classifier.py test --ckpt_path runs/classifier/checkpoints/best.ckpt
     python classifier.py predict --ckpt_path runs/classifier/checkpoints/best.ckpt   # writes predictions.csv
+    python classifier.py predict --ckpt_path ... --data.predict_path new_images/   # new, unlabelled data
     python classifier.py fit --print_config > my_config.yaml     # every setting, ready to edit and pass back
 
 Your own data is a config value, not a code change:
@@ -29,6 +30,9 @@ import gzip
 import math
 import os
 import re
+import shlex
+import shutil
+import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -44,6 +48,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
                                          ModelCheckpoint)
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "assets" / "digits.csv.gz"
@@ -171,6 +176,23 @@ def sorted_classes(labels) -> list:
         return sorted(unique)
 
 
+def refuse_unreadable_images(files: list) -> None:
+    """Opens every image's header (about 60 us a file) so that a file that is no image stops the run before training,
+    not hours into it."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for file in files:
+        try:
+            with Image.open(file):
+                pass
+        except (UnidentifiedImageError, OSError):
+            bad.append(str(file))
+    if bad:
+        raise ConfigError(f"{len(bad)} file(s) are not readable images: {', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}: delete or replace them")
+
+
 class ImageFolder(Dataset):
     """Loads images lazily, so a folder larger than memory works (use --data.num_workers to overlap decoding)."""
 
@@ -183,9 +205,13 @@ class ImageFolder(Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.files[i]) as img:
-            img = img.convert(self.mode).resize((self.image_size, self.image_size))
-            x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        try:
+            with Image.open(self.files[i]) as img:
+                img = img.convert(self.mode).resize((self.image_size, self.image_size))
+                x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        except OSError as err:  # a file cut short: its header read at start-up, its pixels do not
+            raise OSError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then train again from"
+                          " the start (the split follows the list of files)") from None
         x = x.view(self.image_size, self.image_size, -1).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return x, self.labels[i]
 
@@ -205,7 +231,9 @@ class ClassificationData(L.LightningDataModule):
         predict_path: Optional[str] = None,
     ):
         """data_path: CSV/CSV.GZ file or image folder (default: the embedded digits). num_workers: 0 suits data held
-        in memory (CSV); raise it for image folders. split_seed fixes the train/val/test split across runs."""
+        in memory (CSV); raise it for image folders. split_seed fixes the train/val/test split across runs.
+        predict_path: what `predict` labels (a CSV without the label column, or a folder of images, in class
+        subfolders or not); default: the test split. predictions.csv names each row's file or CSV row."""
         super().__init__()
         self.save_hyperparameters()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
@@ -240,6 +268,7 @@ class ClassificationData(L.LightningDataModule):
             if not files or (require_label and (len(classes) < 2 or -1 in targets)):
                 raise ConfigError(f"{path}: an image folder needs one subfolder per class (at least 2) holding images"
                                 f" ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            refuse_unreadable_images(files)
             return classes, files, torch.tensor(targets)
         if not path.name.endswith((".csv", ".csv.gz")):
             raise ConfigError(f"{path}: unsupported data file; use a .csv/.csv.gz table or a folder of images")
@@ -268,8 +297,10 @@ class ClassificationData(L.LightningDataModule):
                 raise ConfigError(f"predict data not found: {path}: set --data.predict_path")
             _, inputs, targets = self._load(path, require_label=False, classes=self.classes)
             self.datasets["predict"] = self._dataset(inputs, targets, torch.arange(len(targets)))
+            self.predict_sources = sources_of(inputs, range(len(targets)))
         else:
             self.datasets["predict"] = self.datasets["test"]
+            self.predict_sources = sources_of(self.inputs, splits["test"].tolist())
 
     def _dataset(self, inputs, targets, idx: torch.Tensor) -> Dataset:
         if torch.is_tensor(inputs):
@@ -296,8 +327,17 @@ class ClassificationData(L.LightningDataModule):
         return self._loader("predict")
 
 
+def sources_of(inputs, idx) -> tuple:
+    """What each prediction comes from: ("file", image paths) or ("row", CSV data rows, 1 = the row after the
+    header)."""
+    if torch.is_tensor(inputs):
+        return "row", [i + 1 for i in idx]
+    return "file", [str(inputs[i]) for i in idx]
+
+
 class PredictionCSV(BasePredictionWriter):
-    """Writes predictions.csv (one file per process) into the run's log folder: nothing is overwritten."""
+    """Writes predictions.csv (one file per process) into the run's log folder: nothing is overwritten. Its first
+    column names the input of each row: the image file, or the CSV data row."""
 
     def __init__(self):
         super().__init__(write_interval="epoch")
@@ -306,13 +346,14 @@ class PredictionCSV(BasePredictionWriter):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
-        classes = trainer.datamodule.classes
+        classes, (column, sources) = trainer.datamodule.classes, trainer.datamodule.predict_sources
         with open(out_dir / name, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["prediction", "confidence", "label"])
-            for batch in predictions:
-                for p, c, y in zip(batch["prediction"].tolist(), batch["confidence"].tolist(), batch["label"].tolist()):
-                    writer.writerow([classes[p], f"{c:.4f}", classes[y] if y >= 0 else ""])
+            writer.writerow([column, "prediction", "confidence", "label"])
+            for batch, indices in zip(predictions, batch_indices[0]):  # indices into the predict dataset
+                for i, p, c, y in zip(indices, batch["prediction"].tolist(), batch["confidence"].tolist(),
+                                      batch["label"].tolist()):
+                    writer.writerow([sources[i], classes[p], f"{c:.4f}", classes[y] if y >= 0 else ""])
         print(f"predictions written to {out_dir / name}")
 
 
@@ -482,6 +523,15 @@ def release_process_group() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: callbacks that every run gets, with defaults that any config or flag can change.
 # ----------------------------------------------------------------------------------------------------------------
+def with_nearest_keys(parser, err: Exception) -> str:
+    """The parser's error, plus the nearest valid keys for a mistyped one."""
+    subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
+    keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
+    typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
+    near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
+    return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
+
+
 class ClassifierCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -494,22 +544,21 @@ class ClassifierCLI(LightningCLI):
                              "best_checkpoint.filename": "best", "best_checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 1})
+        # Checked after validation only: a run that ends before its first validation (a small max_steps) then stops
+        # normally instead of failing at the epoch's end on the metric it has not logged yet.
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val_acc", "early_stopping.mode": "max",
-                             "early_stopping.patience": 8})
+                             "early_stopping.patience": 8, "early_stopping.check_on_train_epoch_end": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
 
     def parse_arguments(self, parser, args) -> None:
+        self.argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, type(None))) else None
         try:
             super().parse_arguments(parser, args)
-        except ArgumentError as err:  # name the nearest valid keys for a mistyped one
-            subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
-            keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
-            typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
-            near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
-            raise ArgumentError(None, f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")) from None
+        except ArgumentError as err:
+            raise ArgumentError(None, with_nearest_keys(parser, err)) from None
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
 
@@ -536,10 +585,33 @@ class ClassifierCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionCSV())
 
     def after_fit(self) -> None:
-        best = self.trainer.checkpoint_callback
-        if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
-            print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}\n"
-                  f"next: python {Path(sys.argv[0]).name} test --ckpt_path {best.best_model_path}")
+        best, stopper = self.trainer.checkpoint_callback, self.trainer.early_stopping_callback
+        if not self.trainer.is_global_zero:
+            return
+        reason = getattr(stopper, "stopping_reason_message", None) if self.trainer.should_stop else None
+        if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
+            print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
+        if best is not None and best.best_model_score is not None:
+            print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+            if self.argv is not None:  # the same data and settings: the fit command line, test for fit
+                print(f"next: {test_command(self.argv, best.best_model_path)}")
+
+
+def test_command(argv: list, checkpoint: str) -> str:
+    """`python SCRIPT` + the fit arguments with the first `fit` made `test` and --ckpt_path the given checkpoint."""
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True  # and its value
+        else:
+            args.append(arg)
+    if "fit" in args:
+        args[args.index("fit")] = "test"
+    python = "python" if os.path.abspath(shutil.which("python") or "") == os.path.abspath(sys.executable) else (
+        sys.executable)  # a bare python that is another interpreter may lack torch
+    return shlex.join([python, sys.argv[0], *args, "--ckpt_path", checkpoint])
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
@@ -559,6 +631,10 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             args=args,
             run=run,
         )
+    except SIGTERMException:  # Lightning raises it as a SystemExit without a code, which would exit 0 (success)
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
+                         " checkpoint\n")
+        sys.exit(128 + signal.SIGTERM)
     except (ConfigError, ArgumentError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"

@@ -21,12 +21,14 @@ import contextlib
 import importlib.util
 import io
 import json
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # ---- search space: edit here, or pass --space FILE.yaml with the same structure ---------------------------------
 SEARCH_SPACE = {
@@ -238,6 +240,9 @@ def main(argv=None) -> int:
     except ImportError as err:
         print(f"hpo_optuna.py: error: {err}: python -m pip install optuna optuna-integration", file=sys.stderr)
         return 2
+    except SIGTERMException:  # a SystemExit without a code: exit 0 would read as success
+        print("hpo_optuna.py: stopped by SIGTERM; rerun the same command to continue the study", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print_table(study)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) and not output.exists():
         export_best(module, base, study, output)

@@ -17,11 +17,14 @@ Data: --data.data_path FILE (.csv, .csv.gz or .jsonl) with a text column and a l
 """
 
 import csv
+import difflib
 import gzip
+import inspect
 import json
 import math
 import os
 import re
+import signal
 import sys
 import zipfile
 from argparse import ArgumentError
@@ -36,6 +39,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "assets" / "sentiment.csv.gz"
@@ -83,8 +87,11 @@ class TextClassifier(L.LightningModule):
         if hp.name_or_path:
             check_model_path(hp.name_or_path)
             try:
+                # A saved classifier head for another number of classes is replaced by a new one (transformers
+                # names it in a warning); the body keeps its pretrained weights.
                 self.model = AutoModelForSequenceClassification.from_pretrained(
-                    hp.name_or_path, num_labels=hp.num_labels, trust_remote_code=hp.trust_remote_code)
+                    hp.name_or_path, num_labels=hp.num_labels, ignore_mismatched_sizes=True,
+                    trust_remote_code=hp.trust_remote_code)
             except (OSError, ValueError) as err:
                 fix = ("it ships its own Python code: read it, and only if you trust it pass --model.trust_remote_code"
                        " true") if "custom code" in str(err) else ("offline, pass a local folder saved with"
@@ -108,6 +115,7 @@ class TextClassifier(L.LightningModule):
             lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=hp.lora_r, lora_alpha=hp.lora_alpha,
                               lora_dropout=hp.lora_dropout)
             self.model = get_peft_model(self.model, lora)  # only adapters and the classifier head train
+        self.model.train()  # from_pretrained returns eval mode (no dropout) and Lightning 2.6 keeps a module's mode
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -154,11 +162,23 @@ def split_words(text: str) -> list:
 
 
 def read_records(path: Path) -> list:
+    """(line number, record) pairs; a JSONL line that is not a JSON object is refused with its number."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", newline="") as f:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            return [json.loads(line) for line in f if line.strip()]
-        return list(csv.DictReader(f))
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
+            reader = csv.DictReader(f)
+            return [(reader.line_num, row) for row in reader]
+        records = []
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path} line {number} is not JSON ({err.msg}): fix or delete that line") from None
+            if line.strip() and not isinstance(record, dict):
+                raise ConfigError(f"{path} line {number} is not a JSON object: one {{...}} record per line")
+            if record is not None:
+                records.append((number, record))
+        return records
 
 
 class TextClassificationData(L.LightningDataModule):
@@ -188,11 +208,15 @@ class TextClassificationData(L.LightningDataModule):
         if not records:
             raise ConfigError(f"{path} holds no records")
         for column in (text_column, label_column):
-            if column not in records[0]:
-                raise ConfigError(f"{path} has no column {column!r} (columns: {', '.join(records[0])}): set"
+            if column not in records[0][1]:
+                raise ConfigError(f"{path} has no column {column!r} (columns: {', '.join(records[0][1])}): set"
                                   f" --data.{'text' if column == text_column else 'label'}_column")
-        self.texts = [str(r[text_column]) for r in records]
-        labels = [str(r[label_column]) for r in records]
+        for number, record in records:  # a missing label would otherwise become a class of its own ("None")
+            for column in (text_column, label_column):
+                if record.get(column) is None or (column == label_column and str(record[column]).strip() == ""):
+                    raise ConfigError(f"{path} line {number} has no {column!r} value: fill it in or delete the line")
+        self.texts = [str(r[text_column]) for _, r in records]
+        labels = [str(r[label_column]) for _, r in records]
         try:
             self.classes = sorted(set(labels), key=float)
         except ValueError:
@@ -209,7 +233,10 @@ class TextClassificationData(L.LightningDataModule):
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as err:
-                raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]})")
+                fix = ("it ships its own Python code: read it, and only if you trust it pass"
+                       " --model.trust_remote_code true") if "custom code" in str(err) else (
+                    "offline, pass a local folder saved with save_pretrained or a name already in the cache")
+                raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]}): {fix}")
 
     @property
     def num_labels(self) -> int:
@@ -420,6 +447,35 @@ def release_process_group() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+def refuse_misspelt_keys(model_type: str, model_config) -> None:
+    """A transformers config keeps any keyword, so a misspelt model_config key would change nothing, silently: refuse
+    a key that is not the config's own but within a letter or two of one of its keys."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError:
+        return  # an unknown model_type is reported where the model is built
+    known = set(config.to_dict()) | set(config.attribute_map)
+    for cls in type(config).__mro__:
+        if "__init__" in vars(cls):
+            known |= set(inspect.signature(cls.__init__).parameters)
+    near = {key: difflib.get_close_matches(key, known, n=1, cutoff=0.85) for key in model_config or {}}
+    typos = {key: match[0] for key, match in near.items() if key not in known and match}
+    if typos:
+        raise ConfigError(f"model_config key(s) {sorted(typos)} are not {type(config).__name__} settings; did you"
+                          f" mean: {', '.join(typos[key] for key in sorted(typos))}")
+
+
+def with_nearest_keys(parser, err: Exception) -> str:
+    """The parser's error, plus the nearest valid keys for a mistyped one."""
+    subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
+    keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
+    typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
+    near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
+    return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
+
+
 class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
@@ -429,9 +485,11 @@ class FinetuneCLI(LightningCLI):
                              "best_checkpoint.filename": "best"})
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")  # unmonitored: last.ckpt every epoch
         parser.set_defaults({"last_checkpoint.save_last": True})
+        # Checked after validation only: a run that ends before its first validation (a small max_steps) then stops
+        # normally instead of failing at the epoch's end on the metric it has not logged yet.
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val_acc", "early_stopping.mode": "max",
-                             "early_stopping.patience": 3})
+                             "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
 
@@ -439,9 +497,12 @@ class FinetuneCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(with_nearest_keys(parser, err)) from None
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
+        model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
+        if not model.name_or_path:
+            refuse_misspelt_keys(model.model_type, model.model_config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -463,8 +524,13 @@ class FinetuneCLI(LightningCLI):
             raise ConfigError(f"cannot build the Trainer: {err}") from None
 
     def after_fit(self) -> None:
-        best = self.trainer.checkpoint_callback
-        if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
+        best, stopper = self.trainer.checkpoint_callback, self.trainer.early_stopping_callback
+        if not self.trainer.is_global_zero:
+            return
+        reason = getattr(stopper, "stopping_reason_message", None) if self.trainer.should_stop else None
+        if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
+            print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
+        if best is not None and best.best_model_score is not None:
             print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
 
 
@@ -482,6 +548,10 @@ def main(args=None) -> None:
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,
         )
+    except SIGTERMException:  # Lightning raises it as a SystemExit without a code, which would exit 0 (success)
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
+                         " checkpoint\n")
+        sys.exit(128 + signal.SIGTERM)
     except (ConfigError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole

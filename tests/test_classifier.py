@@ -4,16 +4,23 @@ Training runs are subprocesses of the template itself (as a user runs it); parse
 """
 
 import csv
+import gzip
+import json
 import math
 import re
+import shlex
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, TEMPLATES, assert_ok, load_ckpt, load_module, run_template
+from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, assert_one_error_line, load_ckpt, load_module, run,
+                      run_template)
+
+ASSETS = REPO / "assets"
 
 TRAIN_SIZE = 1797 - 2 * int(1797 * 0.15)  # default val/test fractions of the embedded digits
 STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
@@ -56,9 +63,13 @@ def test_main_job_reaches_accuracy_bar(main_job):
 
 
 def test_test_and_predict_from_best_checkpoint(main_job):
-    cwd, _, _ = main_job
+    cwd, result, _ = main_job
     best = cwd / "runs" / "classifier" / "checkpoints" / "best.ckpt"
-    tested = run_template("classifier.py", "test", "--ckpt_path", best, *QUIET, cwd=cwd)
+    next_line = re.search(r"^next: (.+)$", result.stdout, re.MULTILINE).group(1)  # the command fit tells you to run
+    command = shlex.split(next_line)
+    assert command[0] in ("python", sys.executable)  # python only where it is this interpreter
+    assert command[2] == "test" and command[-2:] == ["--ckpt_path", str(best)]
+    tested = run([sys.executable, *command[1:], *QUIET], cwd=cwd)
     assert_ok(tested)
     test_acc = float(re.search(r"test_acc\D+([0-9]\.[0-9]+)", tested.stdout).group(1))
     assert test_acc >= 0.93, tested.stdout
@@ -71,6 +82,17 @@ def test_test_and_predict_from_best_checkpoint(main_job):
     assert len(rows) == int(1797 * 0.15)
     correct = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
     assert abs(correct - test_acc) < 1e-3  # the written predictions are the ones the test metric scored
+    with gzip.open(ASSETS / "digits.csv.gz", "rt") as f:
+        labels = [r["label"] for r in csv.DictReader(f)]
+    assert len({r["row"] for r in rows}) == len(rows)  # each row names its line of the data file (1 = first)
+    assert all(r["label"] == labels[int(r["row"]) - 1] for r in rows)
+
+    # test and predict wrote log folders of their own after the training's: the summary still reads the training
+    summary = run([sys.executable, REPO / "scripts" / "summarize_run.py", "runs/classifier", "--format", "json"],
+                  cwd=cwd)
+    assert_ok(summary)
+    report = json.loads(summary.stdout)
+    assert "version_0" in report["source"] and "val_acc" in report["metrics"] and report["epochs"] > 1
 
 
 def test_resume_with_ckpt_path_last_continues_at_next_epoch(tmp_path):
@@ -85,6 +107,12 @@ def test_resume_with_ckpt_path_last_continues_at_next_epoch(tmp_path):
                           "--trainer.logger.save_dir", tmp_path / "csv", *QUIET, cwd=tmp_path)
     assert_ok(second)
     assert f"Restored all states from the checkpoint at {last}" in second.stdout + second.stderr
+    # the test command fit prints: the same options, `test` for `fit`, the best checkpoint for --ckpt_path last
+    best = (tmp_path / "runs" / "classifier" / "checkpoints" / "best.ckpt").resolve()
+    next_command = shlex.split(re.search(r"^next: (.+)$", second.stdout, re.MULTILINE).group(1))
+    assert next_command[1:] == [str(TEMPLATES / "classifier.py"), "test", "--trainer.max_epochs", "4",
+                                "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                                "--trainer.logger.save_dir", str(tmp_path / "csv"), *QUIET, "--ckpt_path", str(best)]
     ckpt = load_ckpt(last)
     assert (ckpt["epoch"], ckpt["global_step"]) == (3, 4 * STEPS_PER_EPOCH)
     metrics = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
@@ -135,7 +163,26 @@ def test_own_csv_with_named_label_column(tmp_path):
     assert hparams["num_classes"] == 2 and tuple(hparams["input_shape"]) == (3,)
 
 
+@pytest.mark.parametrize("template", ["classifier.py", "transformers_finetune.py"])
+def test_a_run_that_ends_before_its_first_validation_ends_normally(template, tmp_path):
+    """Early stopping looks at val_acc after validation only: at the end of a cut-short epoch it is not logged yet."""
+    result = run_template(template, "fit", "--trainer.max_steps", "3", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    assert "`max_steps=3` reached" in result.stdout + result.stderr
+
+
+def test_early_stopping_says_why_it_stopped(tmp_path):
+    result = run_template("classifier.py", "fit", "--trainer.max_epochs", "100", "--early_stopping.patience", "1",
+                          *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    epoch = int(re.search(r"stopped early in epoch (\d+): Monitored metric val_acc did not improve in the last 1",
+                          result.stdout).group(1))
+    assert epoch < 99 and load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt")["epoch"] == epoch
+
+
 def test_own_image_folder(tmp_path):
+    """A folder of images by class: a file that is no image is refused before anything is written; predictions on
+    new, unlabelled images name their files."""
     from PIL import Image
 
     for label, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
@@ -143,12 +190,30 @@ def test_own_image_folder(tmp_path):
         for i in range(12):
             shade = tuple(max(0, c - 8 * i) for c in colour)
             Image.new("RGB", (20 + i, 16), shade).save(tmp_path / "images" / label / f"{i}.png")
-    result = run_template("classifier.py", "fit", "--data.data_path", "images", "--data.image_size", "16",
-                          "--data.val_fraction", "0.25", "--data.test_fraction", "0.25", "--data.batch_size", "4",
-                          "--trainer.max_epochs", "3", *QUIET, cwd=tmp_path)
+    fit = ["fit", "--data.data_path", "images", "--data.image_size", "16", "--data.val_fraction", "0.25",
+           "--data.test_fraction", "0.25", "--data.batch_size", "4", "--trainer.max_epochs", "3", *QUIET]
+    (tmp_path / "images" / "red" / "saved_page.JPG").write_text("<html>not an image</html>")
+    refused = run_template("classifier.py", *fit, cwd=tmp_path)
+    assert "saved_page.JPG" in assert_one_error_line(refused, "not readable images")
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "images" / "red" / "saved_page.JPG").unlink()
+    result = run_template("classifier.py", *fit, cwd=tmp_path)
     assert_ok(result)
     hparams = load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt")["hyper_parameters"]
     assert hparams["num_classes"] == 2 and tuple(hparams["input_shape"]) == (3, 16, 16)
+
+    (tmp_path / "new").mkdir()
+    for name, colour in (("a.png", (200, 30, 30)), ("b.jpg", (30, 30, 200)), ("c.png", (210, 10, 10))):
+        Image.new("RGB", (18, 18), colour).save(tmp_path / "new" / name)
+    best = tmp_path / "runs" / "classifier" / "checkpoints" / "best.ckpt"
+    predicted = run_template("classifier.py", "predict", "--data.data_path", "images", "--data.image_size", "16",
+                             "--data.predict_path", "new", "--ckpt_path", best, *QUIET, cwd=tmp_path)
+    assert_ok(predicted)
+    with open(tmp_path / re.search(r"predictions written to (\S+)", predicted.stdout).group(1)) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["file"] for r in rows) == [str(Path("new") / n) for n in ("a.png", "b.jpg", "c.png")]
+    assert {r["prediction"] for r in rows} <= {"red", "blue"} and {r["label"] for r in rows} == {""}
 
 
 # ---- parse-only checks: the template's main() in this process (no training) -----------------------------------

@@ -198,6 +198,19 @@ def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
     assert load_ckpt(saved)["global_step"] == 5
 
 
+@pytest.mark.parametrize("template, args", [("causal_lm.py", LM), ("classifier.py", QUIET),
+                                            ("transformers_finetune.py", QUIET)])
+def test_sigterm_leaves_a_checkpoint_and_exits_143(template, args, tmp_path):
+    """SIGTERM (docker stop, Kubernetes, timeout): Lightning ends the batch and raises SIGTERMException, a SystemExit
+    without a code (exit 0, success); the templates exit 128 + 15, so `&&` or a scheduler sees the interruption."""
+    stopped = train(template, "fit", "--config", fault(tmp_path / "term.yaml", "SignalAtStep", step=5,
+                                                       signal_name="SIGTERM"), *args, cwd=tmp_path)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM" in stopped.stderr.splitlines()[-1]
+    saved = tmp_path / "runs" / template[:-3] / "checkpoints" / "last-on-exception.ckpt"
+    assert load_ckpt(saved)["global_step"] == 6  # the batch under way when the signal came is finished first
+
+
 def test_a_fit_without_ckpt_path_starts_fresh_next_to_an_exception_checkpoint(tmp_path):
     """Lightning's own OnExceptionCheckpoint makes every fit without --ckpt_path resume; the templates' does not."""
     failed = train("causal_lm.py", "fit", "--config", fault(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=2),
@@ -307,6 +320,7 @@ BAD_INPUTS = [
     (["--config", "missing.yaml"], "does not exist"),
     (["--config", "wrong_type.yaml"], "trainer.max_epochs"),
     (["--config", "unknown_key.yaml"], "model.hiden"),
+    (["--trainer.max_step", "1"], "did you mean: trainer.max_steps"),
     (["--trainer.precision", "17"], "trainer.precision"),
     (["--trainer.strategy", "ddpx"], "invalid strategy name"),
     (["--trainer.accelerator", "cpu", "--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], "CPU processes"),
@@ -344,6 +358,7 @@ SCRIPT_BAD_INPUTS = [
     ("scripts/detect_hardware.py", ["--params", "lots"], "parameter count"),
     ("scripts/scaffold.py", ["classifier", "existing.txt"], "exists and is not a folder"),
     ("scripts/scaffold.py", ["classifier", "new_project", "--hardware", "missing.yaml"], "cannot read --hardware"),
+    ("scripts/scaffold.py", ["classifier", "new_project", "--set", "data.data_path=missing_photos"], "not found"),
     ("scripts/smoke_test.py", ["missing.py"], "no such script"),
     ("scripts/smoke_test.py", [TEMPLATES / "classifier.py", "--config", "missing.yaml"], "no such config"),
     ("scripts/launch.py", ["missing.yaml", "--target", "slurm"], "cannot read"),

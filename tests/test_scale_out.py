@@ -87,6 +87,7 @@ def test_finetune_pretrained_folder_loss_falls(tmp_path, tiny_bert):
                           "--trainer.logger.save_dir", "logs", "--trainer.log_every_n_steps", "1", *QUIET,
                           cwd=tmp_path)
     assert_ok(result)
+    assert "in eval mode at the start of training" not in result.stderr  # from_pretrained's eval mode: no dropout
     rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
     losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -96,13 +97,43 @@ def test_finetune_pretrained_folder_loss_falls(tmp_path, tiny_bert):
 
 
 def test_finetune_fast_dev_run_with_jsonl(tmp_path, tiny_bert):
+    """Three classes for a model saved with a two-class head: the head is replaced, the body kept."""
     with open(tmp_path / "data.jsonl", "w") as f:
         for i in range(40):
-            f.write(json.dumps({"text": "the film was great ." if i % 2 else "the plot was dull .", "label": i % 2})
-                    + "\n")
+            text = ["the film was great .", "the plot was dull .", "it was a film ."][i % 3]
+            f.write(json.dumps({"text": text, "label": i % 3}) + "\n")
     result = run_template("transformers_finetune.py", "fit", "--model.name_or_path", tiny_bert, "--data.data_path",
                           "data.jsonl", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
     assert_ok(result)
+
+
+def test_finetune_names_the_line_of_a_bad_record(tmp_path):
+    good = "".join(json.dumps({"text": f"review {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(20))
+    for name, bad, expected in (("broken", '{"text": "cut off', "line 21 is not JSON"),
+                                ("no_label", json.dumps({"text": "no label here"}), "line 21 has no 'label' value"),
+                                ("null_label", json.dumps({"text": "x", "label": None}), "line 21 has no 'label'")):
+        (tmp_path / f"{name}.jsonl").write_text(good + bad + "\n")
+        result = run_template("transformers_finetune.py", "fit", "--data.data_path", f"{name}.jsonl",
+                              "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
+        assert_one_error_line(result, expected)
+
+
+@pytest.mark.parametrize("template, args, expected", [
+    ("causal_lm.py", ["--model.model_config", '{"hiden_size": 64}'], "did you mean: hidden_size"),
+    ("causal_lm.py", ["--model.model_type", "gpt2", "--model.model_config", '{"n_layers": 2}'],
+     "did you mean: n_layer"),
+    ("transformers_finetune.py", ["--model.model_config", '{"num_hiden_layers": 2}'],
+     "did you mean: num_hidden_layers"),
+    ("causal_lm.py", ["--model.model_type", "gpt", "--data.block_size", "2048"],
+     "longer than the model's 1024 positions"),
+    ("causal_lm.py", ["--model.model_type", "gpt2", "--data.block_size", "2048"],
+     "longer than the model's 1024 positions"),
+], ids=["llama-typo", "gpt2-typo", "bert-typo", "gpt-block-over-positions", "gpt2-block-over-positions"])
+def test_a_model_setting_that_would_fail_or_do_nothing_is_refused(template, args, expected, tmp_path):
+    """transformers configs keep any keyword (a typo changes nothing); a block longer than a learned position table
+    fails deep in an embedding lookup."""
+    result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
+    assert_one_error_line(result, expected)
 
 
 # ---- causal_lm.py ------------------------------------------------------------------------------------------------
@@ -185,6 +216,7 @@ def test_causal_lm_pretrained_folder(tmp_path, tiny_llama):
                           "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", *QUIET, cwd=tmp_path)
     assert_ok(result)
     assert final_val_loss(result.stdout)[0] < 3.0
+    assert "in eval mode at the start of training" not in result.stderr
 
 
 def test_causal_lm_ddp_two_processes(tmp_path):

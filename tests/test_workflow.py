@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CONFIGS, REPO, TEMPLATES, assert_ok, load_module, run
+from conftest import CONFIGS, REPO, TEMPLATES, assert_ok, assert_one_error_line, load_module, run
 
 SCRIPTS = REPO / "scripts"
 
@@ -41,6 +42,10 @@ def test_every_template_is_covered():
 def test_scaffold_smoke_train_summarize(template, tmp_path):
     sets, metric = TEMPLATE_RUNS[template]
     dest = tmp_path / "project"
+    if template == "classifier":  # a data path relative to where scaffold runs: written absolute, found from DEST
+        (tmp_path / "my data").mkdir()
+        shutil.copyfile(REPO / "assets" / "digits.csv.gz", tmp_path / "my data" / "digits.csv.gz")
+        sets = [*sets, "data.data_path=my data/digits.csv.gz"]
     args = [a for s in sets for a in ("--set", s)]
     scaffolded = script("scaffold.py", template, dest, "--format", "json", *args, cwd=tmp_path)
     assert_ok(scaffolded)
@@ -53,8 +58,11 @@ def test_scaffold_smoke_train_summarize(template, tmp_path):
     assert json.loads(smoke.stdout)["status"] == "pass"
     assert not (dest / "runs").exists(), "the smoke test must not leave checkpoints or logs"
 
-    trained = run([sys.executable, f"{template}.py", "fit", "--config", "config.yaml",
-                   "--trainer.enable_progress_bar", "false"], cwd=dest)
+    # SKILL.md's launch step: the printed command, run from another folder, trains in DEST
+    launch = script("launch.py", dest / "config.yaml", "--target", "local", cwd=tmp_path)
+    assert_ok(launch)
+    assert launch.stdout.startswith(f"cd {dest.resolve()} && ")
+    trained = run(["bash", "-c", launch.stdout.strip() + " --trainer.enable_progress_bar false"], cwd=tmp_path)
     assert_ok(trained)
     summary = script("summarize_run.py", dest / "runs" / template, "--format", "json", cwd=tmp_path)
     assert_ok(summary)
@@ -184,13 +192,14 @@ def test_launch_files_match_config(tmp_path):
     text = out.read_text()
     assert f"#SBATCH --nodes={trainer['num_nodes']}" in text
     assert f"#SBATCH --ntasks-per-node={trainer['devices']}" in text and "#SBATCH --signal=SIGUSR1@90" in text
-    assert "srun python causal_lm.py fit --config" in text
+    assert f"#SBATCH --chdir={TEMPLATES}" in text and " causal_lm.py fit --config configs/multinode.yaml" in text
     torchrun = script("launch.py", config, "--target", "torchrun", "--script", "causal_lm.py", cwd=tmp_path)
     assert_ok(torchrun)
     assert f"--nnodes {trainer['num_nodes']} --nproc-per-node {trainer['devices']}" in torchrun.stdout
     local = script("launch.py", CONFIGS / "cpu.yaml", "--target", "local", "--script", "classifier.py",
                    cwd=tmp_path)
-    assert local.stdout.startswith("python classifier.py fit --config")
+    assert local.stdout.startswith(f"cd {TEMPLATES} && ")  # --script found in the folder above the config's
+    assert local.stdout.rstrip().endswith(" classifier.py fit --config configs/cpu.yaml")
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -199,6 +208,7 @@ def test_launch_files_match_config(tmp_path):
     (["ddp.yaml", "--target", "slurm"], "trainer.devices is -1"),
     (["multinode.yaml", "--target", "local"], "a local launch runs one machine"),
     (["missing.yaml", "--target", "local"], "cannot read"),
+    (["cpu.yaml", "--target", "local"], "no such script: x.py"),
 ])
 def test_launch_mismatch_is_an_error(tmp_path, args, expected):
     result = script("launch.py", CONFIGS / args[0], *args[1:], "--script", "x.py", cwd=tmp_path)
@@ -207,9 +217,9 @@ def test_launch_mismatch_is_an_error(tmp_path, args, expected):
 
 def test_launch_write_never_replaces(tmp_path):
     (tmp_path / "job.sbatch").write_text("keep me\n")
-    result = script("launch.py", CONFIGS / "multinode.yaml", "--target", "slurm", "--script", "x.py", "--write",
-                    tmp_path / "job.sbatch", cwd=tmp_path)
-    assert result.returncode == 2 and (tmp_path / "job.sbatch").read_text() == "keep me\n"
+    result = script("launch.py", CONFIGS / "multinode.yaml", "--target", "slurm", "--script", "causal_lm.py",
+                    "--write", tmp_path / "job.sbatch", cwd=tmp_path)
+    assert result.returncode == 2 and "exists" in result.stderr and (tmp_path / "job.sbatch").read_text() == "keep me\n"
 
 
 # ---- summarize_run flags -----------------------------------------------------------------------------------------
@@ -286,6 +296,21 @@ def test_summarize_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     result = script("summarize_run.py", tmp_path / "empty", cwd=tmp_path)
     assert result.returncode == 2 and "no metrics.csv or TensorBoard event files" in result.stderr
+    (tmp_path / "failed" / "version_0").mkdir(parents=True)  # a run that failed before logging: a header only
+    (tmp_path / "failed" / "version_0" / "metrics.csv").write_text("epoch,step,train_loss\n")
+    result = script("summarize_run.py", tmp_path / "failed", cwd=tmp_path)
+    assert_one_error_line(result, "holds metrics yet")
+
+
+def test_summarize_reads_the_training_log_past_later_empty_or_test_only_logs(tmp_path):
+    write_metrics(tmp_path / "logs" / "version_0", healthy())
+    (tmp_path / "logs" / "version_1").mkdir()  # `test` afterwards: no training loss
+    (tmp_path / "logs" / "version_1" / "metrics.csv").write_text("test_acc,test_loss,epoch,step\n0.9,0.3,0,0\n")
+    (tmp_path / "logs" / "version_2").mkdir()  # a relaunch that failed before logging
+    (tmp_path / "logs" / "version_2" / "metrics.csv").write_text("epoch,step\n")
+    result = script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path)
+    assert_ok(result)
+    assert "version_0" in json.loads(result.stdout)["source"]
 
 
 def test_summarize_plot(tmp_path):

@@ -352,6 +352,33 @@ def test_bad_input_is_one_line_exit_2_and_changes_no_file(template, template_mai
         assert snapshot(workspace) == before, f"{args} left files behind or changed them"
 
 
+@pytest.mark.parametrize("template, args, expected", [
+    ("causal_lm.py", ["--model.model_config", '{"hiden_size": 64}'], "did you mean: hidden_size"),
+    ("causal_lm.py", ["--model.model_type", "gpt2", "--model.model_config", '{"n_layers": 2}'],
+     "did you mean: n_layer"),
+    ("transformers_finetune.py", ["--model.model_config", '{"num_hiden_layers": 2}'],
+     "did you mean: num_hidden_layers"),
+], ids=["llama", "gpt2", "bert"])
+def test_a_misspelt_model_config_key_is_refused(template, args, expected, template_mains, workspace, capsys):
+    """transformers configs keep any keyword, so the typo would change nothing, silently."""
+    with pytest.raises(SystemExit) as exit_info:
+        template_mains[template](["fit", *args, "--trainer.max_steps", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], errors
+
+
+def test_finetune_names_the_line_of_a_bad_record(template_mains, workspace, capsys):
+    good = "".join(json.dumps({"text": f"review {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(20))
+    for name, bad, expected in (("broken", '{"text": "cut off', "line 21 is not JSON"),
+                                ("no_label", json.dumps({"text": "no label here"}), "line 21 has no 'label' value"),
+                                ("null_label", json.dumps({"text": "x", "label": None}), "line 21 has no 'label'")):
+        (workspace / f"{name}.jsonl").write_text(good + bad + "\n")
+        with pytest.raises(SystemExit) as exit_info:
+            template_mains["transformers_finetune.py"](["fit", "--data.data_path", f"{name}.jsonl"])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], errors
+
+
 SCRIPT_BAD_INPUTS = [
     ("scripts/check_env.py", ["--python", "missing/python"], "cannot run"),
     ("scripts/detect_hardware.py", ["--profile", "missing.json"], "cannot read profile"),

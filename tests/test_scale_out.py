@@ -107,33 +107,12 @@ def test_finetune_fast_dev_run_with_jsonl(tmp_path, tiny_bert):
     assert_ok(result)
 
 
-def test_finetune_names_the_line_of_a_bad_record(tmp_path):
-    good = "".join(json.dumps({"text": f"review {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(20))
-    for name, bad, expected in (("broken", '{"text": "cut off', "line 21 is not JSON"),
-                                ("no_label", json.dumps({"text": "no label here"}), "line 21 has no 'label' value"),
-                                ("null_label", json.dumps({"text": "x", "label": None}), "line 21 has no 'label'")):
-        (tmp_path / f"{name}.jsonl").write_text(good + bad + "\n")
-        result = run_template("transformers_finetune.py", "fit", "--data.data_path", f"{name}.jsonl",
-                              "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
-        assert_one_error_line(result, expected)
-
-
-@pytest.mark.parametrize("template, args, expected", [
-    ("causal_lm.py", ["--model.model_config", '{"hiden_size": 64}'], "did you mean: hidden_size"),
-    ("causal_lm.py", ["--model.model_type", "gpt2", "--model.model_config", '{"n_layers": 2}'],
-     "did you mean: n_layer"),
-    ("transformers_finetune.py", ["--model.model_config", '{"num_hiden_layers": 2}'],
-     "did you mean: num_hidden_layers"),
-    ("causal_lm.py", ["--model.model_type", "gpt", "--data.block_size", "2048"],
-     "longer than the model's 1024 positions"),
-    ("causal_lm.py", ["--model.model_type", "gpt2", "--data.block_size", "2048"],
-     "longer than the model's 1024 positions"),
-], ids=["llama-typo", "gpt2-typo", "bert-typo", "gpt-block-over-positions", "gpt2-block-over-positions"])
-def test_a_model_setting_that_would_fail_or_do_nothing_is_refused(template, args, expected, tmp_path):
-    """transformers configs keep any keyword (a typo changes nothing); a block longer than a learned position table
-    fails deep in an embedding lookup."""
-    result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
-    assert_one_error_line(result, expected)
+@pytest.mark.parametrize("model_type", ["gpt", "gpt2"])
+def test_a_block_longer_than_a_learned_position_table_is_refused(model_type, tmp_path):
+    """Not an IndexError deep in an embedding lookup (rotary models only get a warning)."""
+    result = run_template("causal_lm.py", "fit", "--model.model_type", model_type, "--data.block_size", "2048",
+                          "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
+    assert_one_error_line(result, "longer than the model's 1024 positions")
 
 
 # ---- causal_lm.py ------------------------------------------------------------------------------------------------

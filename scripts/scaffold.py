@@ -18,8 +18,6 @@ replaced without --force. Exit codes: 0 ok, 2 bad input.
 import argparse
 import difflib
 import json
-import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +25,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
+import detect_hardware  # noqa: E402
+from launch import python_command  # noqa: E402
 
 SKILL = Path(__file__).resolve().parent.parent
 TEMPLATES = SKILL / "templates"
@@ -77,13 +79,6 @@ def absolute_paths(sets: list) -> list:
                 raise UsageError(f"--set {key}={value}: not found (relative paths are read from {Path.cwd()})")
         resolved.append((key, value))
     return resolved
-
-
-def python_command() -> str:
-    """`python` when that is this interpreter, else this interpreter's path (a bare python may lack torch)."""
-    found = shutil.which("python")
-    same = found is not None and os.path.abspath(found) == os.path.abspath(sys.executable)
-    return "python" if same else shlex.quote(sys.executable)
 
 
 def flat_keys(tree: dict, prefix: str = "") -> set:
@@ -141,9 +136,6 @@ def hardware_trainer(choice: str) -> dict:
     if choice == "none":
         return {}
     if choice == "auto":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import detect_hardware
-
         return detect_hardware.plan(detect_hardware.detect_machine())["trainer"]
     path = Path(choice)
     try:

@@ -179,14 +179,14 @@ def sorted_classes(labels) -> list:
 def refuse_unreadable_images(files: list) -> None:
     """Opens every image's header (about 60 us a file) so that a file that is no image stops the run before training,
     not hours into it."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     bad = []
     for file in files:
         try:
             with Image.open(file):
                 pass
-        except (UnidentifiedImageError, OSError):
+        except OSError:  # PIL's UnidentifiedImageError is one
             bad.append(str(file))
     if bad:
         raise ConfigError(f"{len(bad)} file(s) are not readable images: {', '.join(bad[:3])}"

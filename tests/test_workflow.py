@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 
@@ -308,6 +309,8 @@ def test_summarize_reads_the_training_log_past_later_empty_or_test_only_logs(tmp
     (tmp_path / "logs" / "version_1" / "metrics.csv").write_text("test_acc,test_loss,epoch,step\n0.9,0.3,0,0\n")
     (tmp_path / "logs" / "version_2").mkdir()  # a relaunch that failed before logging
     (tmp_path / "logs" / "version_2" / "metrics.csv").write_text("epoch,step\n")
+    for age, version in enumerate((2, 1, 0)):  # version_0 oldest, as a run's folders are
+        os.utime(tmp_path / "logs" / f"version_{version}" / "metrics.csv", (1e9 - age * 60, 1e9 - age * 60))
     result = script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path)
     assert_ok(result)
     assert "version_0" in json.loads(result.stdout)["source"]

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import importlib
 import json
+import math
 import random
 import statistics
 import string
@@ -193,8 +194,10 @@ def run_classifier(opt, root: Path):
     data = classifier.ClassificationData()
     data.setup("fit")
     model = classifier.Classifier(num_classes=data.num_classes, input_shape=data.input_shape)
+    model.input_mean.copy_(data.mean)  # as the Trainer's fit start does
+    model.input_std.copy_(data.std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr, weight_decay=model.hparams.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 + math.cos(math.pi * e / epochs)) / 2)
     start, times = time.perf_counter(), []
     for _ in range(epochs):
         model.train()

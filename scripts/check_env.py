@@ -11,6 +11,9 @@ that fixes it is printed), 2 for bad usage. Reads package metadata only, so it r
 
 import argparse
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -101,7 +104,10 @@ def main() -> int:
     broken = [r for r in rows if r["required"] and r["status"] != "ok"]
     optional = [r for r in rows if not r["required"] and r["status"] != "ok"]
     specs = sorted({INSTALL_SPEC[r["package"]] for r in broken + optional})
-    fix = ("python -m pip install " + " ".join(f'"{s}"' for s in specs)) if specs else None
+    # the checked interpreter installs into itself; a bare `python` only when it is that one
+    same = os.path.abspath(shutil.which("python") or "") == os.path.abspath(args.python)
+    python = "python" if same else shlex.quote(args.python)
+    fix = (f"{python} -m pip install " + " ".join(f'"{s}"' for s in specs)) if specs else None
     if args.format == "json":
         print(json.dumps({"ok": not broken, "python": args.python, "packages": rows, "fix": fix}, indent=2))
     else:

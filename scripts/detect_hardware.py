@@ -268,8 +268,8 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
     nodes = machine["num_nodes"]
     if machine["launcher"] in ("slurm", "torchrun") and machine.get("tasks_per_node") not in (None, devices):
         warnings.append(f"{machine['launcher']} starts {machine['tasks_per_node']} processes per node but this node has"
-                        f" {devices} device(s): set --ntasks-per-node / --nproc-per-node to {devices}, or the run"
-                        " hangs at 'Initializing distributed'")
+                        f" {devices} device(s): set --ntasks-per-node / --nproc-per-node to {devices}, or Lightning"
+                        " stops with 'ValueError: You set devices=...'")
     world = devices * nodes
     accelerator = {"cuda": "gpu", "mps": "mps", "tpu": "tpu", "cpu": "cpu"}[acc]
     if acc == "cuda":
@@ -314,7 +314,7 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
         desc = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
         reasons.append(f"strategy {chosen[1]}: " + (
             f"cheapest set-up in which a {desc}-parameter {finetune} run (seq {seq_len}, micro-batch {batch_size})"
-            f" fits: {best['per_device_gb']:.1f} of {budget:.1f} GB per device" if fits else
+            f" fits: {memory['per_device_gb']:.1f} of {budget:.1f} GB per device" if fits else  # as the table rounds
             f"nothing fits {budget:.1f} GB per device; see warnings"))
     else:
         reasons.append(f"strategy {chosen[1]}: " + ("one device" if world == 1 else

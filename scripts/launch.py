@@ -5,11 +5,13 @@ Usage:
     python scripts/launch.py configs/multinode.yaml --target torchrun --script causal_lm.py
     python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
 
-The processes per node must equal trainer.devices and the nodes trainer.num_nodes, or the run hangs at
-"Initializing distributed": a --nodes (or --devices) that disagrees with the config is an error. --script defaults
-to the only .py file in the config's folder or the folder above it. The command runs in the script's folder (`cd`,
-or `#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as scaffold.py's
-commands do. --write never replaces an existing file.
+The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else Lightning stops with
+"ValueError: You set devices=..." or, where it cannot check, hangs at "Initializing distributed"): a --nodes (or
+--devices) that disagrees with the config is an error. --script defaults to the only .py file (hpo_optuna.py
+aside) in the config's folder or the folder above it. The command runs in the script's folder (`cd`, or
+`#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as scaffold.py's
+commands do. Its paths are this machine's (absolute): scaffold and launch on the cluster itself. One node under
+torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write never replaces an existing file.
 Exit codes: 0 ok, 2 bad input.
 """
 
@@ -53,7 +55,7 @@ def find_script(config: Path, given) -> Path:
                 return path.resolve()
         raise UsageError(f"no such script: {given}: pass --script with the training script's path")
     for folder in (config.parent, config.parent.parent):
-        scripts = sorted(folder.glob("*.py"))
+        scripts = [p for p in sorted(folder.glob("*.py")) if p.name != "hpo_optuna.py"]  # SKILL.md's step 6 copy
         if len(scripts) == 1:
             return scripts[0].resolve()
     raise UsageError("cannot tell which training script to launch: pass --script FILE")
@@ -70,8 +72,8 @@ def plan(trainer: dict, target: str, nodes, devices) -> tuple:
     config_nodes = int(trainer.get("num_nodes", 1) or 1)
     config_devices = trainer.get("devices", "auto")
     if nodes is not None and nodes != config_nodes:
-        raise UsageError(f"--nodes {nodes} but trainer.num_nodes is {config_nodes}: they must match, or the run hangs"
-                         f" at 'Initializing distributed'; set trainer.num_nodes: {nodes} in the config")
+        raise UsageError(f"--nodes {nodes} but trainer.num_nodes is {config_nodes}: they must match (Lightning checks"
+                         f" them at start-up); set trainer.num_nodes: {nodes} in the config")
     if devices is not None and isinstance(config_devices, int) and config_devices != -1 and devices != config_devices:
         raise UsageError(f"--devices {devices} but trainer.devices is {config_devices}: processes per node must equal"
                          " trainer.devices")
@@ -85,25 +87,27 @@ def plan(trainer: dict, target: str, nodes, devices) -> tuple:
     return config_nodes, per_node
 
 
-def render(target: str, script: Path, config: Path, nodes: int, per_node) -> str:
+def render(target: str, script: Path, config: Path, nodes: int, per_node, gpus: bool = True) -> str:
     folder, config = script.parent, config.resolve()
     shown = config.relative_to(folder) if config.is_relative_to(folder) else config
     run = f"{shlex.quote(script.name)} fit --config {shlex.quote(str(shown))}"
     cd = f"cd {shlex.quote(str(folder))} && "
     if target == "local":
         return f"{cd}{python_command()} {run}\n"
+    if target == "torchrun" and nodes == 1:  # no other machine to meet: torchrun picks a free local port itself
+        return f"{cd}torchrun --standalone --nproc-per-node {per_node} {run}\n"
     if target == "torchrun":
         return ("# on every machine, NODE_RANK=0 on the one at MASTER_ADDR:\n"
                 f"{cd}torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank $NODE_RANK"
                 f" --master-addr $MASTER_ADDR --master-port ${{MASTER_PORT:-29500}} {run}\n")
     return "\n".join([
         "#!/bin/bash",
-        f"# launch.py: {nodes} node(s) x {per_node} GPU(s); --nodes = trainer.num_nodes, --ntasks-per-node ="
-        " trainer.devices",
+        f"# launch.py: {nodes} node(s) x {per_node} {'GPU(s)' if gpus else 'CPU process(es)'}; --nodes ="
+        " trainer.num_nodes, --ntasks-per-node = trainer.devices",
         "#SBATCH --job-name=lightning",
         f"#SBATCH --nodes={nodes}",
         f"#SBATCH --ntasks-per-node={per_node}",
-        f"#SBATCH --gres=gpu:{per_node}",
+        *([f"#SBATCH --gres=gpu:{per_node}"] if gpus else []),
         "#SBATCH --cpus-per-task=8",
         "#SBATCH --time=24:00:00",
         "#SBATCH --signal=SIGUSR1@90",
@@ -143,7 +147,8 @@ def main(argv=None) -> int:
         config = Path(args.config)
         trainer = read_trainer(config)
         nodes, per_node = plan(trainer, args.target, args.nodes, args.devices)
-        text = render(args.target, find_script(config, args.script), config, nodes, per_node)
+        gpus = trainer.get("accelerator") != "cpu"  # a CPU config asks SLURM for no GPUs
+        text = render(args.target, find_script(config, args.script), config, nodes, per_node, gpus)
         if args.write:
             write_new(Path(args.write), text)
     except UsageError as err:

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         report = {"status": "fail", "seconds": seconds, "command": " ".join(cmd), "diagnosis": "timeout",
                   "message": f"no result within {args.timeout:.0f} s",
                   "fix": "a hang at 'Initializing distributed' means devices/num_nodes differ from the processes"
-                         " started; otherwise raise --timeout or shrink the data", "error_line": ""}
+                         " started by hand or the nodes cannot reach each other; otherwise raise --timeout or shrink"
+                         " the data", "error_line": ""}
     else:
         report = {"status": "fail", "seconds": seconds, "command": " ".join(cmd), "exit_code": code,
                   **diagnose(output)}

@@ -5,9 +5,11 @@ Usage:
     python scripts/summarize_run.py runs/classifier/lightning_logs/version_3 --format json
     python scripts/summarize_run.py runs/causal_lm --plot curves.png  # needs matplotlib
 
-Reads a CSVLogger metrics.csv or TensorBoard event files. Flags: nan_loss, divergence (training loss climbs well
-above its minimum), overfitting (validation loss rising while training loss falls), plateau (the validation
-metric stopped improving), lr_constant (a logged learning rate never changed). Exit codes: 0 ok, 2 bad input.
+Reads a CSVLogger metrics.csv or TensorBoard event files. A run resumed with --ckpt_path logs into a new version
+folder; given the run folder, the summary joins it to the earlier log(s) it continues ("resumed_from"). Flags:
+nan_loss, divergence (training loss climbs well above its minimum), overfitting (validation loss rising while
+training loss falls), plateau (the validation metric stopped improving), lr_constant (a logged learning rate never
+changed). Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
@@ -17,28 +19,72 @@ import math
 import sys
 from pathlib import Path
 
+import yaml
+
 MAXIMIZE = ("acc", "f1", "auc", "precision", "recall", "mfu", "per_sec", "iou", "map")
 MINIMIZE = ("loss", "ppl", "perplexity", "error", "mse", "mae")
 
 
 def find_run(folder: Path) -> tuple:
-    """(kind, path, series) of the newest log under folder that holds a training loss: a later `test` or
+    """(kind, paths, series) of the newest log under folder that holds a training loss: a later `test` or
     `predict` writes a log folder of its own, which must not hide the training run. Without one, the newest log
-    that holds any metric. kind: 'csv' (path: metrics.csv) or 'tensorboard' (path: its folder)."""
+    that holds any metric. A resumed run (`--ckpt_path`) logs into a new version folder, so its series is joined to
+    the earlier logs it continues (their points before its first step); paths lists them newest first.
+    kind: 'csv' (path: metrics.csv) or 'tensorboard' (path: its folder)."""
     candidates = [("csv", p) for p in folder.rglob("metrics.csv")]
     candidates += [("tensorboard", d) for d in {p.parent for p in folder.rglob("events.out.tfevents.*")}]
     if not candidates:
         raise ValueError(f"no metrics.csv or TensorBoard event files under {folder}")
+    logs = [(kind, path) for kind, path in sorted(candidates, key=lambda c: (c[1].stat().st_mtime, c[0] == "csv"),
+                                                  reverse=True)]
     fallback = None
-    for kind, path in sorted(candidates, key=lambda c: (c[1].stat().st_mtime, c[0] == "csv"), reverse=True):
-        series = read_csv(path) if kind == "csv" else read_tensorboard(path)
+    for i, (kind, path) in enumerate(logs):
+        series = read_log(kind, path)
         if series and train_loss_key(series):
-            return kind, path, series
+            return kind, *join_resumed(path, series, logs[i + 1:])
         if series and fallback is None:
-            fallback = kind, path, series
+            fallback = kind, [path], series
     if fallback is None:
         raise ValueError(f"no log under {folder} holds metrics yet")
     return fallback
+
+
+def read_log(kind: str, path: Path) -> dict:
+    return read_csv(path) if kind == "csv" else read_tensorboard(path)
+
+
+def first_train_step(series: dict) -> int:
+    return min(step for step, _ in series[train_loss_key(series)])
+
+
+def resumed(path: Path, series: dict) -> bool:
+    """LightningCLI saves the run's config.yaml next to its log; a fit resumed from a checkpoint has ckpt_path set.
+    Without one, a log whose first epoch is past 0 continues an earlier run."""
+    config = (path.parent if path.is_file() else path) / "config.yaml"
+    if config.is_file():
+        try:
+            return bool((yaml.safe_load(config.read_text()) or {}).get("ckpt_path"))
+        except (yaml.YAMLError, AttributeError):
+            pass
+    return min((v for _, v in series.get("epoch", [])), default=0) > 0
+
+
+def join_resumed(path: Path, series: dict, older: list) -> tuple:
+    """([path, earlier paths...], series with the earlier logs' points before each resume prepended)."""
+    paths = [path]
+    if not resumed(path, series):
+        return paths, series
+    for kind, earlier_path in older:
+        start = first_train_step(series)
+        earlier = read_log(kind, earlier_path)
+        if start <= 0 or not earlier or not train_loss_key(earlier) or first_train_step(earlier) >= start:
+            continue
+        cut = {k: [(s, v) for s, v in points if s < start] for k, points in earlier.items()}
+        series = {k: cut.get(k, []) + series.get(k, []) for k in sorted({*cut, *series}) if cut.get(k) or series.get(k)}
+        paths.append(earlier_path)
+        if not resumed(earlier_path, earlier):
+            break
+    return paths, series
 
 
 def read_csv(path: Path) -> dict:
@@ -167,11 +213,12 @@ def main(argv=None) -> int:
             raise ValueError(f"no such folder: {folder}")
         if args.plot and Path(args.plot).exists():
             raise ValueError(f"{args.plot} exists: choose a new --plot file name (nothing was written)")
-        kind, path, series = find_run(folder)
+        kind, paths, series = find_run(folder)
     except ValueError as err:
         print(f"summarize_run.py: error: {err}", file=sys.stderr)
         return 2
-    report = {"source": str(path), "format": kind, **summarize(series)}
+    report = {"source": str(paths[0]), "resumed_from": [str(p) for p in paths[1:]], "format": kind,
+              **summarize(series)}
     if args.plot:
         report["plot_error"] = plot(series, Path(args.plot)) or None
         if report["plot_error"]:
@@ -179,7 +226,9 @@ def main(argv=None) -> int:
     if args.format == "json":
         print(json.dumps(report, indent=2))
         return 0
-    print(f"run: {path} ({kind}); {report['epochs']} epoch(s), last logged step {report['steps']}")
+    print(f"run: {paths[0]} ({kind}); {report['epochs']} epoch(s), last logged step {report['steps']}")
+    if report["resumed_from"]:
+        print(f"resumed: joined with the earlier log(s) it continues: {', '.join(report['resumed_from'])}")
     print(f"{'metric':<34} {'best':>12} {'last':>12} {'points':>7}")
     for name, m in report["metrics"].items():
         best = "-" if m["best"] is None else f"{m['best']:.5g}"

@@ -570,7 +570,11 @@ class TextData(L.LightningDataModule):
 
     def train_dataloader(self):
         trainer = self.trainer  # None outside a Trainer (bench.py's plain loop)
-        ranks = (trainer.distributed_sampler_kwargs if trainer else None) or {"num_replicas": 1, "rank": 0}
+        # Every process trains on its own share, whatever the strategy: Lightning's distributed_sampler_kwargs would
+        # split by the data-parallel mesh only, but FSDP2 here shards over the "tensor_parallel" mesh as well (no
+        # tensor-parallel plan), so with "auto" sizes all GPUs of a node would train on the same batches.
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {
+            "num_replicas": 1, "rank": 0}
         self.train_sampler = ResumableSampler(self.train_set, self.resume, **ranks)
         return self._loader(self.train_set, sampler=self.train_sampler, drop_last=True)
 
@@ -714,6 +718,13 @@ class StopOnNonFiniteLoss(Callback):
                 " the last good checkpoint with --ckpt_path last and a lower learning rate")
 
 
+def monitor_missing(err: BaseException) -> bool:
+    """A checkpoint or early-stopping monitor naming a metric that is not logged: found at the first validation."""
+    text = str(err)
+    return (isinstance(err, MisconfigurationException) and "could not find the monitored key" in text
+            or isinstance(err, RuntimeError) and "Early stopping conditioned on metric" in text)
+
+
 class CheckpointOnException(Callback):
     """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
     newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
@@ -728,7 +739,8 @@ class CheckpointOnException(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
-                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)):
+                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
+                or monitor_missing(exception)):  # a config mistake: nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
         trainer.save_checkpoint(path)
@@ -781,6 +793,12 @@ class ResumeAtUnfinishedBatch(Callback):
             counts.update(ready=done, started=done, processed=done, completed=done - 1)
         progress["is_last_batch"] = False
         loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
+
+
+def best_checkpoint_file(config) -> str:
+    """The file fit's best_checkpoint callback writes: <dirpath or default_root_dir/checkpoints>/<filename>.ckpt."""
+    folder = config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints"
+    return str(Path(folder) / f"{config.best_checkpoint.filename or 'best'}.ckpt")
 
 
 def check_run_inputs(config) -> None:
@@ -876,7 +894,11 @@ class CausalLMCLI(LightningCLI):
         except ArgumentError as err:
             raise ConfigError(with_nearest_keys(parser, err)) from None
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
-        check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
+            config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
+        check_run_inputs(config)
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if model.model_type != "gpt" and not model.name_or_path:
             refuse_misspelt_keys(model.model_type, model.model_config)
@@ -929,6 +951,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             CausalLM,
             TextData,
             seed_everything_default=42,
+            auto_configure_optimizers=False,  # the model's configure_optimizers decides; --optimizer would be ignored
             trainer_defaults={"max_steps": 200, "val_check_interval": 50, "check_val_every_n_epoch": None,
                               "limit_val_batches": 20, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                               "default_root_dir": "runs/causal_lm",
@@ -943,6 +966,13 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
+    except (MisconfigurationException, RuntimeError) as err:
+        if not monitor_missing(err):
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message} (set that callback's monitor, e.g."
+                         " --best_checkpoint.monitor, to a logged metric)\n")
+        sys.exit(2)
     except (ConfigError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole

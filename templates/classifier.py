@@ -19,6 +19,9 @@ Your own data is a config value, not a code change:
     --data.image_size 64 --data.grayscale false                  # image folders: resize and colour mode
 The network is the one place to edit for a different model: `build_network` below.
 
+Inference without this script: Classifier.load_from_checkpoint(best, weights_only=True).eval() takes raw CSV rows (it
+standardizes them itself); model.hparams.class_names names its outputs.
+
 Outputs: checkpoints in <trainer.default_root_dir>/checkpoints (best.ckpt by val_acc, last.ckpt every epoch), logs in
 <trainer.default_root_dir>/lightning_logs/version_N (TensorBoard; CSV when tensorboard is not installed).
 """
@@ -44,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning as L
+from lightning.fabric.utilities.data import suggested_max_num_workers
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
                                          ModelCheckpoint)
@@ -91,16 +95,31 @@ class Classifier(L.LightningModule):
         dropout: float = 0.1,
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
+        class_names: Optional[list[str]] = None,
     ):
+        """num_classes, input_shape and class_names come from the data (linked in the CLI)."""
         super().__init__()
         self.save_hyperparameters()  # load_from_checkpoint needs no arguments
         self.net = build_network(tuple(input_shape), num_classes, tuple(hidden_dims), dropout)
+        # Feature vectors are standardized here, with the training split's statistics (set at fit start), so a
+        # checkpoint alone predicts on raw CSV rows: Classifier.load_from_checkpoint(path)(rows).
+        shape = tuple(input_shape) if len(input_shape) == 1 else ()
+        self.register_buffer("input_mean", torch.zeros(shape))
+        self.register_buffer("input_std", torch.ones(shape))
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_mean.dim():  # feature vectors (images arrive scaled to [-1, 1])
+            x = (x - self.input_mean) / self.input_std
         return self.net(x)
+
+    def on_fit_start(self):
+        data = self.trainer.datamodule
+        if getattr(data, "mean", None) is not None:
+            self.input_mean.copy_(data.mean)
+            self.input_std.copy_(data.std)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -139,8 +158,25 @@ class Classifier(L.LightningModule):
         epochs = self.trainer.max_epochs
         if not epochs or epochs < 1:  # max_epochs=-1 trains until stopped: keep the learning rate constant
             return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+        def cosine(epoch: int) -> float:
+            # max_epochs read at each step, not stored: a run resumed with a larger max_epochs follows the longer
+            # schedule from where it is (CosineAnnealingLR would restore the old T_max, reach 0 and climb back up)
+            total = max(1, self.trainer.max_epochs)
+            return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_train_start(self):
+        # A resumed run restores the optimizer's learning rate from the checkpoint, where the old schedule left it:
+        # set it from the schedule at this epoch (a fresh run: unchanged).
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # e.g. the Tuner's lr_find sweep
+                continue
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,10 +197,36 @@ def read_csv_table(path: Path, label_column: str, require_label: bool = True):
     feature_idx = [i for i in range(len(header)) if i != label_idx]
     try:
         features = torch.tensor([[float(row[i]) for i in feature_idx] for row in rows], dtype=torch.float32)
-    except (ValueError, IndexError) as err:
-        raise ConfigError(f"{path}: every column but {label_column!r} must be numeric and every row complete ({err})")
+        bad = None if features.isfinite().all() else (~features.isfinite()).nonzero()[0].tolist()
+    except (ValueError, IndexError):
+        bad = next([r, k] for r, row in enumerate(rows) for k, i in enumerate(feature_idx)
+                   if not _is_number(row[i] if i < len(row) else ""))
+    if bad:  # line numbers count the header as line 1, as editors do
+        r, k = bad
+        value = rows[r][feature_idx[k]] if feature_idx[k] < len(rows[r]) else ""
+        raise ConfigError(f"{path} line {r + 2}, column {header[feature_idx[k]]!r}: {value!r} is not a finite number;"
+                          f" every column but the label {label_column!r} must be numeric: fill or drop that row")
     labels = [row[label_idx] for row in rows] if label_idx is not None else None
     return features, labels, [header[i] for i in feature_idx]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def in_training_order(features: torch.Tensor, names: list, wanted: list, path: Path) -> torch.Tensor:
+    """Predict data's feature columns matched to the training data's by name (any order); missing or extra ones
+    are refused, since a column in the wrong place gives wrong predictions without any error."""
+    if names == wanted:
+        return features
+    missing, extra = [n for n in wanted if n not in names], [n for n in names if n not in wanted]
+    if missing or extra or len(set(names)) != len(names):
+        raise ConfigError(f"{path}: its feature columns differ from the training data's (missing: {missing[:5]},"
+                          f" not in training: {extra[:5]}): predict data needs the same named columns, in any order")
+    return features[:, [names.index(n) for n in wanted]]
 
 
 def sorted_classes(labels) -> list:
@@ -194,7 +256,7 @@ def refuse_unreadable_images(files: list) -> None:
 
 
 class ImageFolder(Dataset):
-    """Loads images lazily, so a folder larger than memory works (use --data.num_workers to overlap decoding)."""
+    """Loads images lazily, so a folder larger than memory works (DataLoader workers decode while the model trains)."""
 
     def __init__(self, files: list, labels: list, image_size: int, grayscale: bool):
         self.files, self.labels, self.image_size, self.mode = files, labels, image_size, "L" if grayscale else "RGB"
@@ -226,12 +288,13 @@ class ClassificationData(L.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: Optional[int] = None,
         split_seed: int = 1234,
         predict_path: Optional[str] = None,
     ):
-        """data_path: CSV/CSV.GZ file or image folder (default: the embedded digits). num_workers: 0 suits data held
-        in memory (CSV); raise it for image folders. split_seed fixes the train/val/test split across runs.
+        """data_path: CSV/CSV.GZ file or image folder (default: the embedded digits). num_workers: DataLoader
+        worker processes; default: none for a CSV (held in memory), for images Lightning's suggestion for this
+        machine's CPUs per device, at most 8. split_seed fixes the train/val/test split across runs.
         predict_path: what `predict` labels (a CSV without the label column, or a folder of images, in class
         subfolders or not); default: the test split. predictions.csv names each row's file or CSV row."""
         super().__init__()
@@ -272,8 +335,11 @@ class ClassificationData(L.LightningDataModule):
             return classes, files, torch.tensor(targets)
         if not path.name.endswith((".csv", ".csv.gz")):
             raise ConfigError(f"{path}: unsupported data file; use a .csv/.csv.gz table or a folder of images")
-        features, labels, _ = read_csv_table(path, self.hparams.label_column, require_label)
-        if classes is None:
+        features, labels, names = read_csv_table(path, self.hparams.label_column, require_label)
+        if classes is not None:  # predict data: the training data's columns, in its order
+            features = in_training_order(features, names, getattr(self, "feature_names", []), path)
+        else:
+            self.feature_names = names
             classes = sorted_classes(labels)
             if len(classes) < 2:
                 raise ConfigError(f"{path}: column {self.hparams.label_column!r} holds fewer than 2 classes")
@@ -286,7 +352,7 @@ class ClassificationData(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
         n_val, n_test = int(n * self.hparams.val_fraction), int(n * self.hparams.test_fraction)
         splits = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
-        if torch.is_tensor(self.inputs):  # standardize features with training-split statistics
+        if torch.is_tensor(self.inputs):  # training-split statistics: the model standardizes with them
             train = self.inputs[splits["train"]]
             std = train.std(0)
             self.mean, self.std = train.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))  # constant columns
@@ -304,12 +370,15 @@ class ClassificationData(L.LightningDataModule):
 
     def _dataset(self, inputs, targets, idx: torch.Tensor) -> Dataset:
         if torch.is_tensor(inputs):
-            return TensorDataset((inputs[idx] - self.mean) / self.std, targets[idx])
+            return TensorDataset(inputs[idx], targets[idx])
         return ImageFolder([inputs[i] for i in idx], targets[idx].tolist(), self.hparams.image_size,
                            self.hparams.grayscale)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
+        if workers is None:  # decoding images in the training process would leave the accelerator waiting
+            devices = self.trainer.num_devices if self.trainer else 1
+            workers = min(8, suggested_max_num_workers(devices)) if isinstance(self.datasets[name], ImageFolder) else 0
         return DataLoader(self.datasets[name], batch_size=self.hparams.batch_size, shuffle=shuffle,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
@@ -408,6 +477,13 @@ class StopOnNonFiniteLoss(Callback):
                 " the last good checkpoint with --ckpt_path last and a lower learning rate")
 
 
+def monitor_missing(err: BaseException) -> bool:
+    """A checkpoint or early-stopping monitor naming a metric that is not logged: found at the first validation."""
+    text = str(err)
+    return (isinstance(err, MisconfigurationException) and "could not find the monitored key" in text
+            or isinstance(err, RuntimeError) and "Early stopping conditioned on metric" in text)
+
+
 class CheckpointOnException(Callback):
     """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
     newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
@@ -422,7 +498,8 @@ class CheckpointOnException(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
-                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)):
+                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
+                or monitor_missing(exception)):  # a config mistake: nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
         trainer.save_checkpoint(path)
@@ -475,6 +552,12 @@ class ResumeAtUnfinishedBatch(Callback):
             counts.update(ready=done, started=done, processed=done, completed=done - 1)
         progress["is_last_batch"] = False
         loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
+
+
+def best_checkpoint_file(config) -> str:
+    """The file fit's best_checkpoint callback writes: <dirpath or default_root_dir/checkpoints>/<filename>.ckpt."""
+    folder = config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints"
+    return str(Path(folder) / f"{config.best_checkpoint.filename or 'best'}.ckpt")
 
 
 def check_run_inputs(config) -> None:
@@ -536,6 +619,7 @@ class ClassifierCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
         # The best model by validation accuracy, and an unmonitored checkpoint whose last.ckpt is rewritten every
         # epoch: a monitored one only rewrites last.ckpt when the metric improves, so resuming from it could redo
         # epochs. dirpath None means <trainer.default_root_dir>/checkpoints: a fixed folder that --ckpt_path last finds.
@@ -560,7 +644,11 @@ class ClassifierCLI(LightningCLI):
         except ArgumentError as err:
             raise ArgumentError(None, with_nearest_keys(parser, err)) from None
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
-        check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
+            config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
+        check_run_inputs(config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -625,6 +713,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             Classifier,
             ClassificationData,
             seed_everything_default=42,
+            auto_configure_optimizers=False,  # the model's configure_optimizers decides; --optimizer would be ignored
             trainer_defaults=defaults,
             save_config_kwargs={"overwrite": True},  # the saved config.yaml is rewritten when a run is resumed
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # errors end in one line, below
@@ -635,6 +724,13 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
+    except (MisconfigurationException, RuntimeError) as err:
+        if not monitor_missing(err):
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message} (set that callback's monitor, e.g."
+                         " --best_checkpoint.monitor, to a logged metric)\n")
+        sys.exit(2)
     except (ConfigError, ArgumentError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"

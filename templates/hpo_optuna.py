@@ -23,6 +23,7 @@ import io
 import json
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +44,20 @@ class UsageError(ValueError):
     """Bad input: one line on stderr, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM during a trial. Optuna records the trial as failed (a SystemExit would leave it RUNNING until
+    the heartbeat's grace period) and stops the study; rerunning the command continues it."""
+
+    def __init__(self, how: str, code: int):
+        super().__init__(how)
+        self.how, self.code = how, code
+
+
 def load_script(path: Path):
     if not path.is_file():
         raise UsageError(f"no such training script: {path}: pass --script")
@@ -55,11 +70,10 @@ def load_script(path: Path):
     return module
 
 
-def base_configs(args) -> list:
-    """Copies of the --config files without the keys of a `fit` subcommand (ckpt_path, weights_only), which the
-    template's parser does not take when it only builds the objects."""
+def base_configs(args, folder: Path) -> list:
+    """Copies of the --config files, in folder, without the keys of a `fit` subcommand (ckpt_path, weights_only),
+    which the template's parser does not take when it only builds the objects."""
     out = []
-    folder = Path(args.runs) / args.study_name
     for i, name in enumerate(args.config):
         try:
             data = yaml.safe_load(Path(name).read_text()) or {}
@@ -67,7 +81,6 @@ def base_configs(args) -> list:
             raise UsageError(f"cannot read --config {name}: {err}")
         for key in ("ckpt_path", "weights_only", "config"):
             data.pop(key, None)
-        folder.mkdir(parents=True, exist_ok=True)
         copy = folder / f"base_config_{i}.yaml"
         copy.write_text(yaml.safe_dump(data, sort_keys=False))
         out.append(str(copy))
@@ -103,13 +116,29 @@ def build(module, args: list, callbacks=()):
         sys.argv = argv
 
 
-def check_space(module, base: list, space: dict) -> None:
-    middle = {}
+def check_space(module, base: list, space: dict) -> dict:
+    """The space with numeric bounds (YAML reads 1e-4 as a string: only 1.0e-4 is a float), after the template
+    accepted each key with its lowest value or first choice."""
+    checked, middle = {}, {}
     for key, spec in space.items():
         if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
             raise UsageError(f"search space {key!r}: needs type float, int or categorical")
+        spec = dict(spec)
+        try:
+            if spec["type"] == "categorical":
+                assert isinstance(spec["choices"], list) and spec["choices"]
+            else:
+                number = float if spec["type"] == "float" else int
+                spec["low"], spec["high"] = number(spec["low"]), number(spec["high"])
+                assert spec["low"] < spec["high"]
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise UsageError(f"search space {key!r}: {spec['type']} needs " + (
+                "a non-empty list of choices" if spec["type"] == "categorical" else
+                f"numbers low < high (got low={spec.get('low')!r}, high={spec.get('high')!r})")) from None
+        checked[key] = spec
         middle[key] = spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
     build(module, cli_args(base, middle))  # an unknown key exits 2 with the template's nearest-key message
+    return checked
 
 
 def open_study(args):
@@ -137,12 +166,25 @@ def objective(module, base: list, space: dict, args):
         pruning = PyTorchLightningPruningCallback(trial, monitor=args.monitor)
         root = Path(args.runs) / args.study_name / f"trial_{trial.number}"
         cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(root)], values), [pruning])
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        # a trial is never resumed: no last-on-exception.ckpt (and its "continue with" line) when it is pruned
+        cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ != "CheckpointOnException"]
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        except SIGTERMException:
+            raise Stopped("SIGTERM", 128 + signal.SIGTERM) from None
+        except SystemExit as err:  # Lightning turns Ctrl-C into sys.exit(1) after its clean-up
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise Stopped("Ctrl-C", 128 + signal.SIGINT) from None
+            raise
         pruning.check_pruned()  # only acts under DDP, where pruning is decided on rank 0
-        score = cli.trainer.callback_metrics.get(args.monitor)
-        if score is None:
-            raise UsageError(f"the run logged no {args.monitor!r}: pass --monitor with a logged validation metric")
-        return float(score)
+        metrics = cli.trainer.callback_metrics
+        if args.monitor not in metrics:
+            raise UsageError(f"the run logged no {args.monitor!r} (it logged: {', '.join(sorted(metrics))}): pass"
+                             " --monitor with a logged validation metric")
+        best = cli.trainer.checkpoint_callback  # the template's best.ckpt: the model the exported config will keep
+        if best is not None and best.monitor == args.monitor and best.best_model_score is not None:
+            return float(best.best_model_score)
+        return float(metrics[args.monitor])
 
     return run_trial
 
@@ -155,12 +197,15 @@ def pre_tune(module, base: list, args) -> dict:
     if args.scale_batch_size:
         cli = build(module, base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")])
         size = Tuner(cli.trainer).scale_batch_size(cli.model, datamodule=cli.datamodule, mode="power",
-                                                   max_trials=5)
+                                                   init_val=cli.datamodule.hparams.batch_size)
         found["data.batch_size"] = int(size)
     if args.lr_find:
         cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")], found))
         finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name="lr")
-        found["model.lr"] = float(finder.suggestion())
+        if finder.suggestion() is None:  # too few steps or a loss that never fell: keep the config's lr
+            print("tuner: lr_find made no suggestion (too few batches, or the loss never fell); trial 0 keeps the lr")
+        else:
+            found["model.lr"] = float(finder.suggestion())
     if found:
         print(f"tuner: {found}")
     return found
@@ -172,6 +217,9 @@ def export_best(module, base: list, study, path: Path) -> None:
     data = yaml.safe_load(text)
     for key in ("config", "ckpt_path"):
         data.pop(key, None)
+    for value in data.values():  # checkpoint folders follow the final run's --trainer.default_root_dir
+        if isinstance(value, dict) and "dirpath" in value:
+            value["dirpath"] = None
     path.write_text(f"# best of study {study.study_name!r}: trial {study.best_trial.number}, value"
                     f" {study.best_value:.6g}\n" + yaml.safe_dump(data, sort_keys=False))
 
@@ -185,7 +233,8 @@ def print_table(study) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
     parser.add_argument("--script", default=str(Path(__file__).resolve().parent / "classifier.py"),
                         help="template to tune (default: classifier.py next to this file)")
     parser.add_argument("--config", action="append", default=[], help="base config(s) for the template")
@@ -203,11 +252,19 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="best_config.yaml", help="best configuration (never overwritten)")
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra template arguments, last")
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        return run_study(args, stack)
+
+
+def run_study(args, stack) -> int:
     try:
         import optuna
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
 
+        if args.set and not args.set[0].startswith("--"):  # scaffold.py's key=value form
+            raise UsageError(f"--set passes the template's own options, last: --set --trainer.max_epochs 20 (got"
+                             f" {args.set[0]!r})")
         output = Path(args.output)
         if output.exists():
             raise UsageError(f"{output} exists: pass another --output (nothing was run)")
@@ -220,8 +277,9 @@ def main(argv=None) -> int:
             if not isinstance(space, dict) or not space:
                 raise UsageError(f"--space {args.space} must map keys to {{type, low, high}} or {{type, choices}}")
         module = load_script(Path(args.script))
-        base = [a for c in base_configs(args) for a in ("--config", c)] + args.set
-        check_space(module, base, space)
+        copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))  # nothing left behind
+        base = [a for c in base_configs(args, Path(copies)) for a in ("--config", c)] + args.set
+        space = check_space(module, base, space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat: stable enough
         study = open_study(args)
@@ -232,8 +290,9 @@ def main(argv=None) -> int:
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished))
         if done < args.n_trials:
+            diverged = tuple(e for e in (getattr(module, "NonFiniteLossError", None),) if e)  # a failed trial
             study.optimize(objective(module, base, space, args), n_trials=args.n_trials - done,
-                           callbacks=[MaxTrialsCallback(args.n_trials, states=finished)], catch=())
+                           callbacks=[MaxTrialsCallback(args.n_trials, states=finished)], catch=diverged)
     except UsageError as err:
         print(f"hpo_optuna.py: error: {err}", file=sys.stderr)
         return 2
@@ -243,6 +302,13 @@ def main(argv=None) -> int:
     except SIGTERMException:  # a SystemExit without a code: exit 0 would read as success
         print("hpo_optuna.py: stopped by SIGTERM; rerun the same command to continue the study", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except Stopped as stop:
+        print(f"hpo_optuna.py: stopped by {stop.how}; the trial under way is recorded as failed; rerun the same"
+              " command to continue the study", file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt:  # between trials
+        print("hpo_optuna.py: stopped by Ctrl-C; rerun the same command to continue the study", file=sys.stderr)
+        return 128 + signal.SIGINT
     print_table(study)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) and not output.exists():
         export_best(module, base, study, output)

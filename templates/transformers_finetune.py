@@ -332,6 +332,13 @@ class StopOnNonFiniteLoss(Callback):
                 " the last good checkpoint with --ckpt_path last and a lower learning rate")
 
 
+def monitor_missing(err: BaseException) -> bool:
+    """A checkpoint or early-stopping monitor naming a metric that is not logged: found at the first validation."""
+    text = str(err)
+    return (isinstance(err, MisconfigurationException) and "could not find the monitored key" in text
+            or isinstance(err, RuntimeError) and "Early stopping conditioned on metric" in text)
+
+
 class CheckpointOnException(Callback):
     """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
     newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
@@ -346,7 +353,8 @@ class CheckpointOnException(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
-                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)):
+                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
+                or monitor_missing(exception)):  # a config mistake: nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
         trainer.save_checkpoint(path)
@@ -399,6 +407,12 @@ class ResumeAtUnfinishedBatch(Callback):
             counts.update(ready=done, started=done, processed=done, completed=done - 1)
         progress["is_last_batch"] = False
         loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
+
+
+def best_checkpoint_file(config) -> str:
+    """The file fit's best_checkpoint callback writes: <dirpath or default_root_dir/checkpoints>/<filename>.ckpt."""
+    folder = config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints"
+    return str(Path(folder) / f"{config.best_checkpoint.filename or 'best'}.ckpt")
 
 
 def check_run_inputs(config) -> None:
@@ -499,13 +513,17 @@ class FinetuneCLI(LightningCLI):
         except ArgumentError as err:
             raise ConfigError(with_nearest_keys(parser, err)) from None
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
-        check_run_inputs(self.config[self.config.subcommand] if self.config.get("subcommand") else self.config)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
+            config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
+        check_run_inputs(config)
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if not model.name_or_path:
             refuse_misspelt_keys(model.model_type, model.model_config)
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
@@ -534,30 +552,43 @@ class FinetuneCLI(LightningCLI):
             print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
 
 
-def main(args=None) -> None:
+def main(args=None, run: bool = True, callbacks: tuple = ()):
+    """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
+    callbacks are always added (hpo_optuna.py passes its pruning callback this way)."""
     torch.set_float32_matmul_precision("high")
     try:
-        FinetuneCLI(
+        return FinetuneCLI(
             TextClassifier,
             TextClassificationData,
             seed_everything_default=42,
+            auto_configure_optimizers=False,  # the model's configure_optimizers decides; --optimizer would be ignored
             trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                               "default_root_dir": "runs/transformers_finetune",
-                              "callbacks": [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss()]},
+                              "callbacks": [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(),
+                                            *callbacks]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,
+            run=run,
         )
     except SIGTERMException:  # Lightning raises it as a SystemExit without a code, which would exit 0 (success)
         sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
+    except (MisconfigurationException, RuntimeError) as err:
+        if not monitor_missing(err):
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message} (set that callback's monitor, e.g."
+                         " --best_checkpoint.monitor, to a logged metric)\n")
+        sys.exit(2)
     except (ConfigError, NonFiniteLossError) as err:
         message = " ".join(str(err).split())
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
-    finally:  # after errors too, while the interpreter is still whole
-        release_process_group()
+    finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
+        if run:
+            release_process_group()
 
 
 if __name__ == "__main__":

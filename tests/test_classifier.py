@@ -74,7 +74,7 @@ def test_test_and_predict_from_best_checkpoint(main_job):
     test_acc = float(re.search(r"test_acc\D+([0-9]\.[0-9]+)", tested.stdout).group(1))
     assert test_acc >= 0.93, tested.stdout
 
-    predicted = run_template("classifier.py", "predict", "--ckpt_path", best, *QUIET, cwd=cwd)
+    predicted = run_template("classifier.py", "predict", "--ckpt_path", "best", *QUIET, cwd=cwd)  # = that file
     assert_ok(predicted)
     out = re.search(r"predictions written to (\S+)", predicted.stdout).group(1)
     with open(cwd / out if not out.startswith("/") else out) as f:
@@ -93,6 +93,21 @@ def test_test_and_predict_from_best_checkpoint(main_job):
     assert_ok(summary)
     report = json.loads(summary.stdout)
     assert "version_0" in report["source"] and "val_acc" in report["metrics"] and report["epochs"] > 1
+
+
+def test_the_best_checkpoint_alone_predicts_on_raw_rows(main_job, classifier_module):
+    """Plain-Python inference, no DataModule: the model standardizes features itself and names its classes."""
+    cwd, _, _ = main_job
+    best = cwd / "runs" / "classifier" / "checkpoints" / "best.ckpt"
+    model = classifier_module.Classifier.load_from_checkpoint(best, map_location="cpu", weights_only=True).eval()
+    with gzip.open(ASSETS / "digits.csv.gz", "rt") as f:
+        header, *rows = list(csv.reader(f))
+    label = header.index("label")
+    raw = torch.tensor([[float(v) for i, v in enumerate(r) if i != label] for r in rows])
+    with torch.no_grad():
+        names = [model.hparams.class_names[i] for i in model(raw).argmax(-1).tolist()]
+    accuracy = sum(n == r[label] for n, r in zip(names, rows)) / len(rows)
+    assert model.hparams.class_names == [str(d) for d in range(10)] and accuracy >= 0.95, accuracy
 
 
 def test_resume_with_ckpt_path_last_continues_at_next_epoch(tmp_path):
@@ -118,6 +133,17 @@ def test_resume_with_ckpt_path_last_continues_at_next_epoch(tmp_path):
     metrics = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
     epochs = {int(r["epoch"]) for r in metrics if r.get("val_acc")}
     assert epochs == {2, 3}, f"the resumed run must train epochs 2 and 3 only, logged {sorted(epochs)}"
+    # the cosine schedule stretches to the new max_epochs: epochs 2 and 3 of 4, not the old 2-epoch one restarting
+    lr = ckpt["hyper_parameters"]["lr"]
+    logged = [float(r["lr-AdamW"]) for r in metrics if r.get("lr-AdamW")]
+    assert logged == pytest.approx([lr * (1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)], rel=1e-5), logged
+
+    # the summary joins the resumed run's log (CSV) to the first run's (TensorBoard), which holds epochs 0 and 1
+    summary = run([sys.executable, REPO / "scripts" / "summarize_run.py", tmp_path, "--format", "json"], cwd=tmp_path)
+    assert_ok(summary)
+    report = json.loads(summary.stdout)
+    assert report["resumed_from"] == [str(tmp_path / "runs" / "classifier" / "lightning_logs" / "version_0")]
+    assert report["epochs"] == 4 and report["metrics"]["val_acc"]["points"] == 4, report
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
@@ -250,15 +276,77 @@ def test_each_config_parses(config, classifier_main, capsys):
     (["--trainer.precision", "fp16"], 'Parser key "trainer.precision"'),
     (["--data.data_path", "no_such_file.csv"], "data not found: no_such_file.csv"),
     (["--data.val_fraction", "0.9"], "val_fraction and test_fraction"),
+    (["--lr_scheduler", "StepLR"], "unrecognized arguments: --lr_scheduler"),  # the model's own schedule decides
+    (["test", "--ckpt_path", "best"], "checkpoint not found: runs/classifier/checkpoints/best.ckpt"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, expected, classifier_main, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        classifier_main(["fit", *args])
+        classifier_main(args if args[0] == "test" else ["fit", *args])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and expected in errors[0], errors
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_data_loader_workers_follow_the_data(classifier_module, tmp_path):
+    """num_workers null (the default): no worker processes for a CSV held in memory; for an image folder, workers
+    that decode while the model trains (Lightning's suggestion for this machine, at most 8); a set value is kept."""
+    from PIL import Image
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            Image.new("RGB", (10, 12), (40 * i, 90, 30)).save(tmp_path / label / f"{i}.png")
+    Data = classifier_module.ClassificationData
+    digits, images = Data(), Data(str(tmp_path), image_size=8, val_fraction=0.25, test_fraction=0.25, batch_size=4)
+    pinned = Data(str(tmp_path), image_size=8, val_fraction=0.25, test_fraction=0.25, num_workers=0)
+    for data in (digits, images, pinned):
+        data.setup("fit")
+    assert digits.train_dataloader().num_workers == 0 and pinned.train_dataloader().num_workers == 0
+    loader = images.train_dataloader()
+    assert loader.num_workers == min(8, suggested_max_num_workers(1)) >= 1 and loader.persistent_workers
+    x, y = next(iter(loader))  # decoded in a worker process
+    assert x.shape == (4, 3, 8, 8) and y.shape == (4,)
+
+
+def test_predict_csv_columns_are_matched_to_the_training_columns_by_name(classifier_module, tmp_path):
+    """New rows whose columns come in another order predict as the same rows in training order; a missing column or
+    a blank cell is refused in one line that names it."""
+    with gzip.open(ASSETS / "digits.csv.gz", "rt") as f:
+        header, *rows = list(csv.reader(f))[:21]
+    features = [name for name in header if name != "label"]
+
+    def write(name, columns, data_rows):
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows([columns] + [[dict(zip(header, r))[c] for c in columns] for r in data_rows])
+        return str(tmp_path / name)
+
+    Data, ConfigError = classifier_module.ClassificationData, classifier_module.ConfigError
+    inputs = {}
+    for name, columns in (("same.csv", features), ("reversed.csv", features[::-1])):
+        data = Data(predict_path=write(name, columns, rows))
+        data.setup("predict")
+        inputs[name] = data.datasets["predict"].tensors[0]
+    assert torch.equal(inputs["same.csv"], inputs["reversed.csv"])
+    with pytest.raises(ConfigError, match=r"missing: \['pixel_5'\]"):
+        Data(predict_path=write("short.csv", [c for c in features if c != "pixel_5"], rows)).setup("predict")
+    rows[1][3] = ""
+    with pytest.raises(ConfigError, match="line 3, column 'pixel_3': '' is not a finite number"):
+        Data(data_path=write("blank.csv", header, rows))
+
+
+@pytest.mark.parametrize("callback", ["early_stopping", "best_checkpoint"])
+def test_a_monitor_that_is_not_logged_is_one_line_and_no_checkpoint(callback, classifier_main, capsys, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        classifier_main(["fit", f"--{callback}.monitor", "val_los", "--trainer.max_epochs", "1",
+                         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", *QUIET])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "val_los" in errors[0] and "val_loss" in errors[0]
+    assert not (tmp_path / "runs" / "classifier" / "checkpoints").exists()  # a config mistake: nothing to resume
 
 
 def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path):

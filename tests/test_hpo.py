@@ -26,7 +26,8 @@ def load(tmp_path, name="hpo"):
 
 
 def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
-    enqueue = [a for p in GOOD + BAD for a in ("--enqueue", json.dumps(p))]
+    diverging = {"model.lr": 1e30, "model.dropout": 0.1, "data.batch_size": 64}  # NaN loss: fails, the study goes on
+    enqueue = [a for p in GOOD + [diverging] + BAD for a in ("--enqueue", json.dumps(p))]
     start = time.perf_counter()
     result = run(hpo_cmd(tmp_path, "--n-trials", "4", "--output", tmp_path / "best.yaml", *enqueue), cwd=tmp_path)
     elapsed = time.perf_counter() - start
@@ -35,12 +36,15 @@ def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
     trials = load(tmp_path).trials
     assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
     assert any(t.state == TrialState.PRUNED and t.params["model.lr"] < 1e-5 for t in trials)
+    assert [t.params["model.lr"] for t in trials if t.state == TrialState.FAIL] == [1e30]
     assert "PRUNED" in result.stdout and "best: trial" in result.stdout
+    assert "last-on-exception" not in result.stderr  # pruned trials are not resumed: no checkpoint, no advice
 
+    # the exported config trains as it is, its checkpoints in the new run's own folder
     trained = run_template("classifier.py", "fit", "--config", tmp_path / "best.yaml", "--trainer.max_epochs", "2",
-                           *QUIET, cwd=tmp_path)
+                           "--trainer.default_root_dir", "final", *QUIET, cwd=tmp_path)
     assert_ok(trained)
-    assert "best val_acc=" in trained.stdout
+    assert "best val_acc=" in trained.stdout and (tmp_path / "final" / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_killed_study_resumes_without_losing_finished_trials(tmp_path):
@@ -91,6 +95,8 @@ def test_two_workers_share_one_study(tmp_path):
     (["--space", "space.yaml"], "model.lrr"),
     (["--storage", "sqlite:////no/such/dir/study.db"], "cannot open storage"),
     (["--storage", "redis://localhost/0"], "unsupported storage"),
+    (["--n-trial", "3"], "unrecognized arguments: --n-trial"),  # no abbreviations: a typo is not --n-trials
+    (["--set", "trainer.max_epochs=2"], "--set passes the template's own options"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, expected):
     (tmp_path / "space.yaml").write_text("model.lrr:\n  type: float\n  low: 0.001\n  high: 0.1\n")
@@ -98,6 +104,18 @@ def test_bad_input_one_line_exit_2(tmp_path, args, expected):
     if "--storage" not in args:
         cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
     assert_one_error_line(run(cmd, cwd=tmp_path), expected)
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_study_over_another_template_with_a_yaml_space(tmp_path):
+    """transformers_finetune.py (its default tiny model) with a --space file in the documented shape: YAML reads
+    1e-4 as a string, which must still be a float bound."""
+    (tmp_path / "space.yaml").write_text("model.learning_rate: {type: float, low: 1e-4, high: 3e-3, log: true}\n")
+    result = run(hpo_cmd(tmp_path, "--script", TEMPLATES / "transformers_finetune.py", "--space", "space.yaml",
+                         "--n-trials", "1", "--output", tmp_path / "best.yaml", epochs=1), cwd=tmp_path)
+    assert_ok(result)
+    (trial,) = load(tmp_path).trials
+    assert trial.state == TrialState.COMPLETE and 1e-4 <= trial.params["model.learning_rate"] <= 3e-3
 
 
 def test_study_over_a_printed_fit_config(tmp_path):

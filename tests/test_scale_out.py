@@ -7,6 +7,7 @@ templates with from_pretrained: the real loading code, offline.
 import copy
 import csv
 import json
+import os
 import pickle
 import re
 import shlex
@@ -26,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
-from conftest import (CONFIGS, QUIET, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
+from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, assert_one_error_line, consolidate_and_validate,
                       final_val_loss, load_ckpt, load_module, run, run_template, save_tiny_tokenizer)
 
 LAUNCH = TEMPLATES / "launch"
@@ -214,21 +215,24 @@ def free_port() -> int:
 
 
 def test_simulated_two_node_torchrun(tmp_path):
-    port = free_port()
-    procs = []
-    for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-               TEMPLATES / "causal_lm.py", "fit", "--config", CONFIGS / "multinode.yaml", "--trainer.accelerator",
-               "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.precision", "32-true",
-               "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", *QUIET]
-        procs.append(subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    """launch/torchrun.sh on two "machines" (node ranks 0 and 1 on this one), in a project made by scaffold.py: the
+    project's config.yaml (model, data, run length) is used, with multinode.yaml's DDP trainer settings over it."""
+    made = run([sys.executable, REPO / "scripts" / "scaffold.py", "causal_lm", "proj", "--hardware", "none",
+                "--set", "data.block_size=32", "--set", "trainer.max_steps=4", "--set", "trainer.val_check_interval=2"],
+               cwd=tmp_path)
+    assert_ok(made)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen(["bash", "launch/torchrun.sh", "--trainer.accelerator", "cpu", "--trainer.precision",
+                               "32-true", *QUIET], cwd=tmp_path / "proj", env={**env, "NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     loss0, loss1 = final_val_loss(outputs[0]), final_val_loss(outputs[1])
     assert set(loss0) == {0} and set(loss1) == {1} and loss0[0] == loss1[1]
     assert "MEMBER: 2/2" in outputs[1]
+    ckpt = load_ckpt(tmp_path / "proj" / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4 and ckpt["datamodule_hyper_parameters"]["block_size"] == 32  # config.yaml's
 
 
 # ---- configs and launch files ------------------------------------------------------------------------------------
@@ -294,7 +298,9 @@ def test_slurm_launch_file_matches_its_config():
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
     srun = shlex.split(re.search(r"^srun (.+)$", text, re.M).group(1))
     flags = dict(zip(srun[::1], srun[1::1]))
-    config = yaml.safe_load((CONFIGS / flags["--config"].split("/")[-1]).read_text())["trainer"]
+    assert flags["fit"] == "${CONFIGS[@]}"  # the project's config.yaml when there is one, then multinode.yaml
+    cluster = re.search(r"^CONFIGS=\(--config (\S+)\)$", text, re.M).group(1)
+    config = yaml.safe_load((CONFIGS / cluster.split("/")[-1]).read_text())["trainer"]
     nodes = int(flags.get("--trainer.num_nodes", config["num_nodes"]))
     devices = int(flags.get("--trainer.devices", config["devices"]))
     assert int(sbatch["nodes"]) == nodes == config["num_nodes"]
@@ -469,17 +475,22 @@ def test_transformers_causal_lms_attend_without_a_mask(model_type, monkeypatch):
 
 
 def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
-    """Tied input/output embeddings under FSDP2: the sharded checkpoint consolidates with Lightning's utility and a
-    one-process validate of that file gives the val_loss of the 2-process run."""
+    """Tied input/output embeddings under FSDP2 with "auto" mesh sizes (one node: sharded over the tensor_parallel
+    dimension): each process trains on its own half of the data; the sharded checkpoint consolidates with
+    Lightning's utility and a one-process validate of that file gives the val_loss of the 2-process run."""
     result = run_template("causal_lm.py", "fit", "--model.model_type", "gpt", "--config", CONFIGS / "fsdp2.yaml",
                           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
-                          "--trainer.strategy.init_args.data_parallel_size", "2", "--trainer.max_steps", "4",
+                          "--trainer.strategy.init_args.data_parallel_size", "auto",
+                          "--trainer.strategy.init_args.tensor_parallel_size", "auto", "--trainer.max_steps", "4",
                           "--trainer.use_distributed_sampler", "false",  # both ranks validate what one process will
                           "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "4", *QUIET,
                           cwd=tmp_path, timeout=600)
     assert_ok(result)
     losses = final_val_loss(result.stdout)
     assert set(losses) == {0, 1} and losses[0] == losses[1]
+    sharded = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    _, processes, _ = load_ckpt(sharded / "meta.pt")["TextData"]["order"]  # the sampler's split
+    assert processes == 2, f"the training data was split over {processes} process(es), not both"
     _, val_loss = consolidate_and_validate(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt", tmp_path)
     assert abs(val_loss - losses[0]) < 1e-4, (val_loss, losses[0])
 

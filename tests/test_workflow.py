@@ -178,6 +178,15 @@ def test_smoke_test_diagnoses_planted_failure(diagnosis, tmp_path):
     assert report["fix"] and report["error_line"]
 
 
+def test_check_env_fix_installs_into_the_checked_interpreter(tmp_path):
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # an interpreter without the packages
+    bare = tmp_path / "bare" / ("Scripts" if os.name == "nt" else "bin") / "python"
+    result = script("check_env.py", "--python", bare, "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1 and json.loads(result.stdout)["fix"].startswith(f"{bare} -m pip install ")
+
+
 def test_smoke_test_bad_usage(tmp_path):
     result = script("smoke_test.py", tmp_path / "missing.py", cwd=tmp_path)
     assert result.returncode == 2 and "no such script" in result.stderr
@@ -201,6 +210,12 @@ def test_launch_files_match_config(tmp_path):
                    cwd=tmp_path)
     assert local.stdout.startswith(f"cd {TEMPLATES} && ")  # --script found in the folder above the config's
     assert local.stdout.rstrip().endswith(" classifier.py fit --config configs/cpu.yaml")
+    # one machine: torchrun needs no rendezvous address; a CPU config asks SLURM for no GPUs
+    standalone = script("launch.py", CONFIGS / "cpu.yaml", "--target", "torchrun", "--script", "classifier.py",
+                        cwd=tmp_path)
+    assert standalone.stdout.startswith(f"cd {TEMPLATES} && torchrun --standalone --nproc-per-node 1 classifier.py")
+    cpu_job = script("launch.py", CONFIGS / "cpu.yaml", "--target", "slurm", "--script", "classifier.py", cwd=tmp_path)
+    assert "#SBATCH --ntasks-per-node=1" in cpu_job.stdout and "--gres" not in cpu_job.stdout
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -314,6 +329,23 @@ def test_summarize_reads_the_training_log_past_later_empty_or_test_only_logs(tmp
     result = script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path)
     assert_ok(result)
     assert "version_0" in json.loads(result.stdout)["source"]
+
+
+def test_summarize_joins_a_resumed_run_to_the_log_it_continues_and_no_other(tmp_path):
+    write_metrics(tmp_path / "logs" / "version_0", healthy())  # killed after step 90; last checkpoint at step 50
+    resumed = [r for r in healthy(14) if r["step"] >= 50]
+    write_metrics(tmp_path / "logs" / "version_1", resumed)
+    (tmp_path / "logs" / "version_1" / "config.yaml").write_text("ckpt_path: last\n")  # as LightningCLI saves it
+    for age, version in enumerate((1, 0)):
+        os.utime(tmp_path / "logs" / f"version_{version}" / "metrics.csv", (1e9 - age * 60, 1e9 - age * 60))
+    report = json.loads(script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path).stdout)
+    assert report["resumed_from"] == [str(tmp_path / "logs" / "version_0" / "metrics.csv")]
+    val_acc = report["metrics"]["val_acc"]  # steps 0-40 from version_0, 50-130 from version_1: none twice
+    assert (val_acc["points"], val_acc["last_step"], report["epochs"]) == (14, 130, 14), val_acc
+
+    (tmp_path / "logs" / "version_1" / "config.yaml").write_text("ckpt_path: null\n")  # a fresh run: not joined
+    report = json.loads(script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path).stdout)
+    assert report["resumed_from"] == [] and report["metrics"]["val_acc"]["points"] == 9
 
 
 def test_summarize_plot(tmp_path):

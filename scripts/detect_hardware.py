@@ -268,8 +268,8 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
     nodes = machine["num_nodes"]
     if machine["launcher"] in ("slurm", "torchrun") and machine.get("tasks_per_node") not in (None, devices):
         warnings.append(f"{machine['launcher']} starts {machine['tasks_per_node']} processes per node but this node has"
-                        f" {devices} device(s): set --ntasks-per-node / --nproc-per-node to {devices}, or Lightning"
-                        " stops with 'ValueError: You set devices=...'")
+                        f" {devices} device(s): set --ntasks-per-node / --nproc-per-node to {devices}, or the run"
+                        " stops with 'ValueError: You set devices=...' (DDP) or hangs (FSDP)")
     world = devices * nodes
     accelerator = {"cuda": "gpu", "mps": "mps", "tpu": "tpu", "cpu": "cpu"}[acc]
     if acc == "cuda":

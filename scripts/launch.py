@@ -5,8 +5,8 @@ Usage:
     python scripts/launch.py configs/multinode.yaml --target torchrun --script causal_lm.py
     python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
 
-The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else Lightning stops with
-"ValueError: You set devices=..." or, where it cannot check, hangs at "Initializing distributed"): a --nodes (or
+The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else a DDP run stops with
+"ValueError: You set devices=..." and an FSDP run can hang at "Initializing distributed"): a --nodes (or
 --devices) that disagrees with the config is an error. --script defaults to the only .py file (hpo_optuna.py
 aside) in the config's folder or the folder above it. The command runs in the script's folder (`cd`, or
 `#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as scaffold.py's
@@ -72,8 +72,8 @@ def plan(trainer: dict, target: str, nodes, devices) -> tuple:
     config_nodes = int(trainer.get("num_nodes", 1) or 1)
     config_devices = trainer.get("devices", "auto")
     if nodes is not None and nodes != config_nodes:
-        raise UsageError(f"--nodes {nodes} but trainer.num_nodes is {config_nodes}: they must match (Lightning checks"
-                         f" them at start-up); set trainer.num_nodes: {nodes} in the config")
+        raise UsageError(f"--nodes {nodes} but trainer.num_nodes is {config_nodes}: they must match, or the run fails"
+                         f" or hangs at start-up; set trainer.num_nodes: {nodes} in the config")
     if devices is not None and isinstance(config_devices, int) and config_devices != -1 and devices != config_devices:
         raise UsageError(f"--devices {devices} but trainer.devices is {config_devices}: processes per node must equal"
                          " trainer.devices")

@@ -57,16 +57,31 @@ def first_train_step(series: dict) -> int:
     return min(step for step, _ in series[train_loss_key(series)])
 
 
-def resumed(path: Path, series: dict) -> bool:
-    """LightningCLI saves the run's config.yaml next to its log; a fit resumed from a checkpoint has ckpt_path set.
-    Without one, a log whose first epoch is past 0 continues an earlier run."""
+def saved_config(path: Path) -> dict:
+    """The config.yaml LightningCLI saves next to a run's log, or {}."""
     config = (path.parent if path.is_file() else path) / "config.yaml"
-    if config.is_file():
-        try:
-            return bool((yaml.safe_load(config.read_text()) or {}).get("ckpt_path"))
-        except (yaml.YAMLError, AttributeError):
-            pass
+    try:
+        data = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resumed(path: Path, series: dict) -> bool:
+    """A fit resumed from a checkpoint has ckpt_path set in its saved config. Without a config, a log whose first
+    epoch is past 0 continues an earlier run."""
+    config = saved_config(path)
+    if config:
+        return bool(config.get("ckpt_path"))
     return min((v for _, v in series.get("epoch", [])), default=0) > 0
+
+
+def run_root(path: Path) -> str:
+    """What a resumed run shares with the run it continues: its default_root_dir (where its checkpoints live), or
+    without a saved config the folder holding the version folders."""
+    trainer = saved_config(path).get("trainer")
+    root = trainer.get("default_root_dir") if isinstance(trainer, dict) else None
+    return str(root) if root else str((path.parent if path.is_file() else path).parent)
 
 
 def join_resumed(path: Path, series: dict, older: list) -> tuple:
@@ -76,6 +91,8 @@ def join_resumed(path: Path, series: dict, older: list) -> tuple:
         return paths, series
     for kind, earlier_path in older:
         start = first_train_step(series)
+        if run_root(earlier_path) != run_root(path):  # another run's log under the same folder (a study's trial)
+            continue
         earlier = read_log(kind, earlier_path)
         if start <= 0 or not earlier or not train_loss_key(earlier) or first_train_step(earlier) >= start:
             continue

@@ -99,6 +99,8 @@ class Classifier(L.LightningModule):
     ):
         """num_classes, input_shape and class_names come from the data (linked in the CLI)."""
         super().__init__()
+        if not 0 <= dropout < 1 or lr <= 0:
+            raise ConfigError(f"dropout ({dropout}) must be in [0, 1) and lr ({lr}) above 0")
         self.save_hyperparameters()  # load_from_checkpoint needs no arguments
         self.net = build_network(tuple(input_shape), num_classes, tuple(hidden_dims), dropout)
         # Feature vectors are standardized here, with the training split's statistics (set at fit start), so a
@@ -301,6 +303,9 @@ class ClassificationData(L.LightningDataModule):
         self.save_hyperparameters()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ConfigError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
+        if batch_size < 1 or (num_workers is not None and num_workers < 0) or image_size < 1:
+            raise ConfigError(f"batch_size ({batch_size}) and image_size ({image_size}) must be at least 1, num_workers"
+                              f" ({num_workers}) at least 0")
         self.path = Path(data_path).expanduser() if data_path else DEFAULT_DATA
         if not self.path.exists():
             hint = "" if data_path else " (the embedded digits live in ../assets next to this template)"
@@ -555,9 +560,12 @@ class ResumeAtUnfinishedBatch(Callback):
 
 
 def best_checkpoint_file(config) -> str:
-    """The file fit's best_checkpoint callback writes: <dirpath or default_root_dir/checkpoints>/<filename>.ckpt."""
-    folder = config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints"
-    return str(Path(folder) / f"{config.best_checkpoint.filename or 'best'}.ckpt")
+    """The newest file fit's best_checkpoint callback wrote in <dirpath or default_root_dir/checkpoints>:
+    <filename>.ckpt, or <filename>-v1.ckpt, -v2, ... where a later fit found the name taken."""
+    folder = Path(config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
+    name = config.best_checkpoint.filename or "best"
+    found = [f for f in folder.glob("*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
+    return str(max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt")
 
 
 def check_run_inputs(config) -> None:
@@ -724,6 +732,11 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
+    except (ConfigError, ArgumentError, NonFiniteLossError) as err:
+        message = " ".join(str(err).split())
+        hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}{hint}\n")  # one write: ranks' lines stay whole
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     except (MisconfigurationException, RuntimeError) as err:
         if not monitor_missing(err):
             raise
@@ -731,11 +744,6 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message} (set that callback's monitor, e.g."
                          " --best_checkpoint.monitor, to a logged metric)\n")
         sys.exit(2)
-    except (ConfigError, ArgumentError, NonFiniteLossError) as err:
-        message = " ".join(str(err).split())
-        hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}{hint}\n")  # one write: ranks' lines stay whole
-        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
         if run:
             release_process_group()

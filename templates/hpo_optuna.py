@@ -189,8 +189,8 @@ def objective(module, base: list, space: dict, args):
     return run_trial
 
 
-def pre_tune(module, base: list, args) -> dict:
-    """Optional Tuner steps on the base config; their results become the first trial."""
+def pre_tune(module, base: list, args, space: dict) -> dict:
+    """Optional Tuner steps on the base config; their results, kept inside the search space, become trial 0."""
     from lightning.pytorch.tuner import Tuner
 
     found = {}
@@ -198,17 +198,29 @@ def pre_tune(module, base: list, args) -> dict:
         cli = build(module, base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")])
         size = Tuner(cli.trainer).scale_batch_size(cli.model, datamodule=cli.datamodule, mode="power",
                                                    init_val=cli.datamodule.hparams.batch_size)
-        found["data.batch_size"] = int(size)
+        found["data.batch_size"] = within_space(space.get("data.batch_size"), int(size))
     if args.lr_find:
         cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")], found))
-        finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name="lr")
+        name = "lr" if "lr" in cli.model.hparams else "learning_rate"  # classifier.py: lr; the others: learning_rate
+        finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name=name)
         if finder.suggestion() is None:  # too few steps or a loss that never fell: keep the config's lr
             print("tuner: lr_find made no suggestion (too few batches, or the loss never fell); trial 0 keeps the lr")
         else:
-            found["model.lr"] = float(finder.suggestion())
+            found[f"model.{name}"] = within_space(space.get(f"model.{name}"), float(finder.suggestion()))
     if found:
         print(f"tuner: {found}")
     return found
+
+
+def within_space(spec, value):
+    """The Tuner's value as the search space can hold it: the largest choice not above it (else the smallest), or
+    clamped to [low, high]. Optuna refuses an enqueued value outside the space."""
+    if not spec:
+        return value
+    if spec["type"] == "categorical":
+        fitting = [c for c in spec["choices"] if isinstance(c, (int, float)) and c <= value]
+        return max(fitting) if fitting else min(spec["choices"])
+    return min(max(value, spec["low"]), spec["high"])
 
 
 def export_best(module, base: list, study, path: Path) -> None:
@@ -286,7 +298,7 @@ def run_study(args, stack) -> int:
         for item in args.enqueue:
             study.enqueue_trial(json.loads(item), skip_if_exists=True)
         if (args.lr_find or args.scale_batch_size) and not study.trials:
-            study.enqueue_trial(pre_tune(module, base, args), skip_if_exists=True)
+            study.enqueue_trial(pre_tune(module, base, args, space), skip_if_exists=True)
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished))
         if done < args.n_trials:

@@ -410,9 +410,12 @@ class ResumeAtUnfinishedBatch(Callback):
 
 
 def best_checkpoint_file(config) -> str:
-    """The file fit's best_checkpoint callback writes: <dirpath or default_root_dir/checkpoints>/<filename>.ckpt."""
-    folder = config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints"
-    return str(Path(folder) / f"{config.best_checkpoint.filename or 'best'}.ckpt")
+    """The newest file fit's best_checkpoint callback wrote in <dirpath or default_root_dir/checkpoints>:
+    <filename>.ckpt, or <filename>-v1.ckpt, -v2, ... where a later fit found the name taken."""
+    folder = Path(config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
+    name = config.best_checkpoint.filename or "best"
+    found = [f for f in folder.glob("*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
+    return str(max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt")
 
 
 def check_run_inputs(config) -> None:
@@ -575,6 +578,10 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
+    except (ConfigError, NonFiniteLossError) as err:
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     except (MisconfigurationException, RuntimeError) as err:
         if not monitor_missing(err):
             raise
@@ -582,10 +589,6 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message} (set that callback's monitor, e.g."
                          " --best_checkpoint.monitor, to a logged metric)\n")
         sys.exit(2)
-    except (ConfigError, NonFiniteLossError) as err:
-        message = " ".join(str(err).split())
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
-        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
         if run:
             release_process_group()

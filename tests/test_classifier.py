@@ -276,6 +276,8 @@ def test_each_config_parses(config, classifier_main, capsys):
     (["--trainer.precision", "fp16"], 'Parser key "trainer.precision"'),
     (["--data.data_path", "no_such_file.csv"], "data not found: no_such_file.csv"),
     (["--data.val_fraction", "0.9"], "val_fraction and test_fraction"),
+    (["--data.batch_size", "0"], "batch_size (0) and image_size (32) must be at least 1"),
+    (["--model.dropout", "1.5"], "dropout (1.5) must be in [0, 1)"),
     (["--lr_scheduler", "StepLR"], "unrecognized arguments: --lr_scheduler"),  # the model's own schedule decides
     (["test", "--ckpt_path", "best"], "checkpoint not found: runs/classifier/checkpoints/best.ckpt"),
 ])

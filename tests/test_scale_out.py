@@ -7,7 +7,6 @@ templates with from_pretrained: the real loading code, offline.
 import copy
 import csv
 import json
-import os
 import pickle
 import re
 import shlex
@@ -221,11 +220,12 @@ def test_simulated_two_node_torchrun(tmp_path):
                 "--set", "data.block_size=32", "--set", "trainer.max_steps=4", "--set", "trainer.val_check_interval=2"],
                cwd=tmp_path)
     assert_ok(made)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = [subprocess.Popen(["bash", "launch/torchrun.sh", "--trainer.accelerator", "cpu", "--trainer.precision",
-                               "32-true", *QUIET], cwd=tmp_path / "proj", env={**env, "NODE_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    port, bin_dir = free_port(), shlex.quote(str(Path(sys.executable).parent))  # bin_dir: this venv's torchrun
+    procs = [subprocess.Popen(["bash", "-c", f'PATH={bin_dir}:"$PATH" NNODES=2 NPROC=1 NODE_RANK={rank}'
+                               f' MASTER_ADDR=127.0.0.1 MASTER_PORT={port} bash launch/torchrun.sh "$@"', "torchrun.sh",
+                               "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", *QUIET],
+                              cwd=tmp_path / "proj", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     loss0, loss1 = final_val_loss(outputs[0]), final_val_loss(outputs[1])

@@ -336,6 +336,10 @@ def test_summarize_joins_a_resumed_run_to_the_log_it_continues_and_no_other(tmp_
     resumed = [r for r in healthy(14) if r["step"] >= 50]
     write_metrics(tmp_path / "logs" / "version_1", resumed)
     (tmp_path / "logs" / "version_1" / "config.yaml").write_text("ckpt_path: last\n")  # as LightningCLI saves it
+    trial = tmp_path / "logs" / "study" / "trial_0"  # another run in between: not joined
+    write_metrics(trial, healthy())
+    (trial / "config.yaml").write_text("trainer:\n  default_root_dir: runs/hpo/trial_0\n")
+    os.utime(trial / "metrics.csv", (1e9 - 30, 1e9 - 30))
     for age, version in enumerate((1, 0)):
         os.utime(tmp_path / "logs" / f"version_{version}" / "metrics.csv", (1e9 - age * 60, 1e9 - age * 60))
     report = json.loads(script("summarize_run.py", tmp_path / "logs", "--format", "json", cwd=tmp_path).stdout)

@@ -137,12 +137,14 @@ def test_parse_size(text, expected):
 def test_memory_model_matches_measured_allocation(tmp_path):
     """Parameters + gradients + AdamW state of a ~34M-parameter model: estimate vs growth of peak resident memory."""
     code = f"""
-import gc, json, resource, sys, torch
+import gc, json, sys, torch
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 import detect_hardware as dh
 
-def peak():  # ru_maxrss is in KB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak():  # this process's peak resident memory. Not ru_maxrss: it survives exec, so a child of a large parent
+    # (the pytest process) would start from the parent's peak and understate the growth
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 x = torch.randn(8, 1024)
 warm = torch.nn.Linear(1024, 1024)  # first step initializes thread pools and kernels: keep that out of the delta
@@ -160,7 +162,7 @@ print(json.dumps({{"measured": peak() - before, "estimated": (parts["weights"] +
                   + parts["optimizer"]) * 1e9, "params": params}}))
 """
     if not sys.platform.startswith("linux"):
-        pytest.skip("ru_maxrss units differ off Linux")
+        pytest.skip("reads /proc/self/status (Linux)")
     (tmp_path / "measure.py").write_text(code)
     result = run([sys.executable, tmp_path / "measure.py"], cwd=tmp_path)
     assert_ok(result)

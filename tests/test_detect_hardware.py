@@ -137,14 +137,12 @@ def test_parse_size(text, expected):
 def test_memory_model_matches_measured_allocation(tmp_path):
     """Parameters + gradients + AdamW state of a ~34M-parameter model: estimate vs growth of peak resident memory."""
     code = f"""
-import gc, json, sys, torch
+import gc, json, resource, sys, torch
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 import detect_hardware as dh
 
-def peak():  # this process's peak resident memory. Not ru_maxrss: it survives exec, so a child of a large parent
-    # (the pytest process) would start from the parent's peak and understate the growth
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+def peak():  # ru_maxrss is in KB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 x = torch.randn(8, 1024)
 warm = torch.nn.Linear(1024, 1024)  # first step initializes thread pools and kernels: keep that out of the delta
@@ -162,9 +160,12 @@ print(json.dumps({{"measured": peak() - before, "estimated": (parts["weights"] +
                   + parts["optimizer"]) * 1e9, "params": params}}))
 """
     if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc/self/status (Linux)")
+        pytest.skip("ru_maxrss units differ off Linux")
     (tmp_path / "measure.py").write_text(code)
-    result = run([sys.executable, tmp_path / "measure.py"], cwd=tmp_path)
+    # Started by a small interpreter: Linux keeps ru_maxrss across exec, so a direct child of the pytest process
+    # (large after in-process fits) would start from pytest's peak and understate the growth.
+    hop = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, sys.argv[1]]).returncode)"
+    result = run([sys.executable, "-c", hop, tmp_path / "measure.py"], cwd=tmp_path)
     assert_ok(result)
     data = json.loads(result.stdout.strip().splitlines()[-1])
     ratio = data["estimated"] / data["measured"]

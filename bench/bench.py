@@ -135,7 +135,8 @@ def run_lm_plain(opt, corpus: Path, config: dict) -> Timing:
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=LM_HPARAMS["learning_rate"], betas=BETAS, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=LM_HPARAMS["learning_rate"], betas=BETAS,
+                                  fused=device.type in ("cuda", "cpu"))  # as the template (no fp16 scaler here)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, LM_HPARAMS["warmup_steps"], opt.steps,
                                                             min_lr_rate=MIN_LR_RATIO)
     dtype = torch.bfloat16 if opt.precision.startswith("bf16") else torch.float32

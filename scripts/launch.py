@@ -2,6 +2,7 @@
 
 Usage:
     python scripts/launch.py config.yaml --target local                   # cd DIR && python SCRIPT fit --config ...
+    python scripts/launch.py config.yaml configs/ddp.yaml --target local  # the project's settings, then DDP's
     python scripts/launch.py configs/multinode.yaml --target torchrun --script causal_lm.py
     python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
 
@@ -11,7 +12,8 @@ The processes per node must equal trainer.devices and the nodes trainer.num_node
 aside) in the config's folder or the folder above it. The command runs in the script's folder (`cd`, or
 `#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as scaffold.py's
 commands do. Its paths are this machine's (absolute): scaffold and launch on the cluster itself. One node under
-torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write never replaces an existing file.
+torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write never replaces an existing file. Several
+configs are passed on in order, a later one overriding an earlier one key by key (as LightningCLI merges them).
 Exit codes: 0 ok, 2 bad input.
 """
 
@@ -36,16 +38,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def read_trainer(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror}")
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]})")
-    if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
-        raise UsageError(f"{path} has no trainer: section")
-    return data["trainer"]
+def read_trainer(paths: list) -> dict:
+    """The trainer: settings of the configs, a later file's keys over an earlier one's."""
+    trainer = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise UsageError(f"cannot read {path}: {err.strerror}")
+        except yaml.YAMLError as err:
+            raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]})")
+        if isinstance(data, dict) and isinstance(data.get("trainer"), dict):
+            trainer.update(data["trainer"])
+    if not trainer:
+        raise UsageError(f"{' and '.join(map(str, paths))}: no trainer: section")
+    return trainer
 
 
 def find_script(config: Path, given) -> Path:
@@ -87,10 +94,10 @@ def plan(trainer: dict, target: str, nodes, devices) -> tuple:
     return config_nodes, per_node
 
 
-def render(target: str, script: Path, config: Path, nodes: int, per_node, gpus: bool = True) -> str:
-    folder, config = script.parent, config.resolve()
-    shown = config.relative_to(folder) if config.is_relative_to(folder) else config
-    run = f"{shlex.quote(script.name)} fit --config {shlex.quote(str(shown))}"
+def render(target: str, script: Path, configs: list, nodes: int, per_node, gpus: bool = True) -> str:
+    folder = script.parent
+    shown = [c.resolve().relative_to(folder) if c.resolve().is_relative_to(folder) else c.resolve() for c in configs]
+    run = " ".join([shlex.quote(script.name), "fit", *(f"--config {shlex.quote(str(c))}" for c in shown)])
     cd = f"cd {shlex.quote(str(folder))} && "
     if target == "local":
         return f"{cd}{python_command()} {run}\n"
@@ -135,7 +142,8 @@ def write_new(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="LightningCLI config with a trainer: section")
+    parser.add_argument("config", nargs="+", help="LightningCLI config(s); the trainer: settings of the last that has"
+                        " each key count")
     parser.add_argument("--target", choices=["local", "torchrun", "slurm"], required=True)
     parser.add_argument("--nodes", type=int, help="machines you will launch on (checked against num_nodes)")
     parser.add_argument("--devices", type=int, help="processes per machine (checked against trainer.devices)")
@@ -144,11 +152,11 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
     try:
-        config = Path(args.config)
-        trainer = read_trainer(config)
+        configs = [Path(c) for c in args.config]
+        trainer = read_trainer(configs)
         nodes, per_node = plan(trainer, args.target, args.nodes, args.devices)
         gpus = trainer.get("accelerator") != "cpu"  # a CPU config asks SLURM for no GPUs
-        text = render(args.target, find_script(config, args.script), config, nodes, per_node, gpus)
+        text = render(args.target, find_script(configs[0], args.script), configs, nodes, per_node, gpus)
         if args.write:
             write_new(Path(args.write), text)
     except UsageError as err:

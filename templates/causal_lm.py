@@ -11,6 +11,8 @@ Out of the box it trains a tiny Llama-style model on byte-level tokens of this s
     python causal_lm.py fit --config configs/deepspeed_stage_2.yaml  # or deepspeed_stage_3_offload.yaml
     python causal_lm.py fit --ckpt_path last                         # resume where the run stopped
     python causal_lm.py fit --print_config > my_config.yaml          # every setting
+    python causal_lm.py validate --ckpt_path best                    # val_loss of the best checkpoint
+    python -c "from causal_lm import sample; print(sample('runs/causal_lm/checkpoints/best.ckpt', 'Once'))"  # text
 
 Your data and model (config values, no code change):
     --data.data_path corpus.txt | corpus.jsonl | folder/    # .txt/.md files, or JSONL with --data.text_field
@@ -61,7 +63,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "references"
-TEXT_SUFFIXES = {".txt", ".md", ".jsonl"}
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".jsonl"}  # in any letter case
 TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 1024}
 # Dense bf16/fp16 peak FLOP/s of GPUs that Lightning's table lacks (it has no "H200", bare "H100" or "B200" entry).
@@ -381,8 +383,10 @@ class CausalLM(L.LightningModule):
 
             optimizer = DeepSpeedCPUAdam(groups, lr=hp.learning_rate, betas=hp.betas)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.betas,
-                                          fused=self.device.type == "cuda")
+            # fused: one kernel for all parameters; not under fp16's gradient scaler, which must unscale first
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            fused = self.device.type in ("cuda", "cpu") and scaler is None
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=hp.betas, fused=fused)
         total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
         if math.isfinite(total):
             scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, hp.warmup_steps, int(total),
@@ -390,6 +394,19 @@ class CausalLM(L.LightningModule):
         else:
             scheduler = get_constant_schedule_with_warmup(optimizer, hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Clipped here: Lightning 2.6 refuses to clip for a fused optimizer under bf16-mixed (no gradient scaler is
+        # involved; Lightning #21435) and refuses norm clipping under FSDP. Gradients are unscaled by now.
+        strategy = self.trainer.strategy
+        if not gradient_clip_val or isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed clips inside its engine
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        elif isinstance(strategy, FSDPStrategy):  # the norm over every rank's shards
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:  # DDP's gradients are already averaged; FSDP2's are DTensors, whose norm covers all shards
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,8 +516,8 @@ class TextData(L.LightningDataModule):
                               " or a .npy file of token ids")
         if not 0 < val_fraction < 1:
             raise ConfigError("val_fraction must be between 0 and 1")
-        self.files = sorted(p for p in self.path.rglob("*") if p.suffix in TEXT_SUFFIXES) if self.path.is_dir() \
-            else [self.path]
+        self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and not any(
+            part.startswith(".") for part in p.relative_to(self.path).parts)) if self.path.is_dir() else [self.path]
         if not self.files:
             raise ConfigError(f"{self.path} holds no {', '.join(sorted(TEXT_SUFFIXES))} files (or pass one .npy file"
                               " of token ids)")
@@ -533,10 +550,16 @@ class TextData(L.LightningDataModule):
         import json
 
         for file in self.files:
-            if file.suffix != ".jsonl":
-                yield file.read_text(encoding="utf-8", errors="replace")
+            try:  # strictly: a file in another encoding would otherwise train as replacement characters
+                text = file.read_text(encoding="utf-8-sig")  # -sig: without a leading byte-order mark
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}):"
+                                  " convert it, e.g. iconv -f cp1252 -t utf-8 (Windows text) or -f utf-16, or move"
+                                  " it out") from None
+            if file.suffix.lower() != ".jsonl":
+                yield text
                 continue
-            for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     record = json.loads(line)
                     if self.hparams.text_field not in record:
@@ -601,6 +624,44 @@ class TextData(L.LightningDataModule):
             # (under max_epochs) started the loader: its workers hold this epoch's first samples already
             rank_zero_warn("the resumed epoch's data starts over: DataLoader workers took their samples before the"
                            " checkpoint was restored; use --data.num_workers 0 or --trainer.max_steps")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling text from a trained checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: Optional[int] = 50, seed: int = 0) -> str:
+    """The prompt and a continuation sampled from a single-file checkpoint, with the tokenizer it was trained with.
+    temperature 0 takes the most likely token each time; top_k keeps the k likeliest. No KV cache: each token reruns
+    the last block_size tokens, fine for the small models trained here (a large transformers model: export it,
+    references/transformers.md, and use its generate()). From the folder that holds this file:
+        python -c "from causal_lm import sample; print(sample('runs/causal_lm/checkpoints/best.ckpt', 'Once'))"
+    """
+    data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+    module = CausalLM.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = None
+    if data.get("tokenizer"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"], trust_remote_code=data.get("trust_remote_code"))
+    ids = tokenizer(prompt)["input_ids"] if tokenizer else list(prompt.encode("utf-8"))
+    ids = torch.tensor([ids or [10]], device=module.device)  # byte 10 (newline) separates documents
+    generator = torch.Generator(module.device).manual_seed(seed)
+    block = data.get("block_size", 128)
+    for _ in range(max_new_tokens):
+        logits = module(ids[:, -block:])[0, -1].float()
+        if temperature <= 0:
+            token = logits.argmax().view(1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                logits[logits < torch.topk(logits, min(top_k, logits.numel())).values[-1]] = float("-inf")
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    out = ids[0].tolist()
+    return tokenizer.decode(out) if tokenizer else bytes(t for t in out if t < 256).decode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -899,8 +960,16 @@ class CausalLMCLI(LightningCLI):
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
+        if subcommand in ("test", "predict"):
+            raise ConfigError(f"causal_lm.py has no {subcommand} step: score a checkpoint with validate --ckpt_path"
+                              " CKPT (val_loss on the held-out end of the corpus)")
+        if subcommand == "validate" and config.get("ckpt_path") == "best":
             config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
+        trainer = config.trainer
+        batches = (trainer.max_steps or 0) * (trainer.accumulate_grad_batches or 1)  # what val_check_interval counts
+        if isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch is None and \
+                0 < batches < trainer.val_check_interval:
+            trainer.val_check_interval = batches  # a short run still validates (and saves best.ckpt) once, at its end
         check_run_inputs(config)
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if model.model_type != "gpt" and not model.name_or_path:
@@ -949,6 +1018,8 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the float32 matmuls outside autocast
     # Lightning looks for a state_dict on the DataLoader; TextData keeps the position in its own (ResumableSampler).
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+    # configure_gradient_clipping leaves clipping to DeepSpeed, which clips by trainer.gradient_clip_val itself
+    warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally")
     try:
         return CausalLMCLI(
             CausalLM,

@@ -11,6 +11,9 @@ Run it:
     python classifier.py test --ckpt_path runs/classifier/checkpoints/best.ckpt
     python classifier.py predict --ckpt_path runs/classifier/checkpoints/best.ckpt   # writes predictions.csv
     python classifier.py predict --ckpt_path ... --data.predict_path new_images/   # new, unlabelled data
+    python classifier.py test --ckpt_path ... --data.test_path held_out/   # a whole labelled set; accuracy per class
+In a scaffolded project, pass --config config.yaml (your data settings) before any other config, e.g.
+    python classifier.py fit --config config.yaml --config configs/gpu.yaml
     python classifier.py fit --print_config > my_config.yaml     # every setting, ready to edit and pass back
 
 Your own data is a config value, not a code change:
@@ -30,6 +33,7 @@ import csv
 import difflib
 from argparse import ArgumentError
 import gzip
+import hashlib
 import math
 import os
 import re
@@ -52,8 +56,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
                                          ModelCheckpoint)
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "assets" / "digits.csv.gz"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -111,6 +116,8 @@ class Classifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)  # per-class accuracy, printed after `test`
+        self.test_matrix: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_mean.dim():  # feature vectors (images arrive scaled to [-1, 1])
@@ -139,6 +146,11 @@ class Classifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test", self.test_acc)
+        self.test_confusion(self(batch[0]), batch[1])
+
+    def on_test_epoch_end(self):
+        self.test_matrix = self.test_confusion.compute().cpu()  # rows: true class, columns: predicted; all ranks
+        self.test_confusion.reset()
 
     def _evaluate(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
@@ -274,8 +286,7 @@ class ImageFolder(Dataset):
                 img = img.convert(self.mode).resize((self.image_size, self.image_size))
                 x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         except OSError as err:  # a file cut short: its header read at start-up, its pixels do not
-            raise OSError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then train again from"
-                          " the start (the split follows the list of files)") from None
+            raise ConfigError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then rerun") from None
         x = x.view(self.image_size, self.image_size, -1).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return x, self.labels[i]
 
@@ -293,12 +304,15 @@ class ClassificationData(L.LightningDataModule):
         num_workers: Optional[int] = None,
         split_seed: int = 1234,
         predict_path: Optional[str] = None,
+        test_path: Optional[str] = None,
     ):
         """data_path: CSV/CSV.GZ file or image folder (default: the embedded digits). num_workers: DataLoader
         worker processes; default: none for a CSV (held in memory), for images Lightning's suggestion for this
-        machine's CPUs per device, at most 8. split_seed fixes the train/val/test split across runs.
+        machine's CPUs per device, at most 8. split_seed fixes the train/val/test split across runs: stratified by
+        class, and adding or removing data moves only a few other items between splits.
         predict_path: what `predict` labels (a CSV without the label column, or a folder of images, in class
-        subfolders or not); default: the test split. predictions.csv names each row's file or CSV row."""
+        subfolders or not); default: the test split. predictions.csv names each row's file or CSV row.
+        test_path: a labelled CSV or image folder that `test` scores in full; default: the test split."""
         super().__init__()
         self.save_hyperparameters()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
@@ -323,19 +337,36 @@ class ClassificationData(L.LightningDataModule):
                                                                                    self.hparams.image_size)
 
     def _load(self, path: Path, require_label: bool, classes: Optional[list] = None):
-        """Returns (classes, inputs, targets): inputs is a feature tensor (CSV) or a list of image files."""
+        """Returns (classes, inputs, targets): inputs is a feature tensor (CSV) or a list of image files. An image's
+        class is its top-level folder, whatever subfolders lie below it (as in torchvision's ImageFolder)."""
         if path.is_dir():
-            if classes is None:
-                classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-            files, targets = [], []
+            def visible(p: Path) -> bool:  # not .DS_Store, ._x.png, .ipynb_checkpoints/ or a zip's __MACOSX/
+                return not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(path).parts)
+
+            training = classes is None
+            if training:
+                classes = sorted(p.name for p in path.iterdir() if p.is_dir() and visible(p))
+            files, targets, outside = [], [], []
             for p in sorted(path.rglob("*")):
-                if p.suffix.lower() in IMAGE_SUFFIXES:
+                if p.suffix.lower() in IMAGE_SUFFIXES and visible(p):
                     files.append(p)
-                    label = p.parent.name if p.parent != path else None
-                    targets.append(classes.index(label) if label in classes else -1)
-            if not files or (require_label and (len(classes) < 2 or -1 in targets)):
-                raise ConfigError(f"{path}: an image folder needs one subfolder per class (at least 2) holding images"
-                                f" ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                    parts = p.relative_to(path).parts
+                    targets.append(classes.index(parts[0]) if len(parts) > 1 and parts[0] in classes else -1)
+                    if targets[-1] < 0:
+                        outside.append(p)
+            kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+            if not files:
+                raise ConfigError(f"{path}: no images ({kinds}) found")
+            if require_label and outside:
+                raise ConfigError(f"{path}: {len(outside)} image(s) are not in a class subfolder"
+                                  f"{'' if training else ' named after one of the model classes'}, e.g. {outside[0]}:"
+                                  " move them into one (an image's class is its top-level folder)")
+            empty = [c for i, c in enumerate(classes) if i not in set(targets)] if training else []
+            if require_label and empty:
+                raise ConfigError(f"{path}: class folder(s) {', '.join(empty[:5])} hold no images ({kinds}): add"
+                                  " images or move them out")
+            if require_label and len(classes) < 2:
+                raise ConfigError(f"{path}: an image folder needs at least 2 class subfolders holding images")
             refuse_unreadable_images(files)
             return classes, files, torch.tensor(targets)
         if not path.name.endswith((".csv", ".csv.gz")):
@@ -349,19 +380,34 @@ class ClassificationData(L.LightningDataModule):
             if len(classes) < 2:
                 raise ConfigError(f"{path}: column {self.hparams.label_column!r} holds fewer than 2 classes")
         targets = [classes.index(v) if v in classes else -1 for v in labels] if labels else [-1] * len(features)
+        if require_label and -1 in targets:  # test data with a label the model never saw
+            unknown = sorted({v for v in labels if v not in classes})
+            raise ConfigError(f"{path}: label(s) {', '.join(unknown[:5])} are not among the model's classes"
+                              f" ({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
         return classes, features, torch.tensor(targets)
 
     def setup(self, stage: str) -> None:
         # The same seed gives every process (and every resumed run) the same split.
-        n = len(self.targets)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        n_val, n_test = int(n * self.hparams.val_fraction), int(n * self.hparams.test_fraction)
-        splits = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        hp = self.hparams
+        keys = (range(len(self.targets)) if torch.is_tensor(self.inputs) else  # CSV rows, or image paths
+                [p.relative_to(self.path).as_posix() for p in self.inputs])
+        splits = split_by_class(keys, self.targets.tolist(), hp.val_fraction, hp.test_fraction, hp.split_seed)
+        unmeasured = sorted({self.classes[int(c)] for c in self.targets.unique()} -
+                            {self.classes[int(c)] for c in self.targets[splits["val"]].unique()})
+        if unmeasured and hp.val_fraction > 0 and stage == "fit":
+            rank_zero_warn(f"class(es) {', '.join(unmeasured[:8])} have too few examples for one in the validation"
+                           " split: val_acc does not measure them (add data, or raise val_fraction)")
         if torch.is_tensor(self.inputs):  # training-split statistics: the model standardizes with them
             train = self.inputs[splits["train"]]
             std = train.std(0)
             self.mean, self.std = train.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))  # constant columns
         self.datasets = {name: self._dataset(self.inputs, self.targets, idx) for name, idx in splits.items()}
+        if stage == "test" and hp.test_path:
+            path = Path(hp.test_path).expanduser()
+            if not path.exists():
+                raise ConfigError(f"test data not found: {path}: set --data.test_path")
+            _, inputs, targets = self._load(path, require_label=True, classes=self.classes)
+            self.datasets["test"] = self._dataset(inputs, targets, torch.arange(len(targets)))
         if stage == "predict" and self.hparams.predict_path:
             path = Path(self.hparams.predict_path).expanduser()
             if not path.exists():
@@ -399,6 +445,24 @@ class ClassificationData(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("predict")
+
+
+def split_by_class(keys, targets: list, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Indices of the val, test and train splits, the same share of each class in each. Within a class, items are
+    ordered by a hash of (seed, key), so adding or removing a few files moves only a few others between splits,
+    where a permutation of the whole list would reshuffle them all (and leak test data into training)."""
+    by_class: dict = {}
+    for i, (key, target) in enumerate(zip(keys, targets)):
+        by_class.setdefault(target, []).append((hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), i))
+    splits = {"val": [], "test": [], "train": []}
+    for members in by_class.values():
+        order = [i for _, i in sorted(members)]
+        n_val = min(round(len(order) * val_fraction), len(order) - 1)  # each class keeps a training example
+        n_test = min(round(len(order) * test_fraction), len(order) - 1 - n_val)
+        splits["val"] += order[:n_val]
+        splits["test"] += order[n_val:n_val + n_test]
+        splits["train"] += order[n_val + n_test:]
+    return {name: torch.tensor(sorted(idx), dtype=torch.long) for name, idx in splits.items()}
 
 
 def sources_of(inputs, idx) -> tuple:
@@ -677,8 +741,16 @@ class ClassifierCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
+            refuse_other_data(config.ckpt_path, self.datamodule)
         if self.subcommand == "predict":
             self.trainer.callbacks.append(PredictionCSV())
+
+    def after_test(self) -> None:
+        matrix = self.model.test_matrix
+        if self.trainer.is_global_zero and matrix is not None:
+            print(per_class_table(matrix, self.datamodule.classes))
 
     def after_fit(self) -> None:
         best, stopper = self.trainer.checkpoint_callback, self.trainer.early_stopping_callback
@@ -691,6 +763,40 @@ class ClassifierCLI(LightningCLI):
             print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
             if self.argv is not None:  # the same data and settings: the fit command line, test for fit
                 print(f"next: {test_command(self.argv, best.best_model_path)}")
+
+
+def refuse_other_data(ckpt_path: str, data: ClassificationData) -> None:
+    """The classes and input shape the checkpoint was trained on must be this data's: a class folder added or
+    removed, or another image_size, would otherwise label predictions wrongly without any error."""
+    if not Path(ckpt_path).is_file():
+        return  # Lightning names a missing file itself
+    hp = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    names = [str(c) for c in hp.get("class_names") or data.classes]  # older checkpoints: the shape only
+    trained, given = (names, tuple(hp.get("input_shape", data.input_shape))), ([str(c) for c in data.classes],
+                                                                              tuple(data.input_shape))
+    if trained != given:
+        def show(classes, shape):
+            return f"classes {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''} and input shape {shape}"
+
+        raise ConfigError(f"the checkpoint was trained on {show(*trained)}; this data gives {show(*given)}: pass the"
+                          " fit's data options (e.g. --config config.yaml, or the same --data.data_path,"
+                          " --data.image_size, --data.grayscale)")
+
+
+def per_class_table(matrix: torch.Tensor, classes: list) -> str:
+    """Each class's test accuracy (its recall), its number of test examples and the class it is most often taken
+    for: one overall number can hide a class the model never gets right."""
+    counts = matrix.sum(1)
+    recall = matrix.diag() / counts.clamp(min=1)
+    lines = [f"per-class test accuracy (macro average {recall[counts > 0].mean().item():.4f}):"]
+    width = max(len(str(c)) for c in classes)
+    for i, name in enumerate(classes):
+        errors = matrix[i].clone()
+        errors[i] = 0
+        worst = f"  most often taken for {classes[int(errors.argmax())]} ({int(errors.max())})" if errors.max() else ""
+        accuracy = f"{recall[i].item():.4f}" if counts[i] else "-     "
+        lines.append(f"  {str(name):<{width}}  {accuracy}  n={int(counts[i])}{worst}")
+    return "\n".join(lines)
 
 
 def test_command(argv: list, checkpoint: str) -> str:
@@ -733,7 +839,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
     except (ConfigError, ArgumentError, NonFiniteLossError) as err:
-        message = " ".join(str(err).split())
+        message = " ".join(str(err).split("ConfigError: ")[-1].split())  # a DataLoader worker's: without its traceback
         hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}{hint}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)

@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 import zipfile
 from argparse import ArgumentError
 from pathlib import Path
@@ -39,6 +40,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -140,13 +142,28 @@ class TextClassifier(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=self.device.type == "cuda")
+        # fused: one kernel for all parameters; not under fp16's gradient scaler, which must unscale first
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=self.device.type in ("cuda", "cpu") and scaler is None)
         total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
         if math.isfinite(total):
             scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), int(total))
         else:
             scheduler = get_constant_schedule_with_warmup(optimizer, 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Clipped here: Lightning 2.6 refuses to clip for a fused optimizer under bf16-mixed (no gradient scaler is
+        # involved; Lightning #21435) and refuses norm clipping under FSDP. Gradients are unscaled by now.
+        strategy = self.trainer.strategy
+        if not gradient_clip_val or isinstance(strategy, DeepSpeedStrategy):  # DeepSpeed clips inside its engine
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        elif isinstance(strategy, FSDPStrategy):  # the norm over every rank's shards
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:  # DDP's gradients are already averaged
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
 
 def check_model_path(name_or_path: str) -> None:
@@ -518,7 +535,10 @@ class FinetuneCLI(LightningCLI):
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
+        if subcommand in ("test", "predict"):
+            raise ConfigError(f"transformers_finetune.py has no {subcommand} step: score a checkpoint with validate"
+                              " --ckpt_path CKPT (val_loss, val_acc, val_f1 on the validation split)")
+        if subcommand == "validate" and config.get("ckpt_path") == "best":
             config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
         check_run_inputs(config)
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
@@ -559,6 +579,8 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
     """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
     callbacks are always added (hpo_optuna.py passes its pruning callback this way)."""
     torch.set_float32_matmul_precision("high")
+    # configure_gradient_clipping leaves clipping to DeepSpeed, which clips by trainer.gradient_clip_val itself
+    warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally")
     try:
         return FinetuneCLI(
             TextClassifier,

@@ -22,7 +22,12 @@ from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, assert_one_err
 
 ASSETS = REPO / "assets"
 
-TRAIN_SIZE = 1797 - 2 * int(1797 * 0.15)  # default val/test fractions of the embedded digits
+with gzip.open(ASSETS / "digits.csv.gz", "rt") as _f:
+    _COUNTS = {}
+    for _row in csv.DictReader(_f):
+        _COUNTS[_row["label"]] = _COUNTS.get(_row["label"], 0) + 1
+TEST_SIZE = sum(round(n * 0.15) for n in _COUNTS.values())  # the split is stratified: 15% of each class
+TRAIN_SIZE = 1797 - 2 * TEST_SIZE  # default val/test fractions of the embedded digits
 STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
 
 
@@ -73,13 +78,17 @@ def test_test_and_predict_from_best_checkpoint(main_job):
     assert_ok(tested)
     test_acc = float(re.search(r"test_acc\D+([0-9]\.[0-9]+)", tested.stdout).group(1))
     assert test_acc >= 0.93, tested.stdout
+    per_class = re.findall(r"^  (\d)  ([01]\.\d{4})  n=(\d+)", tested.stdout, re.MULTILINE)  # the table after test
+    assert [c for c, _, _ in per_class] == [str(d) for d in range(10)], tested.stdout
+    assert sum(int(n) for _, _, n in per_class) == TEST_SIZE
+    assert abs(sum(float(a) * int(n) for _, a, n in per_class) / TEST_SIZE - test_acc) < 1e-3
 
     predicted = run_template("classifier.py", "predict", "--ckpt_path", "best", *QUIET, cwd=cwd)  # = that file
     assert_ok(predicted)
     out = re.search(r"predictions written to (\S+)", predicted.stdout).group(1)
     with open(cwd / out if not out.startswith("/") else out) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == int(1797 * 0.15)
+    assert len(rows) == TEST_SIZE
     correct = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
     assert abs(correct - test_acc) < 1e-3  # the written predictions are the ones the test metric scored
     with gzip.open(ASSETS / "digits.csv.gz", "rt") as f:
@@ -241,6 +250,22 @@ def test_own_image_folder(tmp_path):
     assert sorted(r["file"] for r in rows) == [str(Path("new") / n) for n in ("a.png", "b.jpg", "c.png")]
     assert {r["prediction"] for r in rows} <= {"red", "blue"} and {r["label"] for r in rows} == {""}
 
+    # A separate labelled folder is scored in full; data that differs from the checkpoint's is refused
+    for label, colour in (("red", (230, 10, 10)), ("blue", (10, 10, 230))):
+        (tmp_path / "held_out" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / "held_out" / label / f"{i}.png")
+    data = ["--data.data_path", "images", "--data.image_size", "16", "--ckpt_path", best, *QUIET]
+    tested = run_template("classifier.py", "test", *data, "--data.test_path", "held_out", cwd=tmp_path)
+    assert_ok(tested)
+    assert sorted(re.findall(r"^  (\w+) +\S+  n=(\d+)", tested.stdout, re.MULTILINE)) == [("blue", "3"), ("red", "3")]
+    refused = run_template("classifier.py", "predict", *data, "--data.image_size", "24", cwd=tmp_path)
+    assert "input shape (3, 16, 16); this data gives" in assert_one_error_line(refused, "the checkpoint was trained")
+    (tmp_path / "images" / "green").mkdir()
+    Image.new("RGB", (16, 16), (10, 230, 10)).save(tmp_path / "images" / "green" / "0.png")
+    refused = run_template("classifier.py", "predict", *data, "--data.predict_path", "new", cwd=tmp_path)
+    assert "classes blue, green, red" in assert_one_error_line(refused, "classes blue, red and input shape")
+
 
 # ---- parse-only checks: the template's main() in this process (no training) -----------------------------------
 @pytest.fixture(scope="module")
@@ -311,6 +336,53 @@ def test_data_loader_workers_follow_the_data(classifier_module, tmp_path):
     assert loader.num_workers == min(8, suggested_max_num_workers(1)) >= 1 and loader.persistent_workers
     x, y = next(iter(loader))  # decoded in a worker process
     assert x.shape == (4, 3, 8, 8) and y.shape == (4,)
+
+
+def test_image_folder_classes_split_and_refusals(classifier_module, tmp_path):
+    """An image's class is its top-level folder (nested folders included); hidden files are skipped; the split is
+    stratified and stable: one added file pushes at most one other across each boundary; an empty class folder is
+    refused by name; a class too small for the validation split is named in a warning."""
+    from PIL import Image
+
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 6), (len(path.name) * 20 % 255, 50, 90)).save(path)
+
+    for label, n in (("cat", 20), ("dog", 40)):
+        for i in range(n):
+            image(tmp_path / label / f"{i}.png")
+    image(tmp_path / "cat" / "indoor" / "x.png")  # a nested folder: still a cat
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\0\5\22")  # macOS metadata, not an image
+    image(tmp_path / ".ipynb_checkpoints" / "y.png")
+    Data = classifier_module.ClassificationData
+
+    def splits(**kwargs):
+        data = Data(str(tmp_path), image_size=6, val_fraction=0.25, test_fraction=0.25, **kwargs)
+        data.setup("fit")
+        return data, {name: {data.inputs[i].relative_to(tmp_path).as_posix() for i in idx}
+                      for name, idx in split_by_name(data).items()}
+
+    def split_by_name(data):
+        return {"val": [data.inputs.index(f) for f in data.datasets["val"].files],
+                "test": [data.inputs.index(f) for f in data.datasets["test"].files]}
+
+    data, before = splits()
+    assert data.classes == ["cat", "dog"] and len(data.inputs) == 61
+    assert data.targets[data.inputs.index(tmp_path / "cat" / "indoor" / "x.png")] == 0
+    for name in ("val", "test"):  # a quarter of each class
+        assert sum(f.startswith("cat/") for f in before[name]) == 5
+        assert sum(f.startswith("dog/") for f in before[name]) == 10
+    image(tmp_path / "dog" / "40.png")
+    _, after = splits()
+    moved = sum(len(before[name] ^ after[name]) for name in ("val", "test"))
+    assert moved <= 4  # the new file, and at most one other pushed across each split's boundary (of 30 held out)
+
+    (tmp_path / "bird").mkdir()
+    with pytest.raises(classifier_module.ConfigError, match="class folder.s. bird hold no images"):
+        Data(str(tmp_path), image_size=6)
+    image(tmp_path / "bird" / "0.png")
+    with pytest.warns(UserWarning, match="bird have too few examples"):
+        splits()
 
 
 def test_predict_csv_columns_are_matched_to_the_training_columns_by_name(classifier_module, tmp_path):

@@ -129,6 +129,12 @@ def test_causal_lm_overfits_tiny_corpus(tmp_path):
     loss = final_val_loss(result.stdout)[0]
     print(f"val_loss after 120 steps: {loss:.3f} (uniform over bytes: {torch.log(torch.tensor(256.0)):.2f})")
     assert loss < 0.5  # bar: a memorized repeating sentence
+    # the documented sampling line, greedy: the memorized sentence comes back
+    code = ("from causal_lm import sample; print(repr(sample('runs/causal_lm/checkpoints/best.ckpt', 'the quick b',"
+            " 60, temperature=0)))")
+    sampled = run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TEMPLATES)!r}); {code}"], cwd=tmp_path)
+    assert_ok(sampled)
+    assert "fox jumps over the lazy dog. the quick brown fox" in sampled.stdout, sampled.stdout
 
 
 def test_causal_lm_trains_on_a_token_file_as_on_its_text(tmp_path):
@@ -336,6 +342,40 @@ def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
     write_reviews(tmp_path / "r.csv", n=10)
     result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", cwd=tmp_path)
     assert_one_error_line(result, expected)
+
+
+def test_a_corpus_folder_is_read_as_the_user_left_it(tmp_path):
+    """Upper-case and .markdown suffixes are read, hidden folders skipped, a byte-order mark dropped; a file in
+    another encoding is refused by name (it trained as U+FFFD characters before)."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_corpus")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a.md").write_text("a stale copy")
+    (tmp_path / "README.TXT").write_bytes("\ufeffcafé au lait".encode("utf-8"))
+    (tmp_path / "draft.markdown").write_text("# notes")
+    data = lm.TextData(data_path=str(tmp_path), block_size=4)
+    assert [f.name for f in data.files] == ["README.TXT", "draft.markdown"]
+    assert list(data.documents()) == ["café au lait", "# notes"]
+    (tmp_path / "letter.txt").write_bytes("\u201cna\u00efve\u201d".encode("cp1252"))
+    with pytest.raises(lm.ConfigError, match=r"letter.txt is not UTF-8 text \(byte 0x93 at offset 0\)"):
+        list(lm.TextData(data_path=str(tmp_path), block_size=4).documents())
+
+
+@pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])
+def test_subcommands_without_a_step_are_one_line(template, tmp_path, monkeypatch, capsys):
+    """test and predict are listed by LightningCLI but these templates define no such step: one line, exit 2, not
+    a MisconfigurationException traceback; a short causal_lm run still validates once, at its end."""
+    module = load_module(TEMPLATES / template, f"{template[:-3]}_subcommands")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [template])
+    for subcommand in ("test", "predict"):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([subcommand])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"has no {subcommand} step" in errors[0], errors
+    if template == "causal_lm.py":
+        cli = module.main(["--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2"], run=False)
+        assert cli.trainer.val_check_interval == 40  # batches, as val_check_interval counts them (default 50)
 
 
 def test_model_config_overrides_the_tiny_defaults_under_either_name():
@@ -591,6 +631,41 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path, template, args):
     assert cli.trainer.global_step == 12 and cli.trainer.log_every_n_steps == 10
     assert [r for r in reads.reads if not r[1]] == []
     assert {r[0] for r in reads.reads} == {9}  # the positive control: the one logging step reads the loss
+
+
+class GradNorms(Callback):
+    """The total gradient norm before clipping (on_before_optimizer_step runs first) and after the step."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    @staticmethod
+    def norm(module):
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()
+                                                           if p.grad is not None])))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.before.append(self.norm(module))
+
+    def on_train_batch_end(self, trainer, module, *args):
+        self.after.append(self.norm(module))
+
+
+@pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])
+def test_gradients_are_clipped_with_a_fused_optimizer_under_bf16_mixed(tmp_path, template):
+    """Lightning 2.6 raises at the first step when a fused AdamW meets gradient clipping under -mixed precision,
+    the templates' GPU default: they clip in configure_gradient_clipping. Their AdamW is fused on CPU as well, so
+    this runs the GPU's path."""
+    module = load_module(TEMPLATES / template, f"{template[:-3]}_clipping")
+    norms = GradNorms()
+    cli = module.main(["--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "0.01",
+                       "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+                       "--trainer.default_root_dir", str(tmp_path)],
+                      run=False, callbacks=(norms,))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and cli.trainer.optimizers[0].defaults["fused"]
+    assert min(norms.before) > 0.05  # the control: clipping had work to do
+    assert norms.after == pytest.approx([0.01, 0.01], rel=1e-3)
 
 
 def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):

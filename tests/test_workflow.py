@@ -216,6 +216,12 @@ def test_launch_files_match_config(tmp_path):
     assert standalone.stdout.startswith(f"cd {TEMPLATES} && torchrun --standalone --nproc-per-node 1 classifier.py")
     cpu_job = script("launch.py", CONFIGS / "cpu.yaml", "--target", "slurm", "--script", "classifier.py", cwd=tmp_path)
     assert "#SBATCH --ntasks-per-node=1" in cpu_job.stdout and "--gres" not in cpu_job.stdout
+    # several configs: passed on in order; the trainer settings of the later one count (multinode's 2 x 8 GPUs)
+    layered = script("launch.py", CONFIGS / "cpu.yaml", config, "--target", "torchrun", "--script", "causal_lm.py",
+                     cwd=tmp_path)
+    assert_ok(layered)
+    assert "--nnodes 2 --nproc-per-node 8 " in layered.stdout
+    assert layered.stdout.rstrip().endswith(" causal_lm.py fit --config configs/cpu.yaml --config configs/multinode.yaml")
 
 
 @pytest.mark.parametrize("args, expected", [

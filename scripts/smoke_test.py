@@ -48,7 +48,7 @@ DIAGNOSES = [
      "dtype mismatch: tensors of different precision meet in one operation (typical under 16-mixed/bf16-mixed)",
      "do not call .half()/.bfloat16()/.to(dtype) on inputs or modules yourself: autocast casts; create new tensors"
      " with dtype=x.dtype and device=x.device"),
-    ("shape", [r"mat1 and mat2 shapes cannot be multiplied", r"size mismatch", r"shape '\[.*\]' is invalid",
+    ("shape", [r"mat1 and mat2 shapes cannot be multiplied", r"size mismatch for ", r"shape '\[.*\]' is invalid",
                r"must match the size of tensor", r"Expected input batch_size", r"Target \d+ is out of bounds",
                r"out of bounds for dimension", r"Sizes of tensors must match", r"does not match the broadcast shape"],
      "shape mismatch between the data and the model",
@@ -66,6 +66,12 @@ DIAGNOSES = [
 
 
 def diagnose(output: str) -> dict:
+    own = re.search(r"^[\w.-]+\.py: error: (.+)$", output, re.MULTILINE)  # a template's one-line refusal
+    if own:  # it names the problem and the fix itself; other lines (a library's load report, say) may mislead
+        ident = "nan_loss" if "NaN or inf" in own.group(1) else (
+            "missing_package" if "pip install" in own.group(1) else "bad_config")
+        return {"diagnosis": ident, "message": "the script refused to run", "fix": own.group(1).strip()[:300],
+                "error_line": own.group(0).strip()[:300]}
     for ident, patterns, meaning, fix in DIAGNOSES:
         for pattern in patterns:
             match = re.search(pattern, output)

@@ -121,7 +121,8 @@ def read_tensorboard(folder: Path) -> dict:
 
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag != "hp_metric"}  # TensorBoardLogger's placeholder (-1) for its hyperparameter table, not a metric
 
 
 def direction(name: str):

@@ -24,6 +24,11 @@ Your data and model (config values, no code change):
     --model.sdpa_backend cudnn                              # the fused attention kernel (flash, efficient, cudnn)
     --throughput.peak_tflops 989                            # MFU on GPUs missing from Lightning's table
 
+Validation: the last val_fraction of the corpus (files in path order), at most limit_val_batches batches, every
+val_check_interval batches (batches, not optimizer steps, under accumulate_grad_batches; a run shorter than that
+validates once, at its end). A run resumed with another max_steps follows the warm-up + cosine schedule of the new
+total from its current step, so the learning rate can jump.
+
 Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,items}_per_sec (items = tokens) and
 train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/checkpoints/{best,last}.ckpt.
 """
@@ -567,16 +572,24 @@ class TextData(L.LightningDataModule):
                                           f" {', '.join(record)}): set --data.text_field")
                     yield record[self.hparams.text_field]
 
-    def encode(self, text: str) -> list:
+    def encode(self, text: str) -> torch.Tensor:
         if self.tokenizer is None:
-            return list(text.encode("utf-8")) + [10]  # bytes; a newline separates documents
-        return self.tokenizer(text)["input_ids"] + [self.tokenizer.eos_token_id or 0]
+            return torch.tensor(list(text.encode("utf-8")) + [10], dtype=torch.long)  # a newline ends a document
+        # Pieces of about 1 MB, cut after a newline: a tokenizer's output for a whole large file (offsets, Python
+        # ints) takes hundreds of bytes per token; this keeps setup near the 8 bytes per token it ends with.
+        pieces, start = [], 0
+        while start < len(text):
+            end = len(text) if len(text) - start <= 1 << 20 else (text.rfind("\n", start, start + (1 << 20)) + 1 or
+                                                                     start + (1 << 20))
+            pieces.append(torch.tensor(self.tokenizer(text[start:end])["input_ids"], dtype=torch.long))
+            start = end
+        return torch.cat([*pieces, torch.tensor([self.tokenizer.eos_token_id or 0])])
 
     def setup(self, stage: str) -> None:
         if self.token_file is not None:
             ids = self.token_file
         else:  # one tensor per document, then one copy
-            ids = torch.cat([torch.tensor(self.encode(doc), dtype=torch.long) for doc in self.documents()] or
+            ids = torch.cat([self.encode(doc) for doc in self.documents()] or
                             [torch.zeros(0, dtype=torch.long)])
         n_val = int(len(ids) * self.hparams.val_fraction)
         block = self.hparams.block_size
@@ -804,7 +817,7 @@ class CheckpointOnException(Callback):
                 or monitor_missing(exception)):  # a config mistake: nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
         print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
               " --ckpt_path last", file=sys.stderr)
 
@@ -971,6 +984,10 @@ class CausalLMCLI(LightningCLI):
                 0 < batches < trainer.val_check_interval:
             trainer.val_check_interval = batches  # a short run still validates (and saves best.ckpt) once, at its end
         check_run_inputs(config)
+        for group, key in (("model", "name_or_path"), ("data", "tokenizer")):  # stored in checkpoints: a later run
+            value = config[group][key]                                          # may start in another folder
+            if value and Path(value).expanduser().exists():
+                config[group][key] = str(Path(value).expanduser().resolve())
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if model.model_type != "gpt" and not model.name_or_path:
             refuse_misspelt_keys(model.model_type, model.model_config)
@@ -1009,7 +1026,7 @@ class CausalLMCLI(LightningCLI):
                              f" val_loss={val.item():.4f}\n")  # one write: the ranks' lines do not interleave
         best = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
-            print(f"best val_loss={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+            print(f"best {best.monitor}={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
@@ -1045,6 +1062,11 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     except (MisconfigurationException, RuntimeError) as err:
+        if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: the checkpoint does not fit this model"
+                             f" ({detail[:200]}): pass the options it was trained with (its run's config.yaml)\n")
+            sys.exit(2)
         if not monitor_missing(err):
             raise
         message = " ".join(str(err).split())

@@ -199,7 +199,7 @@ class Classifier(L.LightningModule):
 def read_csv_table(path: Path, label_column: str, require_label: bool = True):
     """Returns (features [N, F] float tensor, raw labels or None, feature column names)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as f:
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark is no column
         rows = list(csv.reader(f))
     if len(rows) < 2:
         raise ConfigError(f"{path} has no data rows: a CSV needs a header row and at least one data row")
@@ -286,7 +286,7 @@ class ImageFolder(Dataset):
                 img = img.convert(self.mode).resize((self.image_size, self.image_size))
                 x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         except OSError as err:  # a file cut short: its header read at start-up, its pixels do not
-            raise ConfigError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then rerun") from None
+            raise OSError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then rerun") from None
         x = x.view(self.image_size, self.image_size, -1).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return x, self.labels[i]
 
@@ -571,7 +571,7 @@ class CheckpointOnException(Callback):
                 or monitor_missing(exception)):  # a config mistake: nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
         print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
               " --ckpt_path last", file=sys.stderr)
 
@@ -760,7 +760,7 @@ class ClassifierCLI(LightningCLI):
         if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
             print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
         if best is not None and best.best_model_score is not None:
-            print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+            print(f"best {best.monitor}={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
             if self.argv is not None:  # the same data and settings: the fit command line, test for fit
                 print(f"next: {test_command(self.argv, best.best_model_path)}")
 
@@ -839,11 +839,22 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
                          " checkpoint\n")
         sys.exit(128 + signal.SIGTERM)
     except (ConfigError, ArgumentError, NonFiniteLossError) as err:
-        message = " ".join(str(err).split("ConfigError: ")[-1].split())  # a DataLoader worker's: without its traceback
+        message = " ".join(str(err).split())
         hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}{hint}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+    except OSError as err:  # an image cut short (its header was read at start-up), maybe in a DataLoader worker
+        if "cannot decode image" not in str(err):
+            raise
+        message = " ".join(str(err).split("OSError: ")[-1].split())  # without the worker's traceback
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+        sys.exit(2)
     except (MisconfigurationException, RuntimeError) as err:
+        if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: the checkpoint does not fit this model"
+                             f" ({detail[:200]}): pass the options it was trained with (its run's config.yaml)\n")
+            sys.exit(2)
         if not monitor_missing(err):
             raise
         message = " ".join(str(err).split())

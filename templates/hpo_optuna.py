@@ -31,11 +31,22 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-# ---- search space: edit here, or pass --space FILE.yaml with the same structure ---------------------------------
-SEARCH_SPACE = {
-    "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
-    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
-    "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+# ---- search spaces by --script name: edit here, or pass --space FILE.yaml with the same structure ----------------
+SEARCH_SPACES = {
+    "classifier.py": {
+        "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+        "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+    },
+    "transformers_finetune.py": {  # fine-tuning wants ~5e-5, a tiny model from scratch ~1e-3
+        "model.learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+        "model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
+        "data.batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+    },
+    "causal_lm.py": {
+        "model.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "model.warmup_steps": {"type": "int", "low": 0, "high": 100},
+    },
 }
 # -----------------------------------------------------------------------------------------------------------------
 
@@ -250,7 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--script", default=str(Path(__file__).resolve().parent / "classifier.py"),
                         help="template to tune (default: classifier.py next to this file)")
     parser.add_argument("--config", action="append", default=[], help="base config(s) for the template")
-    parser.add_argument("--space", help="YAML search space (default: SEARCH_SPACE in this file)")
+    parser.add_argument("--space", help="YAML search space (default: the --script's entry in SEARCH_SPACES)")
     parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study should reach")
     parser.add_argument("--storage", default="sqlite:///study.db")
     parser.add_argument("--study-name", default="hpo")
@@ -280,7 +291,7 @@ def run_study(args, stack) -> int:
         output = Path(args.output)
         if output.exists():
             raise UsageError(f"{output} exists: pass another --output (nothing was run)")
-        space = SEARCH_SPACE
+        space = SEARCH_SPACES.get(Path(args.script).name, SEARCH_SPACES["classifier.py"])
         if args.space:
             try:
                 space = yaml.safe_load(Path(args.space).read_text())

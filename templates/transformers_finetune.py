@@ -9,6 +9,10 @@ synthetic movie reviews (../assets/sentiment.csv.gz, positive/negative) on a CPU
     python transformers_finetune.py fit --config configs/gpu.yaml ...           # bf16-mixed on one GPU
     python transformers_finetune.py fit --ckpt_path last ...                    # resume
     python transformers_finetune.py validate --ckpt_path runs/transformers_finetune/checkpoints/best.ckpt
+    python transformers_finetune.py test --ckpt_path CKPT --data.test_path held_out.jsonl   # a whole labelled file
+    python transformers_finetune.py predict --ckpt_path CKPT --data.predict_path new.jsonl  # -> predictions.csv
+(test and predict take the fit's options too, e.g. --config config.yaml: the classes and vocabulary come from the
+training file, and data whose classes differ from the checkpoint's is refused.)
 
 Data: --data.data_path FILE (.csv, .csv.gz or .jsonl) with a text column and a label column
 (--data.text_column, --data.label_column); labels may be strings or integers. The tokenizer follows the model
@@ -38,7 +42,8 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
+                                         ModelCheckpoint)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -72,13 +77,17 @@ class TextClassifier(L.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
         trust_remote_code: bool = False,
+        class_names: Optional[list[str]] = None,
     ):
-        """name_or_path: a pretrained model (name in the Hugging Face cache or a save_pretrained folder); None trains
+        """class_names come from the data (linked in the CLI); an export names its outputs with them (id2label).
+        name_or_path: a pretrained model (name in the Hugging Face cache or a save_pretrained folder); None trains
         a tiny `model_type` model from scratch. learning_rate: default 5e-5 when fine-tuning, 1e-3 from scratch."""
         super().__init__()
         self.save_hyperparameters()
         self.model: Optional[torch.nn.Module] = None
-        self.val_acc, self.val_f1 = MulticlassAccuracy(num_labels), MulticlassF1Score(num_labels, average="macro")
+        # micro: the share of texts classified right (torchmetrics' default, macro, would be balanced accuracy)
+        self.val_acc, self.val_f1 = MulticlassAccuracy(num_labels, average="micro"), MulticlassF1Score(num_labels)
+        self.test_acc, self.test_f1 = MulticlassAccuracy(num_labels, average="micro"), MulticlassF1Score(num_labels)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -109,6 +118,16 @@ class TextClassifier(L.LightningModule):
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"cannot build a {hp.model_type!r} config: {err}")
             self.model = AutoModelForSequenceClassification.from_config(config)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        encoded = [getattr(data, name, []) for name in ("train_set", "val_set", "test_set", "predict_set")]
+        longest = max((len(ids) for items in encoded for ids, _ in items), default=0)  # setup ran before this
+        if limit and longest > limit:  # else a crash at the first batch holding that text
+            raise ConfigError(f"a text of {longest} tokens exceeds the model's {limit} positions: set"
+                              f" --data.max_length {limit} or less")
+        if hp.class_names:  # save_pretrained then names the classes (pipeline() prints them, not LABEL_0...)
+            self.model.config.id2label = dict(enumerate(hp.class_names))
+            self.model.config.label2id = {name: i for i, name in enumerate(hp.class_names)}
         if hp.lora:
             try:
                 from peft import LoraConfig, TaskType, get_peft_model
@@ -135,6 +154,18 @@ class TextClassifier(L.LightningModule):
                  sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
         self.log("val_f1", self.val_f1)
+
+    def test_step(self, batch, batch_idx):
+        logits = self(batch)
+        self.test_acc(logits, batch["labels"])
+        self.test_f1(logits, batch["labels"])
+        self.log("test_loss", torch.nn.functional.cross_entropy(logits, batch["labels"]), sync_dist=True)
+        self.log("test_acc", self.test_acc)
+        self.log("test_f1", self.test_f1)
+
+    def predict_step(self, batch, batch_idx):
+        confidence, prediction = self(batch).softmax(dim=-1).max(dim=-1)
+        return {"prediction": prediction, "confidence": confidence, "label": batch["labels"]}
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -181,7 +212,7 @@ def split_words(text: str) -> list:
 def read_records(path: Path) -> list:
     """(line number, record) pairs; a JSONL line that is not a JSON object is refused with its number."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark is no column
         if not path.name.endswith((".jsonl", ".jsonl.gz")):
             reader = csv.DictReader(f)
             return [(reader.line_num, row) for row in reader]
@@ -211,9 +242,13 @@ class TextClassificationData(L.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 1234,
         trust_remote_code: bool = False,
+        test_path: Optional[str] = None,
+        predict_path: Optional[str] = None,
     ):
         """tokenizer: a Hugging Face name or folder (default: the model's); None with no model = a word-level
-        vocabulary built from this data (for training from scratch)."""
+        vocabulary built from this data (for training from scratch). test_path: a labelled file `test` scores in
+        full; predict_path: a file `predict` labels (its label column may be absent). Both use data_path's classes
+        and vocabulary: keep data_path the training file."""
         super().__init__()
         self.save_hyperparameters()
         path = Path(data_path).expanduser() if data_path else DEFAULT_DATA
@@ -221,23 +256,15 @@ class TextClassificationData(L.LightningDataModule):
             raise ConfigError(f"data not found: {path}: set --data.data_path to a .csv, .csv.gz or .jsonl file")
         if not path.name.endswith((".csv", ".csv.gz", ".jsonl", ".jsonl.gz")):
             raise ConfigError(f"{path}: unsupported file type; use .csv, .csv.gz or .jsonl")
-        records = read_records(path)
-        if not records:
-            raise ConfigError(f"{path} holds no records")
-        for column in (text_column, label_column):
-            if column not in records[0][1]:
-                raise ConfigError(f"{path} has no column {column!r} (columns: {', '.join(records[0][1])}): set"
-                                  f" --data.{'text' if column == text_column else 'label'}_column")
-        for number, record in records:  # a missing label would otherwise become a class of its own ("None")
-            for column in (text_column, label_column):
-                if record.get(column) is None or (column == label_column and str(record[column]).strip() == ""):
-                    raise ConfigError(f"{path} line {number} has no {column!r} value: fill it in or delete the line")
-        self.texts = [str(r[text_column]) for _, r in records]
-        labels = [str(r[label_column]) for _, r in records]
+        self.texts, labels, _ = self.read(path, require_label=True)
         try:
             self.classes = sorted(set(labels), key=float)
         except ValueError:
             self.classes = sorted(set(labels))
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"val_fraction ({val_fraction}) must be between 0 and 1")
+        if len(self.classes) < 2:
+            raise ConfigError(f"{path}: column {label_column!r} holds fewer than 2 classes")
         self.targets = [self.classes.index(v) for v in labels]
         self.tokenizer, self.vocab = None, {}
         if not tokenizer:  # ids 0 = padding, 1 = unknown word
@@ -254,6 +281,37 @@ class TextClassificationData(L.LightningDataModule):
                        " --model.trust_remote_code true") if "custom code" in str(err) else (
                     "offline, pass a local folder saved with save_pretrained or a name already in the cache")
                 raise ConfigError(f"cannot load tokenizer {tokenizer!r} ({str(err).splitlines()[0]}): {fix}")
+
+    def read(self, path: Path, require_label: bool) -> tuple:
+        """(texts, labels or None for rows without one, line numbers) of a CSV/JSONL file."""
+        text_column, label_column = self.hparams.text_column, self.hparams.label_column
+        records = read_records(path)
+        if not records:
+            raise ConfigError(f"{path} holds no records")
+        needed = (text_column, label_column) if require_label else (text_column,)
+        for column in needed:
+            if column not in records[0][1]:
+                raise ConfigError(f"{path} has no column {column!r} (columns: {', '.join(records[0][1])}): set"
+                                  f" --data.{'text' if column == text_column else 'label'}_column")
+        for number, record in records:  # a missing label would otherwise become a class of its own ("None")
+            for column in needed:
+                if record.get(column) is None or (column == label_column and str(record[column]).strip() == ""):
+                    raise ConfigError(f"{path} line {number} has no {column!r} value: fill it in or delete the line")
+        labels = [None if r.get(label_column) is None else str(r[label_column]).strip() for _, r in records]
+        return [str(r[text_column]) for _, r in records], labels, [n for n, _ in records]
+
+    def extra_file(self, name: str, require_label: bool) -> tuple:
+        """The encoded rows of test_path or predict_path, labels as the training file's class indices (-1: none)."""
+        path = Path(self.hparams[f"{name}_path"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{name} data not found: {path}: set --data.{name}_path to a .csv or .jsonl file")
+        texts, labels, lines = self.read(path, require_label)
+        unknown = sorted({v for v in labels if v is not None and v not in self.classes})
+        if unknown and require_label:
+            raise ConfigError(f"{path}: label(s) {', '.join(unknown[:5])} are not among the model's classes"
+                              f" ({', '.join(self.classes[:8])})")
+        targets = [self.classes.index(v) if v in self.classes else -1 for v in labels]
+        return [(self.encode(t), y) for t, y in zip(texts, targets)], lines
 
     @property
     def num_labels(self) -> int:
@@ -274,6 +332,10 @@ class TextClassificationData(L.LightningDataModule):
         n_val = max(1, int(len(encoded) * self.hparams.val_fraction))
         self.val_set = [encoded[i] for i in order[:n_val]]
         self.train_set = [encoded[i] for i in order[n_val:]]
+        if stage == "test":
+            self.test_set, _ = self.extra_file("test", require_label=True)
+        if stage == "predict":
+            self.predict_set, self.predict_lines = self.extra_file("predict", require_label=False)
 
     def collate(self, items: list) -> dict:
         pad = 0 if self.tokenizer is None else (self.tokenizer.pad_token_id or 0)
@@ -296,6 +358,34 @@ class TextClassificationData(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader(self.predict_set, shuffle=False)
+
+
+class PredictionCSV(BasePredictionWriter):
+    """Writes predictions.csv (one file per process) into the run's log folder: nothing is overwritten. Each row
+    names its line of the predict file."""
+
+    def __init__(self):
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
+        classes, lines = trainer.datamodule.classes, trainer.datamodule.predict_lines
+        with open(out_dir / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["line", "prediction", "confidence", "label"])
+            for batch, indices in zip(predictions, batch_indices[0]):
+                for i, p, c, y in zip(indices, batch["prediction"].tolist(), batch["confidence"].tolist(),
+                                      batch["label"].tolist()):
+                    writer.writerow([lines[i], classes[p], f"{c:.4f}", classes[y] if y >= 0 else ""])
+        print(f"predictions written to {out_dir / name}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,7 +464,7 @@ class CheckpointOnException(Callback):
                 or monitor_missing(exception)):  # a config mistake: nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
         print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
               " --ckpt_path last", file=sys.stderr)
 
@@ -514,6 +604,7 @@ class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
         parser.set_defaults({"best_checkpoint.monitor": "val_acc", "best_checkpoint.mode": "max",
                              "best_checkpoint.filename": "best"})
@@ -535,12 +626,16 @@ class FinetuneCLI(LightningCLI):
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        if subcommand in ("test", "predict"):
-            raise ConfigError(f"transformers_finetune.py has no {subcommand} step: score a checkpoint with validate"
-                              " --ckpt_path CKPT (val_loss, val_acc, val_f1 on the validation split)")
-        if subcommand == "validate" and config.get("ckpt_path") == "best":
+        if subcommand in ("test", "predict") and not config.data.get(f"{subcommand}_path"):
+            raise ConfigError(f"{subcommand} needs --data.{subcommand}_path FILE (the training file stays"
+                              " --data.data_path: it defines the classes)")
+        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
             config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
         check_run_inputs(config)
+        for group, key in (("model", "name_or_path"), ("data", "tokenizer")):  # stored in checkpoints: a later run
+            value = config[group][key]                                          # may start in another folder
+            if value and Path(value).expanduser().exists():
+                config[group][key] = str(Path(value).expanduser().resolve())
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if not model.name_or_path:
             refuse_misspelt_keys(model.model_type, model.model_config)
@@ -558,6 +653,14 @@ class FinetuneCLI(LightningCLI):
             config.data.tokenizer = config.model.name_or_path  # the model's own tokenizer
         config.data.trust_remote_code = config.model.trust_remote_code
 
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
+            refuse_other_data(config.ckpt_path, self.datamodule)
+        if self.subcommand == "predict":
+            self.trainer.callbacks.append(PredictionCSV())
+
     def instantiate_trainer(self, **kwargs):
         try:
             return super().instantiate_trainer(**kwargs)
@@ -572,7 +675,21 @@ class FinetuneCLI(LightningCLI):
         if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
             print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
         if best is not None and best.best_model_score is not None:
-            print(f"best val_acc={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+            print(f"best {best.monitor}={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+
+
+def refuse_other_data(ckpt_path: str, data: TextClassificationData) -> None:
+    """The checkpoint's classes and vocabulary size must be this data's: labels are numbered by the training file's
+    sorted classes, so another file (say, a held-out one as --data.data_path) would score or name them wrongly."""
+    if not Path(ckpt_path).is_file():
+        return  # Lightning names a missing file itself
+    hp = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    trained = ([str(c) for c in hp.get("class_names") or data.classes], hp.get("vocab_size", data.vocab_size))
+    if trained != (list(data.classes), data.vocab_size):
+        raise ConfigError(f"the checkpoint was trained on classes {', '.join(trained[0][:8])} (vocabulary"
+                          f" {trained[1]}); this data gives {', '.join(data.classes[:8])} ({data.vocab_size}): keep"
+                          " the training file as --data.data_path (e.g. --config config.yaml) and pass the other file"
+                          " as --data.test_path or --data.predict_path")
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
@@ -605,6 +722,11 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
     except (MisconfigurationException, RuntimeError) as err:
+        if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: the checkpoint does not fit this model"
+                             f" ({detail[:200]}): pass the options it was trained with (its run's config.yaml)\n")
+            sys.exit(2)
         if not monitor_missing(err):
             raise
         message = " ".join(str(err).split())

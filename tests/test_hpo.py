@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import QUIET, TEMPLATES, assert_ok, assert_one_error_line, run, run_template
+from conftest import QUIET, TEMPLATES, assert_ok, assert_one_error_line, load_module, run, run_template
 
 HPO = TEMPLATES / "hpo_optuna.py"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -116,6 +116,19 @@ def test_study_over_another_template_with_a_yaml_space(tmp_path):
     assert_ok(result)
     (trial,) = load(tmp_path).trials
     assert trial.state == TrialState.COMPLETE and 1e-4 <= trial.params["model.learning_rate"] <= 3e-3
+
+
+@pytest.mark.parametrize("script", ["classifier.py", "transformers_finetune.py", "causal_lm.py"])
+def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monkeypatch):
+    """SKILL.md's `hpo_optuna.py --script TEMPLATE.py` with no --space: the space for that template, whose keys the
+    template accepts (the classifier's model.lr was refused by the others)."""
+    hpo = load_module(TEMPLATES / "hpo_optuna.py", "hpo_spaces")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script])
+    module = hpo.load_script(TEMPLATES / script)
+    checked = hpo.check_space(module, ["--trainer.fast_dev_run", "true"], hpo.SEARCH_SPACES[script])
+    assert set(checked) == set(hpo.SEARCH_SPACES[script])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_study_over_a_printed_fit_config(tmp_path):

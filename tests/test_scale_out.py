@@ -6,6 +6,7 @@ templates with from_pretrained: the real loading code, offline.
 
 import copy
 import csv
+import gzip
 import json
 import pickle
 import re
@@ -72,10 +73,40 @@ def write_reviews(path, n=240):
 
 # ---- transformers_finetune.py ------------------------------------------------------------------------------------
 def test_finetune_default_trains_out_of_the_box(tmp_path):
+    """Then scores a whole held-out file (test), labels new texts (predict: predictions.csv with class names), and
+    refuses a held-out file passed as the training data: its word vocabulary (or classes) would be another."""
     result = run_template("transformers_finetune.py", "fit", "--trainer.max_epochs", "4", *QUIET, cwd=tmp_path)
     assert_ok(result)
     acc = float(re.search(r"best val_acc=([0-9.]+)", result.stdout).group(1))
     assert acc >= 0.9
+
+    with gzip.open(REPO / "assets" / "sentiment.csv.gz", "rt") as f:
+        rows = list(csv.DictReader(f))[:30]
+    with open(tmp_path / "held_out.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *[[r["text"], r["label"]] for r in rows]])
+    with open(tmp_path / "new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text"], *[[r["text"]] for r in rows]])
+    best = ["--ckpt_path", str(tmp_path / "runs" / "transformers_finetune" / "checkpoints" / "best.ckpt"), *QUIET]
+    tested = run_template("transformers_finetune.py", "test", "--data.test_path", "held_out.csv", *best, cwd=tmp_path)
+    assert_ok(tested)
+    assert float(re.search(r"test_acc\D+([0-9]\.[0-9]+)", tested.stdout).group(1)) >= 0.8
+    predicted = run_template("transformers_finetune.py", "predict", "--data.predict_path", "new.csv", *best,
+                             cwd=tmp_path)
+    assert_ok(predicted)
+    with open(tmp_path / re.search(r"predictions written to (\S+)", predicted.stdout).group(1)) as f:
+        written = list(csv.DictReader(f))
+    assert [int(r["line"]) for r in written] == list(range(2, 32))  # CSV lines, the header being line 1
+    right = sum(w["prediction"] == r["label"] for w, r in zip(written, rows))
+    assert right >= 24 and {w["label"] for w in written} == {""}
+    refused = run_template("transformers_finetune.py", "validate", "--data.data_path", "held_out.csv", *best,
+                           cwd=tmp_path)
+    assert "keep the training file as --data.data_path" in assert_one_error_line(refused, "the checkpoint was trained")
+
+    ckpt = load_ckpt(tmp_path / "runs" / "transformers_finetune" / "checkpoints" / "best.ckpt")
+    assert ckpt["hyper_parameters"]["class_names"] == ["negative", "positive"]
+    module = load_module(TEMPLATES / "transformers_finetune.py", "finetune_export")
+    model = module.TextClassifier.load_from_checkpoint(best[1], weights_only=True).model  # what save_pretrained writes
+    assert model.config.id2label == {0: "negative", 1: "positive"}  # pipeline() names the classes
 
 
 def test_finetune_pretrained_folder_loss_falls(tmp_path, tiny_bert):
@@ -335,11 +366,14 @@ def test_torchrun_launch_file_is_valid_bash_and_matches_config():
     ("transformers_finetune.py", ["--data.data_path", "missing.csv"], "data not found"),
     ("transformers_finetune.py", ["--data.data_path", "r.csv", "--data.text_column", "body"], "no column 'body'"),
     ("transformers_finetune.py", ["--model.name_or_path", "./no_such_model"], "folder not found"),
+    ("transformers_finetune.py", ["--data.data_path", "long.csv", "--data.max_length", "600"],
+     "a text of 600 tokens exceeds the model's 512 positions"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, template, args, expected):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
     np.save(tmp_path / "f.npy", np.zeros(100, dtype=np.float32))  # embeddings, say, not token ids
     write_reviews(tmp_path / "r.csv", n=10)
+    (tmp_path / "long.csv").write_text("text,label\n" + "short,a\n" * 9 + "word " * 700 + ",b\n")
     result = run_template(template, "fit", *args, "--trainer.fast_dev_run", "true", cwd=tmp_path)
     assert_one_error_line(result, expected)
 

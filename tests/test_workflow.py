@@ -140,6 +140,16 @@ def test_hostile_value_end_to_end_is_a_string(tmp_path):
     assert not list(tmp_path.rglob("CANARY"))
 
 
+def test_smoke_test_takes_a_templates_own_error_line_as_the_diagnosis(tmp_path):
+    """A template's one-line refusal names the problem and its fix: smoke_test reports that line (not "unknown",
+    and not a pattern matched elsewhere in the output, such as a load report's "size mismatch")."""
+    result = script("smoke_test.py", TEMPLATES / "transformers_finetune.py", "--cpu", "--format", "json", "--",
+                    "--data.text_column", "body", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["diagnosis"] == "bad_config" and "no column 'body'" in report["fix"], report
+
+
 # ---- smoke_test failure plants -----------------------------------------------------------------------------------
 MODEL_INIT = "        self.save_hyperparameters()  # load_from_checkpoint needs no arguments\n"
 TRAIN_LOSS = "        loss = F.cross_entropy(logits, y)\n"
@@ -221,7 +231,7 @@ def test_launch_files_match_config(tmp_path):
                      cwd=tmp_path)
     assert_ok(layered)
     assert "--nnodes 2 --nproc-per-node 8 " in layered.stdout
-    assert layered.stdout.rstrip().endswith(" causal_lm.py fit --config configs/cpu.yaml --config configs/multinode.yaml")
+    assert layered.stdout.rstrip().endswith(" fit --config configs/cpu.yaml --config configs/multinode.yaml")
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -576,12 +576,14 @@ class TextData(L.LightningDataModule):
         if self.tokenizer is None:
             return torch.tensor(list(text.encode("utf-8")) + [10], dtype=torch.long)  # a newline ends a document
         # Pieces of about 1 MB, cut after a newline: a tokenizer's output for a whole large file (offsets, Python
-        # ints) takes hundreds of bytes per token; this keeps setup near the 8 bytes per token it ends with.
+        # ints) takes hundreds of bytes per token; this keeps setup near the 8 bytes per token it ends with. Only
+        # the first piece gets special tokens (a BOS once per document, as for the whole text).
         pieces, start = [], 0
         while start < len(text):
             end = len(text) if len(text) - start <= 1 << 20 else (text.rfind("\n", start, start + (1 << 20)) + 1 or
                                                                      start + (1 << 20))
-            pieces.append(torch.tensor(self.tokenizer(text[start:end])["input_ids"], dtype=torch.long))
+            ids = self.tokenizer(text[start:end], add_special_tokens=not pieces)["input_ids"]
+            pieces.append(torch.tensor(ids, dtype=torch.long))
             start = end
         return torch.cat([*pieces, torch.tensor([self.tokenizer.eos_token_id or 0])])
 
@@ -978,11 +980,6 @@ class CausalLMCLI(LightningCLI):
                               " CKPT (val_loss on the held-out end of the corpus)")
         if subcommand == "validate" and config.get("ckpt_path") == "best":
             config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
-        trainer = config.trainer
-        batches = (trainer.max_steps or 0) * (trainer.accumulate_grad_batches or 1)  # what val_check_interval counts
-        if isinstance(trainer.val_check_interval, int) and trainer.check_val_every_n_epoch is None and \
-                0 < batches < trainer.val_check_interval:
-            trainer.val_check_interval = batches  # a short run still validates (and saves best.ckpt) once, at its end
         check_run_inputs(config)
         for group, key in (("model", "name_or_path"), ("data", "tokenizer")):  # stored in checkpoints: a later run
             value = config[group][key]                                          # may start in another folder
@@ -1006,6 +1003,11 @@ class CausalLMCLI(LightningCLI):
         config.data.trust_remote_code = config.model.trust_remote_code
 
     def instantiate_trainer(self, **kwargs):
+        config = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        batches = (config.max_steps or 0) * (config.accumulate_grad_batches or 1)  # what val_check_interval counts
+        if isinstance(config.val_check_interval, int) and config.check_val_every_n_epoch is None and \
+                0 < batches < config.val_check_interval:  # here, not in the config: the saved config.yaml keeps 50
+            kwargs["val_check_interval"] = batches  # a short run still validates (and saves best.ckpt) at its end
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # FSDP on CPU

@@ -166,9 +166,11 @@ class Classifier(L.LightningModule):
         return {"prediction": prediction, "confidence": confidence, "label": y}
 
     def configure_optimizers(self):
-        # fused on CUDA: one kernel, and under 16-mixed no GPU read per step (GradScaler hands it the inf check)
+        # fused on CUDA: one kernel, and under 16-mixed no GPU read per step (GradScaler hands it the inf check);
+        # not with --trainer.gradient_clip_val, which Lightning 2.6 refuses for a fused optimizer under -mixed
+        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                      fused=self.device.type == "cuda")
+                                      fused=fused)
         epochs = self.trainer.max_epochs
         if not epochs or epochs < 1:  # max_epochs=-1 trains until stopped: keep the learning rate constant
             return optimizer
@@ -389,8 +391,8 @@ class ClassificationData(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         # The same seed gives every process (and every resumed run) the same split.
         hp = self.hparams
-        keys = (range(len(self.targets)) if torch.is_tensor(self.inputs) else  # CSV rows, or image paths
-                [p.relative_to(self.path).as_posix() for p in self.inputs])
+        keys = row_keys(self.inputs, self.targets) if torch.is_tensor(self.inputs) else [
+            p.relative_to(self.path).as_posix() for p in self.inputs]  # image paths
         splits = split_by_class(keys, self.targets.tolist(), hp.val_fraction, hp.test_fraction, hp.split_seed)
         unmeasured = sorted({self.classes[int(c)] for c in self.targets.unique()} -
                             {self.classes[int(c)] for c in self.targets[splits["val"]].unique()})
@@ -447,21 +449,44 @@ class ClassificationData(L.LightningDataModule):
         return self._loader("predict")
 
 
+def row_keys(features: torch.Tensor, targets: torch.Tensor) -> list:
+    """A CSV row's split key: its values and label (and which repeat of them it is), not its position, so inserting
+    or deleting rows leaves the other rows in their splits."""
+    keys, seen = [], {}
+    for row, target in zip(features.numpy(), targets.tolist()):
+        key = hashlib.blake2b(row.tobytes() + str(target).encode(), digest_size=8).hexdigest()
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(f"{key}/{seen[key]}")
+    return keys
+
+
 def split_by_class(keys, targets: list, val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Indices of the val, test and train splits, the same share of each class in each. Within a class, items are
-    ordered by a hash of (seed, key), so adding or removing a few files moves only a few others between splits,
+    """Indices of the val, test and train splits: int(n * fraction) items each, shared out over the classes in
+    proportion to their sizes (largest remainder; each class keeps a training example). Within a class, items are
+    ordered by a hash of (seed, key), so adding or removing a few items moves only a few others between splits,
     where a permutation of the whole list would reshuffle them all (and leak test data into training)."""
     by_class: dict = {}
     for i, (key, target) in enumerate(zip(keys, targets)):
         by_class.setdefault(target, []).append((hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), i))
+    orders = [[i for _, i in sorted(members)] for _, members in sorted(by_class.items())]
+    room = [len(order) - 1 for order in orders]  # what each class can still give away
     splits = {"val": [], "test": [], "train": []}
-    for members in by_class.values():
-        order = [i for _, i in sorted(members)]
-        n_val = min(round(len(order) * val_fraction), len(order) - 1)  # each class keeps a training example
-        n_test = min(round(len(order) * test_fraction), len(order) - 1 - n_val)
-        splits["val"] += order[:n_val]
-        splits["test"] += order[n_val:n_val + n_test]
-        splits["train"] += order[n_val + n_test:]
+    taken = [0] * len(orders)
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        shares = [len(order) * fraction for order in orders]
+        counts = [min(int(share), r) for share, r in zip(shares, room)]
+        by_remainder = sorted(range(len(orders)), key=lambda c: (-(shares[c] - int(shares[c])), c))
+        for c in by_remainder * 2:  # a second pass fills what classes without room left over
+            if sum(counts) >= int(len(targets) * fraction):
+                break
+            if counts[c] < room[c]:
+                counts[c] += 1
+        for c, (order, count) in enumerate(zip(orders, counts)):
+            splits[name] += order[taken[c]:taken[c] + count]
+            taken[c] += count
+            room[c] -= count
+    for c, order in enumerate(orders):
+        splits["train"] += order[taken[c]:]
     return {name: torch.tensor(sorted(idx), dtype=torch.long) for name, idx in splits.items()}
 
 
@@ -770,7 +795,11 @@ def refuse_other_data(ckpt_path: str, data: ClassificationData) -> None:
     removed, or another image_size, would otherwise label predictions wrongly without any error."""
     if not Path(ckpt_path).is_file():
         return  # Lightning names a missing file itself
-    hp = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    if "test_path" not in ckpt.get("datamodule_hyper_parameters", {"test_path": None}):
+        rank_zero_warn("this checkpoint was trained before the split became stratified: its validation and test rows"
+                       " differ from today's split, so test scores may include rows it trained on")
     names = [str(c) for c in hp.get("class_names") or data.classes]  # older checkpoints: the shape only
     trained, given = (names, tuple(hp.get("input_shape", data.input_shape))), ([str(c) for c in data.classes],
                                                                               tuple(data.input_shape))

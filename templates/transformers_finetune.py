@@ -119,6 +119,9 @@ class TextClassifier(L.LightningModule):
                 raise ConfigError(f"cannot build a {hp.model_type!r} config: {err}")
             self.model = AutoModelForSequenceClassification.from_config(config)
         limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and self.model.config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer",
+                                                      "data2vec-text"):
+            limit -= 2  # their positions start after the padding index
         data = self.trainer.datamodule if self._trainer is not None else None
         encoded = [getattr(data, name, []) for name in ("train_set", "val_set", "test_set", "predict_set")]
         longest = max((len(ids) for items in encoded for ids, _ in items), default=0)  # setup ran before this

@@ -22,12 +22,8 @@ from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_ok, assert_one_err
 
 ASSETS = REPO / "assets"
 
-with gzip.open(ASSETS / "digits.csv.gz", "rt") as _f:
-    _COUNTS = {}
-    for _row in csv.DictReader(_f):
-        _COUNTS[_row["label"]] = _COUNTS.get(_row["label"], 0) + 1
-TEST_SIZE = sum(round(n * 0.15) for n in _COUNTS.values())  # the split is stratified: 15% of each class
-TRAIN_SIZE = 1797 - 2 * TEST_SIZE  # default val/test fractions of the embedded digits
+TEST_SIZE = int(1797 * 0.15)  # default val/test fractions of the embedded digits (shared out over the classes)
+TRAIN_SIZE = 1797 - 2 * TEST_SIZE
 STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
 
 
@@ -338,6 +334,23 @@ def test_data_loader_workers_follow_the_data(classifier_module, tmp_path):
     assert x.shape == (4, 3, 8, 8) and y.shape == (4,)
 
 
+def test_split_holds_out_its_fractions_and_keeps_csv_rows_in_place(classifier_module):
+    """int(n * fraction) held out even when every class is small (rounding each class gave none); a CSV row's split
+    follows its content, so deleting a row moves only rows near a class's boundary (a permutation moved half)."""
+    split, keys = classifier_module.split_by_class, classifier_module.row_keys
+    small = [c for c in range(20) for _ in range(3)]
+    assert {k: len(v) for k, v in split([str(i) for i in range(60)], small, 0.15, 0.15, 1).items()} == {
+        "val": 9, "test": 9, "train": 42}
+    features, targets = torch.randn(1000, 5, generator=torch.Generator().manual_seed(0)), torch.arange(1000) % 3
+
+    def where(f, t):
+        k = keys(f, t)
+        return {k[i]: name for name, idx in split(k, t.tolist(), 0.15, 0.15, 1).items() for i in idx.tolist()}
+
+    before, after = where(features, targets), where(features[1:], targets[1:])
+    assert sum(before[k] != v for k, v in after.items()) <= 6
+
+
 def test_image_folder_classes_split_and_refusals(classifier_module, tmp_path):
     """An image's class is its top-level folder (nested folders included); hidden files are skipped; the split is
     stratified and stable: one added file pushes at most one other across each boundary; an empty class folder is
@@ -373,7 +386,7 @@ def test_image_folder_classes_split_and_refusals(classifier_module, tmp_path):
         assert sum(f.startswith("cat/") for f in before[name]) == 5
         assert sum(f.startswith("dog/") for f in before[name]) == 10
     image(tmp_path / "dog" / "40.png")
-    _, after = splits()
+    _, after = splits()  # 62 images: 15 each held out again
     moved = sum(len(before[name] ^ after[name]) for name in ("val", "test"))
     assert moved <= 4  # the new file, and at most one other pushed across each split's boundary (of 30 held out)
 

@@ -396,8 +396,8 @@ def test_a_corpus_folder_is_read_as_the_user_left_it(tmp_path):
 
 @pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])
 def test_subcommands_without_a_step_are_one_line(template, tmp_path, monkeypatch, capsys):
-    """test and predict are listed by LightningCLI but these templates define no such step: one line, exit 2, not
-    a MisconfigurationException traceback; a short causal_lm run still validates once, at its end."""
+    """test and predict are listed by LightningCLI: causal_lm.py has no such step, transformers_finetune.py needs the
+    file to score or label: one line, exit 2, not a traceback; a short causal_lm run still validates at its end."""
     module = load_module(TEMPLATES / template, f"{template[:-3]}_subcommands")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [template])
@@ -406,7 +406,8 @@ def test_subcommands_without_a_step_are_one_line(template, tmp_path, monkeypatch
             module.main([subcommand])
         assert exit_info.value.code == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-        assert len(errors) == 1 and f"has no {subcommand} step" in errors[0], errors
+        expected = f"has no {subcommand} step" if template == "causal_lm.py" else f"needs --data.{subcommand}_path"
+        assert len(errors) == 1 and expected in errors[0], errors
     if template == "causal_lm.py":
         cli = module.main(["--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2"], run=False)
         assert cli.trainer.val_check_interval == 40  # batches, as val_check_interval counts them (default 50)

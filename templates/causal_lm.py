@@ -955,6 +955,13 @@ def with_nearest_keys(parser, err: Exception) -> str:
     return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
 
 
+def without_unused_lr_monitor(trainer):
+    """--trainer.logger false: LearningRateMonitor has nothing to log to and would stop the run at its start."""
+    if not trainer.loggers:
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+    return trainer
+
+
 class CausalLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -1009,7 +1016,7 @@ class CausalLMCLI(LightningCLI):
                 0 < batches < config.val_check_interval:  # here, not in the config: the saved config.yaml keeps 50
             kwargs["val_check_interval"] = batches  # a short run still validates (and saves best.ckpt) at its end
         try:
-            trainer = super().instantiate_trainer(**kwargs)
+            trainer = without_unused_lr_monitor(super().instantiate_trainer(**kwargs))
         except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # FSDP on CPU
             raise ConfigError(f"cannot build the Trainer: {err}") from None
         if isinstance(trainer.strategy, ModelParallelStrategy):  # a size mismatch only fails later, inside fit

@@ -712,6 +712,13 @@ def with_nearest_keys(parser, err: Exception) -> str:
     return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
 
 
+def without_unused_lr_monitor(trainer):
+    """--trainer.logger false: LearningRateMonitor has nothing to log to and would stop the run at its start."""
+    if not trainer.loggers:
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+    return trainer
+
+
 class ClassifierCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -760,7 +767,7 @@ class ClassifierCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         try:
-            return super().instantiate_trainer(**kwargs)
+            return without_unused_lr_monitor(super().instantiate_trainer(**kwargs))
         except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # no GPU
             raise ConfigError(f"cannot build the Trainer: {err}") from None
 

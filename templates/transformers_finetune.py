@@ -603,6 +603,13 @@ def with_nearest_keys(parser, err: Exception) -> str:
     return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
 
 
+def without_unused_lr_monitor(trainer):
+    """--trainer.logger false: LearningRateMonitor has nothing to log to and would stop the run at its start."""
+    if not trainer.loggers:
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+    return trainer
+
+
 class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
@@ -666,7 +673,7 @@ class FinetuneCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         try:
-            return super().instantiate_trainer(**kwargs)
+            return without_unused_lr_monitor(super().instantiate_trainer(**kwargs))
         except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # FSDP on CPU
             raise ConfigError(f"cannot build the Trainer: {err}") from None
 

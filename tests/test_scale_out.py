@@ -413,6 +413,20 @@ def test_subcommands_without_a_step_are_one_line(template, tmp_path, monkeypatch
         assert cli.trainer.val_check_interval == 40  # batches, as val_check_interval counts them (default 50)
 
 
+@pytest.mark.parametrize("template", ["classifier.py", "causal_lm.py", "transformers_finetune.py"])
+def test_no_logger_drops_only_the_learning_rate_monitor(template, tmp_path):
+    """--trainer.logger false: Lightning's LearningRateMonitor would raise at the start of fit (nothing to log to);
+    the templates leave it out then, and only then."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    module = load_module(TEMPLATES / template, f"{template[:-3]}_no_logger")
+    common = ["--trainer.default_root_dir", str(tmp_path)]
+    for logger, monitors in (("false", 0), ("true", 1)):
+        trainer = module.main(["--trainer.logger", logger, *common], run=False).trainer
+        assert sum(isinstance(c, LearningRateMonitor) for c in trainer.callbacks) == monitors
+        assert sum(isinstance(c, ModelCheckpoint) for c in trainer.callbacks) == 2  # best and last stay
+
+
 def test_model_config_overrides_the_tiny_defaults_under_either_name():
     """GPT-2 names its width n_embd, an alias of the tiny default's hidden_size: the user's value must win."""
     lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_config")

@@ -372,12 +372,8 @@ def test_image_folder_classes_split_and_refusals(classifier_module, tmp_path):
     def splits(**kwargs):
         data = Data(str(tmp_path), image_size=6, val_fraction=0.25, test_fraction=0.25, **kwargs)
         data.setup("fit")
-        return data, {name: {data.inputs[i].relative_to(tmp_path).as_posix() for i in idx}
-                      for name, idx in split_by_name(data).items()}
-
-    def split_by_name(data):
-        return {"val": [data.inputs.index(f) for f in data.datasets["val"].files],
-                "test": [data.inputs.index(f) for f in data.datasets["test"].files]}
+        return data, {name: {f.relative_to(tmp_path).as_posix() for f in data.datasets[name].files}
+                      for name in ("val", "test")}
 
     data, before = splits()
     assert data.classes == ["cat", "dog"] and len(data.inputs) == 61

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import grad_norm
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
@@ -690,8 +691,7 @@ class GradNorms(Callback):
 
     @staticmethod
     def norm(module):
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()
-                                                           if p.grad is not None])))
+        return float(grad_norm(module, norm_type=2)["grad_2.0_norm_total"])
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         self.before.append(self.norm(module))

@@ -247,7 +247,8 @@ def main(argv=None) -> int:
                         help="the template's --model.sdpa_backend, for both variants (default: PyTorch's choice)")
     parser.add_argument("--max-autotune", action="store_true",
                         help="inductor's max-autotune: Triton matmul templates with fused epilogues (long compile)")
-    parser.add_argument("--trainer-only", action="store_true", help="skip the plain loop (to compare levers)")
+    parser.add_argument("--trainer-only", action="store_true",
+                        help="the causal LM template alone: no plain loop, no classifier (to compare levers)")
     parser.add_argument("--peak-tflops", type=float,
                         help="dense peak of the card, for both MFUs (default: from its name; on CPU none)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
@@ -334,13 +335,14 @@ def main(argv=None) -> int:
             "mfu_monitor_over_bench": extra["template_mfu"] / trainer_mfu if extra["template_mfu"] and trainer_mfu
             else None,
         }
-        plain, trainer = run_classifier(opt, Path(tmp) / "classifier")
-        for variant, run in (("classifier plain loop (CPU)", plain), ("classifier.py (Trainer, CPU)", trainer)):
-            rows.append({"variant": variant, "card": "CPU", "batch x seq": "64 x 64 features",
-                         "ms/step": round(run["ms_per_step"], 3), "tokens/s": None, "MFU": None,
-                         "ratio": run["ms_per_step"] / plain["ms_per_step"], "peak memory": "-"})
-        checks.update({f"classifier_{key}_{name}": round(run[key], 4) for name, run in
-                       (("plain", plain), ("trainer", trainer)) for key in ("val_acc", "fit_seconds")})
+        if not opt.trainer_only:
+            plain, trainer = run_classifier(opt, Path(tmp) / "classifier")
+            for variant, run in (("classifier plain loop (CPU)", plain), ("classifier.py (Trainer, CPU)", trainer)):
+                rows.append({"variant": variant, "card": "CPU", "batch x seq": "64 x 64 features",
+                             "ms/step": round(run["ms_per_step"], 3), "tokens/s": None, "MFU": None,
+                             "ratio": run["ms_per_step"] / plain["ms_per_step"], "peak memory": "-"})
+            checks.update({f"classifier_{key}_{name}": round(run[key], 4) for name, run in
+                           (("plain", plain), ("trainer", trainer)) for key in ("val_acc", "fit_seconds")})
 
     checks["sdpa_kernel"] = sdpa_kernel_for(opt, config, device)
     checks["cudnn"] = torch.backends.cudnn.version()

@@ -331,6 +331,16 @@ def test_gpu_training(tmp_path, config, model_type):
     assert "train/device/items_per_sec" in header and "train/device/mfu" in header
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("template", ["classifier.py", "transformers_finetune.py"])
+def test_gpu_training_other_templates(tmp_path, template):
+    """bf16-mixed on the GPU, with each template's own clipping and optimizer: the shipped defaults train there."""
+    result = run_template(template, "fit", "--config", CONFIGS / "gpu.yaml", "--trainer.max_epochs", "3", *QUIET,
+                          cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    assert float(re.search(r"best val_acc=([0-9.]+)", result.stdout).group(1)) >= 0.8
+
+
 def test_slurm_launch_file_matches_its_config():
     text = (LAUNCH / "slurm.sbatch").read_text()
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
@@ -494,6 +504,27 @@ def test_builtin_gpt_is_gpt2():
     block = deep.blocks[3]
     assert abs(block.fc.weight.std().item() - 0.02) < 1e-3 and abs(block.mlp_out.weight.std().item() - 0.005) < 3e-4
     assert deep.lm_head.weight is deep.wte.weight and not block.qkv.bias.any()
+
+
+def test_gpt2_small_recipe_builds_the_benchmarked_model(tmp_path, monkeypatch):
+    """The GPT-2-small command of performance.md and of causal_lm.py's docstring (the one bench.py timed) parses, and
+    builds a 12-layer, width-768 GPT without biases at batch 32 x 1024, compiled."""
+    doc = (REPO / "references" / "performance.md").read_text()
+    recipe = re.search(r"```bash\n(python causal_lm.py fit --config configs/gpu.yaml .*?)\n```", doc, re.S).group(1)
+    docstring = (TEMPLATES / "causal_lm.py").read_text().split('"""')[1]
+    words = lambda text: " ".join(text.replace("\\\n", " ").split())  # noqa: E731 (shell continuations joined)
+    assert words(recipe) in words(docstring)
+    args = shlex.split(words(recipe))[3:]  # after `python causal_lm.py fit`
+    np.save(tmp_path / "tokens.npy", np.arange(40_000, dtype=np.uint16) % 50257)
+    monkeypatch.chdir(tmp_path)
+    args[args.index("configs/gpu.yaml")] = str(CONFIGS / "gpu.yaml")
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_recipe")
+    cli = lm.main([*args, "--trainer.accelerator", "cpu"], run=False)
+    data, hp = cli.datamodule.hparams, cli.model.hparams
+    assert (data.batch_size, data.block_size, hp.model_type, hp.compile) == (32, 1024, "gpt", True)
+    model = lm.load_or_build(None, hp.model_type, hp.model_config, cli.datamodule.vocab_size, False, meta=True)
+    assert (len(model.blocks), model.wte.weight.shape) == (12, (50304, 768))
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
 
 
 def test_sdpa_backend_selects_the_attention_kernel_that_runs():

@@ -410,9 +410,9 @@ def as_text(result: dict) -> str:
 def as_yaml(result: dict) -> str:
     t = result["trainer"]
     lines = [f"# detect_hardware.py: {describe(result['machine'])}",
-             f"# also: torch.set_float32_matmul_precision('{result['matmul_precision']}'), compile:"
-             f" {str(result['compile']).lower()}, activation checkpointing:"
+             f"# also: compile: {str(result['compile']).lower()}, activation checkpointing:"
              f" {str(result['activation_checkpointing']).lower()}, DataLoader num_workers: {result['num_workers']}",
+             f"matmul_precision: {result['matmul_precision']}  # torch.set_float32_matmul_precision",
              "trainer:"]
     lines += [f"  {key}: {json.dumps(value)}" for key, value in t.items()]
     return "\n".join(lines) + "\n"

@@ -7,8 +7,9 @@ Usage:
     python scripts/scaffold.py classifier my_project --hardware hw.yaml     # a trainer: section from a file
     python scripts/scaffold.py classifier my_project --force                # replace files that already exist
 
-config.yaml = the template's own defaults (its `fit --print_config`), then the `trainer:` section that
-detect_hardware.py recommends for this machine (--hardware auto, the default), then every --set key=value.
+config.yaml = the template's own defaults (its `fit --print_config`), then the `trainer:` section and the float32
+matmul precision that detect_hardware.py recommends for this machine (--hardware auto, the default), then every
+--set key=value.
 Keys are checked against the template's LightningCLI; values are YAML data (numbers, true/false, null, lists),
 anything else stays a plain string. A relative path in a *_path value is read from the current folder and
 written absolute (the commands run in DEST). Nothing is written unless everything succeeds; existing files are never
@@ -18,6 +19,7 @@ replaced without --force. Exit codes: 0 ok, 2 bad input.
 import argparse
 import difflib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,11 +102,13 @@ def set_key(tree: dict, dotted: str, value) -> None:
     tree[parts[-1]] = value
 
 
-def merge(defaults: dict, trainer: dict, sets: list) -> dict:
-    """The template's defaults, then the hardware trainer section, then --set values (later wins)."""
+def merge(defaults: dict, hardware: dict, sets: list) -> dict:
+    """The template's defaults, then the hardware settings, then --set values (later wins)."""
     config = json.loads(json.dumps(defaults))  # deep copy of plain data
-    for key, value in (trainer or {}).items():
+    for key, value in hardware.get("trainer", {}).items():
         set_key(config, f"trainer.{key}", value)
+    if "matmul_precision" in hardware and "matmul_precision" in config:
+        config["matmul_precision"] = hardware["matmul_precision"]
     for key, value in sets:
         set_key(config, key, value)
     return config
@@ -132,11 +136,14 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def hardware_trainer(choice: str) -> dict:
+def hardware_settings(choice: str) -> dict:
+    """The trainer: section and the float32 matmul precision for the machine: detected (auto), none, or a file
+    (detect_hardware.py --format yaml writes one)."""
     if choice == "none":
         return {}
     if choice == "auto":
-        return detect_hardware.plan(detect_hardware.detect_machine())["trainer"]
+        plan = detect_hardware.plan(detect_hardware.detect_machine())
+        return {"trainer": plan["trainer"], "matmul_precision": plan["matmul_precision"]}
     path = Path(choice)
     try:
         data = yaml.safe_load(path.read_text())
@@ -145,7 +152,7 @@ def hardware_trainer(choice: str) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
         raise UsageError(f"--hardware {choice} must hold a trainer: section (python scripts/detect_hardware.py"
                          " --format yaml writes one)")
-    return data["trainer"]
+    return {key: data[key] for key in ("trainer", "matmul_precision") if key in data}
 
 
 def template_files(name: str) -> tuple:
@@ -190,11 +197,11 @@ def main(argv=None) -> int:
         existing = [str(p) for p in [*targets, dest / "config.yaml"] if p.exists()]
         if existing and not args.force:
             raise UsageError(f"would replace {', '.join(existing)}: pass --force to replace, or choose another DEST")
-        trainer = hardware_trainer(args.hardware)
+        hardware = hardware_settings(args.hardware)
         defaults = template_defaults(script)
         check_keys(sets, defaults)
         data_default = [(k, v) for k, v in default_data(entry, defaults).items() if k not in dict(sets)]
-        config = merge(defaults, trainer, data_default + sets)
+        config = merge(defaults, hardware, data_default + sets)
         with tempfile.TemporaryDirectory() as tmp:  # validate the whole result before touching DEST
             staged = Path(tmp) / "config.yaml"
             staged.write_text("# written by scaffold.py: the template's defaults + hardware + --set values\n"
@@ -210,14 +217,15 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"scaffold.py: error: {err}", file=sys.stderr)
         return 2
+    # Every printed command is shell-quoted: DEST or a value may hold spaces, quotes or ';'.
     scripts, python = SKILL / "scripts", python_command()
     run_dir = config["trainer"].get("default_root_dir") or "lightning_logs"
     commands = {
-        "cd": f"cd {dest.resolve()}",
-        "smoke_test": f"{python} {scripts / 'smoke_test.py'} {script.name} --config config.yaml",
-        "train": f"{python} {script.name} fit --config config.yaml",
-        "resume": f"{python} {script.name} fit --config config.yaml --ckpt_path last",
-        "summarize": f"{python} {scripts / 'summarize_run.py'} {run_dir}",
+        "cd": shlex.join(["cd", str(dest.resolve())]),
+        "smoke_test": f"{python} {shlex.join([str(scripts / 'smoke_test.py'), script.name, '--config', 'config.yaml'])}",
+        "train": f"{python} {shlex.join([script.name, 'fit', '--config', 'config.yaml'])}",
+        "resume": f"{python} {shlex.join([script.name, 'fit', '--config', 'config.yaml', '--ckpt_path', 'last'])}",
+        "summarize": f"{python} {shlex.join([str(scripts / 'summarize_run.py'), str(run_dir)])}",
     }
     written = sorted(str(p.resolve()) for p in [*targets, dest / "config.yaml"])
     if args.format == "json":

@@ -7,7 +7,8 @@ Usage:
 
 It runs `SCRIPT fit [--config FILE] --trainer.fast_dev_run 2 --trainer.detect_anomaly true [extra args]` in a
 subprocess (two training and two validation batches, no checkpoints or logs written; anomaly detection names the
-operation that produced a NaN). Diagnoses: shape mismatch, missing __main__ guard, unpicklable object under spawn,
+operation that produced a NaN), with a callback added to the Trainer that counts the batches that ran: PASS needs a
+clean exit and at least one training and one validation batch. Diagnoses: nothing trained, no validation, shape mismatch, missing __main__ guard, unpicklable object under spawn,
 dtype mismatch under mixed precision, NaN loss, DataLoader worker crash, CUDA out of memory, missing package,
 bad config, timeout. Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage.
 """
@@ -15,6 +16,7 @@ bad config, timeout. Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -65,6 +67,60 @@ DIAGNOSES = [
 ]
 
 
+# The child process: the script run as `python SCRIPT ARGS` would run it, with a callback added to every Trainer it
+# builds (lightning.pytorch's, or pytorch_lightning's) that prints, on rank 0, the batches that ran and the setup.
+# Other ranks of a multi-process run start the script anew, without it.
+CHILD = r"""
+import functools, importlib.util, json, os, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(script))
+
+def count_batches(package):
+    trainer_module = importlib.import_module(package)
+    callbacks = importlib.import_module(package + ".callbacks")
+
+    class BatchCount(callbacks.Callback):
+        train = val = 0
+
+        def on_train_batch_end(self, trainer, *args):
+            self.train += 1
+
+        def on_validation_batch_end(self, trainer, *args):
+            self.val += not trainer.sanity_checking
+
+        def on_fit_end(self, trainer, pl_module):
+            if trainer.is_global_zero:
+                print("SMOKE_TEST_RAN " + json.dumps({
+                    "train_batches": self.train, "val_batches": self.val, "processes": trainer.world_size,
+                    "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
+                    "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision)}), flush=True)
+
+    build = trainer_module.Trainer.__init__
+
+    @functools.wraps(build)  # its signature stays the Trainer's: LightningCLI reads its options from it
+    def init(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.callbacks.append(BatchCount())
+
+    trainer_module.Trainer.__init__ = init
+
+for package in ("lightning.pytorch", "pytorch_lightning"):
+    try:
+        if importlib.util.find_spec(package.split(".")[0]):
+            count_batches(package)
+    except ImportError:
+        pass
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def ran(output: str) -> dict:
+    """What the child's batch count printed, or {} when no Trainer finished fit."""
+    found = re.findall(r"^SMOKE_TEST_RAN (\{.*\})$", output, re.MULTILINE)
+    return json.loads(found[-1]) if found else {}
+
+
 def diagnose(output: str) -> dict:
     own = re.search(r"^[\w.-]+\.py: error: (.+)$", output, re.MULTILINE)  # a template's one-line refusal
     if own:  # it names the problem and the fix itself; other lines (a library's load report, say) may mislead
@@ -104,7 +160,7 @@ def main(argv=None) -> int:
     if args.config and not Path(args.config).is_file():
         print(f"smoke_test.py: error: no such config: {args.config}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, str(script.resolve()), "fit"]
+    cmd = [sys.executable, "-c", CHILD, str(script.resolve()), "fit"]
     cmd += ["--config", str(Path(args.config).resolve())] if args.config else []
     cmd += ["--trainer.fast_dev_run", "2", "--trainer.detect_anomaly", "true"]
     if args.cpu:
@@ -119,21 +175,35 @@ def main(argv=None) -> int:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         code = None
     seconds = round(time.perf_counter() - start, 1)
-    if code == 0:
-        report = {"status": "pass", "seconds": seconds, "command": " ".join(cmd)}
+    shown = shlex.join([sys.executable, str(script.resolve()), *cmd[4:]])  # the command, without the batch count
+    evidence = ran(output)
+    if code == 0 and evidence.get("train_batches") and evidence.get("val_batches"):
+        report = {"status": "pass", "seconds": seconds, "command": shown, "ran": evidence}
+    elif code == 0:
+        missing = "validation" if evidence.get("train_batches") else "training"
+        report = {"status": "fail", "seconds": seconds, "command": shown, "ran": evidence,
+                  "diagnosis": f"no_{missing}", "error_line": "",
+                  "message": f"the script exited cleanly but no {missing} batch ran",
+                  "fix": ("give the model a validation_step and the data a val_dataloader (the templates keep the"
+                          " checkpoint with the best validation metric), and keep trainer.limit_val_batches above 0")
+                  if missing == "validation" else
+                  ("pass a LightningCLI training script whose `fit` subcommand builds a Trainer and trains (a"
+                   " script that only prints, or returns before fit, proves nothing)")}
     elif code is None:
-        report = {"status": "fail", "seconds": seconds, "command": " ".join(cmd), "diagnosis": "timeout",
+        report = {"status": "fail", "seconds": seconds, "command": shown, "diagnosis": "timeout",
                   "message": f"no result within {args.timeout:.0f} s",
                   "fix": "a hang at 'Initializing distributed' means devices/num_nodes differ from the processes"
                          " started by hand or the nodes cannot reach each other; otherwise raise --timeout or shrink"
                          " the data", "error_line": ""}
     else:
-        report = {"status": "fail", "seconds": seconds, "command": " ".join(cmd), "exit_code": code,
+        report = {"status": "fail", "seconds": seconds, "command": shown, "exit_code": code,
                   **diagnose(output)}
     if args.format == "json":
         print(json.dumps(report, indent=2))
     elif report["status"] == "pass":
-        print(f"PASS ({seconds} s): 2 training and 2 validation batches ran")
+        print(f"PASS ({seconds} s): {evidence['train_batches']} training and {evidence['val_batches']} validation"
+              f" batches ran ({evidence['processes']} process(es), {evidence['accelerator']}, {evidence['strategy']},"
+              f" {evidence['precision']})")
     else:
         print(f"FAIL ({report['diagnosis']}): {report['message']}")
         if report["error_line"]:

@@ -37,8 +37,10 @@ Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,i
 train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/checkpoints/{best,last}.ckpt.
 """
 
+import ast
 import difflib
 import inspect
+import json
 import itertools
 import math
 import os
@@ -69,7 +71,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "references"
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".jsonl"}  # in any letter case
@@ -203,6 +205,10 @@ def refuse_masks(model, args, kwargs) -> None:
 def load_or_build_transformers(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # The weights' dtype is Lightning's, not the one the checkpoint was saved in (transformers 5 would load a float16
+    # model as float16): float32 under -mixed precisions and 32-true, which keeps the optimizer state float32; the
+    # named dtype under -true (the precision plugin makes it the default while configure_model runs).
+    dtype = torch.get_default_dtype()
     if name_or_path:
         local = Path(name_or_path).expanduser()
         if name_or_path.startswith((".", "/", "~")) and not local.exists():
@@ -211,9 +217,9 @@ def load_or_build_transformers(name_or_path, model_type, model_config, vocab_siz
             if meta:
                 config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
                 with torch.device("meta"):
-                    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype,
                                                             trust_remote_code=trust_remote_code)
-            return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa",
+            return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", dtype=dtype,
                                                         trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             fix = ("it ships its own Python code: read it, and only if you trust it pass --model.trust_remote_code"
@@ -232,7 +238,7 @@ def load_or_build_transformers(name_or_path, model_type, model_config, vocab_siz
     except (ValueError, TypeError) as err:
         raise ConfigError(f"cannot build a {model_type!r} config: {err}")
     with torch.device("meta") if meta else torch.device("cpu"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
 def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -794,8 +800,9 @@ class StopOnNonFiniteLoss(Callback):
             raise NonFiniteLossError(
                 f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
                 " too high, float16 overflow (use bf16-mixed or 32-true), NaN/inf in the data, or a log/division of"
-                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation, then continue from"
-                " the last good checkpoint with --ckpt_path last and a lower learning rate")
+                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation; after fixing it,"
+                " --ckpt_path last continues from the last good checkpoint (with its learning rate and schedule), or"
+                " start a new run with a lower learning rate")
 
 
 def monitor_missing(err: BaseException) -> bool:
@@ -919,6 +926,93 @@ def check_run_inputs(config) -> None:
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
 
 
+def checkpoint_to_read(config) -> Optional[Path]:
+    """The single file --ckpt_path names, or the one `last` resumes from (the newest last*.ckpt in the checkpoint
+    folder, as Lightning picks it); None when there is none yet, or for a sharded folder, a URL or `hpc`."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt or ckpt == "hpc" or re.match(r"\w+:", str(ckpt)):
+        return None
+    if ckpt == "last":
+        folder = Path(config.last_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        found = [f for f in folder.glob("last*.ckpt") if f.is_file()]
+        return max(found, key=lambda f: f.stat().st_mtime) if found else None
+    path = Path(ckpt).expanduser()
+    return path if path.is_file() else None
+
+
+def plain(value):
+    """A config value as JSON data, so that (256, 128) from the command line equals [256, 128] from a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def follow_checkpoint(config, defaults, path: Path, resuming: bool) -> None:
+    """Makes the model and the checkpoint rules of this run those of the checkpoint it loads. A model option this
+    command sets (other than its default) to another value than the checkpoint's is refused in one line: an explicit
+    path would otherwise train the checkpoint's model, silently (LightningCLI rebuilds it from the file), and `last`
+    would load it into another one. A resumed fit keeps the monitor and mode its best checkpoint and early stopping
+    started with: Lightning files their state (best score, patience) under a key made of both and would resume
+    without it, silently, under another rule."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, value in (ckpt.get("hyper_parameters") or {}).items():
+        if key not in config.model or plain(config.model[key]) == plain(value):
+            continue
+        if plain(config.model[key]) != plain(defaults.model.get(key)):
+            raise ConfigError(f"{path} was trained with model.{key}={plain(value)}; this command sets"
+                              f" {plain(config.model[key])}: drop --model.{key} to use the checkpoint's value, or"
+                              " start a new run without --ckpt_path")
+        config.model[key] = value  # left at its default: the checkpoint's model, as LightningCLI does for a path
+    if not resuming or "callbacks" not in ckpt:
+        return
+    for name, kind in (("best_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping")):
+        if name not in config:
+            continue
+        saved = [rule for key in ckpt["callbacks"] if key.startswith(kind + "{")
+                 for rule in [literal_rule(key[len(kind):])] if rule.get("monitor")]
+        wanted = config[name]
+        if not saved or any((r["monitor"], r["mode"]) == (wanted.monitor, wanted.mode) for r in saved):
+            continue
+        if (wanted.monitor, wanted.mode) != (defaults[name].monitor, defaults[name].mode):
+            raise ConfigError(f"{path} ranked {name} by {saved[0]['monitor']} ({saved[0]['mode']}); this command asks"
+                              f" for {wanted.monitor} ({wanted.mode}): resume with --{name}.monitor"
+                              f" {saved[0]['monitor']} --{name}.mode {saved[0]['mode']}, or start a new run")
+        wanted.monitor, wanted.mode = saved[0]["monitor"], saved[0]["mode"]
+        rank_zero_info(f"{name} keeps ranking by {wanted.monitor} ({wanted.mode}), as the run in {path.name} did")
+
+
+def literal_rule(text: str) -> dict:
+    try:
+        rule = ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # e.g. a train_time_interval, which is no literal
+        return {}
+    return rule if isinstance(rule, dict) else {}
+
+
+class ValidationHistory(Callback):
+    """The validation metrics of each validation in this process, by global step: the after-fit line reports those
+    of the kept checkpoint (accuracy, say, next to the loss it was ranked by)."""
+
+    def __init__(self):
+        self.by_step: dict = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.by_step[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                                 if k.startswith("val_") and v.numel() == 1}
+
+
+def kept_checkpoint(trainer) -> str:
+    """`best <monitor>=<score> (epoch E, step S; other validation metrics) checkpoint=<path>` for the file the
+    best_checkpoint callback kept."""
+    callback = trainer.checkpoint_callback
+    path, where = callback.best_model_path, ""
+    if Path(path).is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        history = next((c.by_step for c in trainer.callbacks if isinstance(c, ValidationHistory)), {})
+        others = [f"{k}={v:.4f}" for k, v in history.get(saved["global_step"], {}).items() if k != callback.monitor]
+        where = f" (epoch {saved['epoch']}, step {saved['global_step']}{'; ' if others else ''}{', '.join(others)})"
+    return f"best {callback.monitor}={callback.best_model_score.item():.4f}{where} checkpoint={path}"
+
+
 def release_process_group() -> None:
     """Ends the process group while Python is still whole. Lightning 2.6 does this at exit for NCCL only; a gloo
     (CPU) group left to interpreter shutdown can abort a finished run ("terminate called without an active
@@ -950,6 +1044,11 @@ def refuse_misspelt_keys(model_type: str, model_config) -> None:
                           f" mean: {', '.join(typos[key] for key in sorted(typos))}")
 
 
+def subcommand_defaults(parser, subcommand):
+    """The defaults of a subcommand's options: what a user who sets nothing gets."""
+    return (parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser).get_defaults()
+
+
 def with_nearest_keys(parser, err: Exception) -> str:
     """The parser's error, plus the nearest valid keys for a mistyped one."""
     subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
@@ -968,6 +1067,9 @@ def without_unused_lr_monitor(trainer):
 
 class CausalLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
+        parser.add_argument("--matmul_precision", choices=["highest", "high", "medium"], default="high",
+                            help="torch.set_float32_matmul_precision: high uses TF32 tensor cores for float32"
+                            " matmuls on Ampere and newer GPUs; scaffold.py sets what detect_hardware.py recommends")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
         parser.set_defaults({"best_checkpoint.monitor": "val_loss", "best_checkpoint.mode": "min",
@@ -999,9 +1101,13 @@ class CausalLMCLI(LightningCLI):
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if model.model_type != "gpt" and not model.name_or_path:
             refuse_misspelt_keys(model.model_type, model.model_config)
+        path = checkpoint_to_read(config)
+        if path is not None:  # after the paths above are absolute: checkpoints store them so
+            follow_checkpoint(config, subcommand_defaults(parser, subcommand), path, resuming=subcommand == "fit")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_float32_matmul_precision(config.matmul_precision)
         for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
@@ -1039,13 +1145,12 @@ class CausalLMCLI(LightningCLI):
                              f" val_loss={val.item():.4f}\n")  # one write: the ranks' lines do not interleave
         best = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
-            print(f"best {best.monitor}={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+            print(kept_checkpoint(self.trainer))
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
     """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
     callbacks are always added (hpo_optuna.py and bench/bench.py pass theirs this way)."""
-    torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the float32 matmuls outside autocast
     # Lightning looks for a state_dict on the DataLoader; TextData keeps the position in its own (ResumableSampler).
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     # configure_gradient_clipping leaves clipping to DeepSpeed, which clips by trainer.gradient_clip_val itself
@@ -1060,7 +1165,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
                               "limit_val_batches": 20, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                               "default_root_dir": "runs/causal_lm",
                               "callbacks": [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(),
-                                            *callbacks]},
+                                            ValidationHistory(), *callbacks]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,

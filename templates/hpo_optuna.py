@@ -265,8 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study should reach")
     parser.add_argument("--storage", default="sqlite:///study.db")
     parser.add_argument("--study-name", default="hpo")
-    parser.add_argument("--monitor", help="the metric a trial is scored by (default: val_loss for causal_lm.py,"
-                        " else val_acc)")
+    parser.add_argument("--monitor", default="val_loss", help="the metric a trial is scored by (default: val_loss,"
+                        " the metric the templates keep their best checkpoint by)")
     parser.add_argument("--direction", choices=["maximize", "minimize"],
                         help="default: minimize for a metric named *loss*, else maximize")
     parser.add_argument("--enqueue", action="append", default=[], metavar="JSON",
@@ -277,7 +277,6 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="best_config.yaml", help="best configuration (never overwritten)")
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra template arguments, last")
     args = parser.parse_args(argv)
-    args.monitor = args.monitor or ("val_loss" if Path(args.script).name == "causal_lm.py" else "val_acc")
     args.direction = args.direction or ("minimize" if "loss" in args.monitor else "maximize")
     with contextlib.ExitStack() as stack:
         return run_study(args, stack)

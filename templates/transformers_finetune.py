@@ -20,6 +20,7 @@ Data: --data.data_path FILE (.csv, .csv.gz or .jsonl) with a text column and a l
 --model.trust_remote_code true for a model whose code you trust.
 """
 
+import ast
 import csv
 import difflib
 import gzip
@@ -46,6 +47,7 @@ from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlySt
                                          ModelCheckpoint)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -100,9 +102,11 @@ class TextClassifier(L.LightningModule):
             try:
                 # A saved classifier head for another number of classes is replaced by a new one (transformers
                 # names it in a warning); the body keeps its pretrained weights.
+                # dtype: float32 under -mixed precisions (trained weights and optimizer state), the named one under
+                # -true, whatever dtype the checkpoint was saved in (Lightning sets the default for configure_model)
                 self.model = AutoModelForSequenceClassification.from_pretrained(
                     hp.name_or_path, num_labels=hp.num_labels, ignore_mismatched_sizes=True,
-                    trust_remote_code=hp.trust_remote_code)
+                    dtype=torch.get_default_dtype(), trust_remote_code=hp.trust_remote_code)
             except (OSError, ValueError) as err:
                 fix = ("it ships its own Python code: read it, and only if you trust it pass --model.trust_remote_code"
                        " true") if "custom code" in str(err) else ("offline, pass a local folder saved with"
@@ -438,8 +442,9 @@ class StopOnNonFiniteLoss(Callback):
             raise NonFiniteLossError(
                 f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
                 " too high, float16 overflow (use bf16-mixed or 32-true), NaN/inf in the data, or a log/division of"
-                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation, then continue from"
-                " the last good checkpoint with --ckpt_path last and a lower learning rate")
+                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation; after fixing it,"
+                " --ckpt_path last continues from the last good checkpoint (with its learning rate and schedule), or"
+                " start a new run with a lower learning rate")
 
 
 def monitor_missing(err: BaseException) -> bool:
@@ -563,6 +568,93 @@ def check_run_inputs(config) -> None:
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
 
 
+def checkpoint_to_read(config) -> Optional[Path]:
+    """The single file --ckpt_path names, or the one `last` resumes from (the newest last*.ckpt in the checkpoint
+    folder, as Lightning picks it); None when there is none yet, or for a sharded folder, a URL or `hpc`."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt or ckpt == "hpc" or re.match(r"\w+:", str(ckpt)):
+        return None
+    if ckpt == "last":
+        folder = Path(config.last_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        found = [f for f in folder.glob("last*.ckpt") if f.is_file()]
+        return max(found, key=lambda f: f.stat().st_mtime) if found else None
+    path = Path(ckpt).expanduser()
+    return path if path.is_file() else None
+
+
+def plain(value):
+    """A config value as JSON data, so that (256, 128) from the command line equals [256, 128] from a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def follow_checkpoint(config, defaults, path: Path, resuming: bool) -> None:
+    """Makes the model and the checkpoint rules of this run those of the checkpoint it loads. A model option this
+    command sets (other than its default) to another value than the checkpoint's is refused in one line: an explicit
+    path would otherwise train the checkpoint's model, silently (LightningCLI rebuilds it from the file), and `last`
+    would load it into another one. A resumed fit keeps the monitor and mode its best checkpoint and early stopping
+    started with: Lightning files their state (best score, patience) under a key made of both and would resume
+    without it, silently, under another rule."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, value in (ckpt.get("hyper_parameters") or {}).items():
+        if key not in config.model or plain(config.model[key]) == plain(value):
+            continue
+        if plain(config.model[key]) != plain(defaults.model.get(key)):
+            raise ConfigError(f"{path} was trained with model.{key}={plain(value)}; this command sets"
+                              f" {plain(config.model[key])}: drop --model.{key} to use the checkpoint's value, or"
+                              " start a new run without --ckpt_path")
+        config.model[key] = value  # left at its default: the checkpoint's model, as LightningCLI does for a path
+    if not resuming or "callbacks" not in ckpt:
+        return
+    for name, kind in (("best_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping")):
+        if name not in config:
+            continue
+        saved = [rule for key in ckpt["callbacks"] if key.startswith(kind + "{")
+                 for rule in [literal_rule(key[len(kind):])] if rule.get("monitor")]
+        wanted = config[name]
+        if not saved or any((r["monitor"], r["mode"]) == (wanted.monitor, wanted.mode) for r in saved):
+            continue
+        if (wanted.monitor, wanted.mode) != (defaults[name].monitor, defaults[name].mode):
+            raise ConfigError(f"{path} ranked {name} by {saved[0]['monitor']} ({saved[0]['mode']}); this command asks"
+                              f" for {wanted.monitor} ({wanted.mode}): resume with --{name}.monitor"
+                              f" {saved[0]['monitor']} --{name}.mode {saved[0]['mode']}, or start a new run")
+        wanted.monitor, wanted.mode = saved[0]["monitor"], saved[0]["mode"]
+        rank_zero_info(f"{name} keeps ranking by {wanted.monitor} ({wanted.mode}), as the run in {path.name} did")
+
+
+def literal_rule(text: str) -> dict:
+    try:
+        rule = ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # e.g. a train_time_interval, which is no literal
+        return {}
+    return rule if isinstance(rule, dict) else {}
+
+
+class ValidationHistory(Callback):
+    """The validation metrics of each validation in this process, by global step: the after-fit line reports those
+    of the kept checkpoint (accuracy, say, next to the loss it was ranked by)."""
+
+    def __init__(self):
+        self.by_step: dict = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.by_step[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                                 if k.startswith("val_") and v.numel() == 1}
+
+
+def kept_checkpoint(trainer) -> str:
+    """`best <monitor>=<score> (epoch E, step S; other validation metrics) checkpoint=<path>` for the file the
+    best_checkpoint callback kept."""
+    callback = trainer.checkpoint_callback
+    path, where = callback.best_model_path, ""
+    if Path(path).is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        history = next((c.by_step for c in trainer.callbacks if isinstance(c, ValidationHistory)), {})
+        others = [f"{k}={v:.4f}" for k, v in history.get(saved["global_step"], {}).items() if k != callback.monitor]
+        where = f" (epoch {saved['epoch']}, step {saved['global_step']}{'; ' if others else ''}{', '.join(others)})"
+    return f"best {callback.monitor}={callback.best_model_score.item():.4f}{where} checkpoint={path}"
+
+
 def release_process_group() -> None:
     """Ends the process group while Python is still whole. Lightning 2.6 does this at exit for NCCL only; a gloo
     (CPU) group left to interpreter shutdown can abort a finished run ("terminate called without an active
@@ -594,6 +686,11 @@ def refuse_misspelt_keys(model_type: str, model_config) -> None:
                           f" mean: {', '.join(typos[key] for key in sorted(typos))}")
 
 
+def subcommand_defaults(parser, subcommand):
+    """The defaults of a subcommand's options: what a user who sets nothing gets."""
+    return (parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser).get_defaults()
+
+
 def with_nearest_keys(parser, err: Exception) -> str:
     """The parser's error, plus the nearest valid keys for a mistyped one."""
     subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
@@ -612,18 +709,21 @@ def without_unused_lr_monitor(trainer):
 
 class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
+        parser.add_argument("--matmul_precision", choices=["highest", "high", "medium"], default="high",
+                            help="torch.set_float32_matmul_precision: high uses TF32 tensor cores for float32"
+                            " matmuls on Ampere and newer GPUs; scaffold.py sets what detect_hardware.py recommends")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
-        parser.set_defaults({"best_checkpoint.monitor": "val_acc", "best_checkpoint.mode": "max",
+        parser.set_defaults({"best_checkpoint.monitor": "val_loss", "best_checkpoint.mode": "min",
                              "best_checkpoint.filename": "best"})
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")  # unmonitored: last.ckpt every epoch
         parser.set_defaults({"last_checkpoint.save_last": True})
         # Checked after validation only: a run that ends before its first validation (a small max_steps) then stops
         # normally instead of failing at the epoch's end on the metric it has not logged yet.
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val_acc", "early_stopping.mode": "max",
+        parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.mode": "min",
                              "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
@@ -649,9 +749,13 @@ class FinetuneCLI(LightningCLI):
         model = (self.config[self.config.subcommand] if self.config.get("subcommand") else self.config).model
         if not model.name_or_path:
             refuse_misspelt_keys(model.model_type, model.model_config)
+        path = checkpoint_to_read(config)
+        if path is not None:  # after the paths above are absolute: checkpoints store them so
+            follow_checkpoint(config, subcommand_defaults(parser, subcommand), path, resuming=subcommand == "fit")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_float32_matmul_precision(config.matmul_precision)
         for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
@@ -685,7 +789,7 @@ class FinetuneCLI(LightningCLI):
         if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
             print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
         if best is not None and best.best_model_score is not None:
-            print(f"best {best.monitor}={best.best_model_score.item():.4f} checkpoint={best.best_model_path}")
+            print(kept_checkpoint(self.trainer))
 
 
 def refuse_other_data(ckpt_path: str, data: TextClassificationData) -> None:
@@ -705,7 +809,6 @@ def refuse_other_data(ckpt_path: str, data: TextClassificationData) -> None:
 def main(args=None, run: bool = True, callbacks: tuple = ()):
     """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
     callbacks are always added (hpo_optuna.py passes its pruning callback this way)."""
-    torch.set_float32_matmul_precision("high")
     # configure_gradient_clipping leaves clipping to DeepSpeed, which clips by trainer.gradient_clip_val itself
     warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally")
     try:
@@ -717,7 +820,7 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
             trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                               "default_root_dir": "runs/transformers_finetune",
                               "callbacks": [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(),
-                                            *callbacks]},
+                                            ValidationHistory(), *callbacks]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             args=args,

@@ -58,3 +58,19 @@ class RaiseInTrainingStep(Callback):
             return original(*args, **kwargs)
 
         pl_module.training_step = training_step
+
+
+class PrintRunFacts(Callback):
+    """Not a failure: prints, on every rank, the metrics the run ends with and the float32 matmul precision in force,
+    as one line `rank R: {json}` (one write, so the ranks' lines do not interleave)."""
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+        import sys
+
+        import torch
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        facts = {"metrics": metrics, "matmul_precision": torch.get_float32_matmul_precision()}
+        sys.stdout.write(f"rank {trainer.global_rank}: {json.dumps(facts)}\n")
+        sys.stdout.flush()

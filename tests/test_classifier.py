@@ -28,8 +28,10 @@ STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / 64)
 
 
 def best_val_acc(stdout: str) -> float:
-    match = re.search(r"best val_acc=([0-9.]+) checkpoint=(\S+)", stdout)
-    assert match, f"no 'best val_acc=' line in:\n{stdout[-2000:]}"
+    """val_acc of the kept checkpoint, from fit's `best val_loss=... (epoch E, step S; val_acc=A) checkpoint=...`."""
+    match = re.search(r"^best val_loss=[0-9.]+ \(epoch \d+, step \d+; val_acc=([0-9.]+)\) checkpoint=(\S+)$", stdout,
+                      re.MULTILINE)
+    assert match, f"no 'best val_loss=' line in:\n{stdout[-2000:]}"
     return float(match.group(1))
 
 
@@ -167,8 +169,8 @@ def test_print_config_round_trips(tmp_path):
     printed = run_template("classifier.py", "fit", "--print_config", cwd=tmp_path)
     assert_ok(printed)
     config = yaml.safe_load(printed.stdout)
-    assert config["best_checkpoint"]["monitor"] == "val_acc" and config["last_checkpoint"]["save_last"] is True
-    assert config["early_stopping"]["monitor"] == "val_acc" and config["model"]["lr"] == pytest.approx(3e-3)
+    assert config["best_checkpoint"]["monitor"] == "val_loss" and config["last_checkpoint"]["save_last"] is True
+    assert config["early_stopping"]["monitor"] == "val_loss" and config["model"]["lr"] == pytest.approx(3e-3)
     (tmp_path / "config.yaml").write_text(printed.stdout)
     result = run_template("classifier.py", "fit", "--config", "config.yaml", "--trainer.fast_dev_run", "true",
                           *QUIET, cwd=tmp_path)
@@ -206,7 +208,7 @@ def test_early_stopping_says_why_it_stopped(tmp_path):
     result = run_template("classifier.py", "fit", "--trainer.max_epochs", "100", "--early_stopping.patience", "1",
                           *QUIET, cwd=tmp_path)
     assert_ok(result)
-    epoch = int(re.search(r"stopped early in epoch (\d+): Monitored metric val_acc did not improve in the last 1",
+    epoch = int(re.search(r"stopped early in epoch (\d+): Monitored metric val_loss did not improve in the last 1",
                           result.stdout).group(1))
     assert epoch < 99 and load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt")["epoch"] == epoch
 

@@ -223,7 +223,7 @@ def test_yaml_output_trains_the_classifier(tmp_path):
     result = run_template("classifier.py", "fit", "--config", "hardware.yaml", "--trainer.max_epochs", "1", *QUIET,
                           cwd=tmp_path)
     assert_ok(result)
-    assert "best val_acc=" in result.stdout
+    assert "best val_loss=" in result.stdout
 
 
 def test_yaml_output_for_a_gpu_profile_parses_in_the_template(tmp_path):

@@ -226,7 +226,7 @@ def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses
     result = train("classifier.py", "fit", "--model.lr", "1e30", *QUIET, *CSV_LOGS, cwd=tmp_path)
     error = assert_one_error_line(result, "NaN or inf at step 1", code=1)
     assert "learning rate" in error and "bf16-mixed" in error and "NaN/inf in the data" in error
-    assert logged_steps(tmp_path / "logs", "train_loss_step") == [0]  # stopped at once instead of running on
+    assert logged_steps(tmp_path / "logs", "train_loss") == [0]  # stopped at once instead of running on
     assert not (tmp_path / "runs" / "classifier" / "checkpoints").exists()  # no checkpoint of poisoned weights
 
     smoke = run([sys.executable, REPO / "scripts" / "smoke_test.py", TEMPLATES / "classifier.py", "--cpu", "--format",

@@ -44,7 +44,7 @@ def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
     trained = run_template("classifier.py", "fit", "--config", tmp_path / "best.yaml", "--trainer.max_epochs", "2",
                            "--trainer.default_root_dir", "final", *QUIET, cwd=tmp_path)
     assert_ok(trained)
-    assert "best val_acc=" in trained.stdout and (tmp_path / "final" / "checkpoints" / "best.ckpt").is_file()
+    assert "best val_loss=" in trained.stdout and (tmp_path / "final" / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_killed_study_resumes_without_losing_finished_trials(tmp_path):

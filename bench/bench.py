@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
 import causal_lm  # noqa: E402
 import classifier  # noqa: E402
+import lightning_support  # noqa: E402
 import lightning as L  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
@@ -115,7 +116,7 @@ def run_lm_trainer(opt, corpus: Path, root: Path, config: dict):
     cli = causal_lm.main(lm_cli_args(opt, corpus, root, config), run=False,
                          callbacks=(TrainerTiming(timing, opt.steps),))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, causal_lm.Throughput))
+    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, lightning_support.Throughput))
     reported = monitor._throughputs[RunningStage.TRAINING].compute().get("device/mfu")
     n_params = sum(p.numel() for p in cli.model.parameters())
     return timing, cli.model.flops_per_batch, reported, n_params
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = opt.peak_tflops
     if peak is None and device.type == "cuda":  # the template's table for cards Lightning lacks, then Lightning's
-        peak = causal_lm.missing_peak_tflops(card, opt.precision) or (get_available_flops(device, torch.bfloat16)
+        peak = lightning_support.missing_peak_tflops(card, opt.precision) or (get_available_flops(device, torch.bfloat16)
                                                                        or 0) / 1e12 or None
     opt.peak = peak
 

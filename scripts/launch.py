@@ -7,13 +7,14 @@ Usage:
     python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
 
 The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else a DDP run stops with
-"ValueError: You set devices=..." and an FSDP run can hang at "Initializing distributed"): a --nodes (or
---devices) that disagrees with the config is an error. --script defaults to the only .py file (hpo_optuna.py
-aside) in the config's folder or the folder above it. The command runs in the script's folder (`cd`, or
-`#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as scaffold.py's
-commands do. Its paths are this machine's (absolute): scaffold and launch on the cluster itself. One node under
-torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write never replaces an existing file. Several
-configs are passed on in order, a later one overriding an earlier one key by key (as LightningCLI merges them).
+"ValueError: You set devices=..." and an FSDP run can hang at "Initializing distributed"): a --nodes (or --devices)
+that disagrees with the config is an error. --script defaults to the template in the config's folder or the folder
+above it (the .py file that imports lightning_support, as scaffold.py leaves it). The command runs in the script's
+folder (`cd`, or `#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as
+scaffold.py's commands do. Its paths are this machine's (absolute): scaffold and launch on the cluster itself. One
+node under torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write never replaces an existing file.
+Several configs are passed on in order, a later one overriding an earlier one key by key (as LightningCLI merges
+them).
 Exit codes: 0 ok, 2 bad input.
 """
 
@@ -25,6 +26,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -55,6 +57,16 @@ def read_trainer(paths: list) -> dict:
     return trainer
 
 
+def find_template(folder: Path) -> Optional[Path]:
+    """The training script of a project folder: the one .py file there that imports lightning_support (the support
+    module scaffold.py copies next to it); None when there is none. Several: an error naming them."""
+    found = [p for p in sorted(folder.glob("*.py")) if p.name != "lightning_support.py"
+             and "lightning_support" in p.read_text(encoding="utf-8", errors="replace")]
+    if len(found) > 1:
+        raise UsageError(f"{folder} holds several templates ({', '.join(p.name for p in found)}): pass --script FILE")
+    return found[0].resolve() if found else None
+
+
 def find_script(config: Path, given) -> Path:
     if given:  # as given, else next to the config or in the folder above it (where scaffold.py puts them)
         for path in (Path(given).expanduser(), config.parent / given, config.parent.parent / given):
@@ -62,10 +74,10 @@ def find_script(config: Path, given) -> Path:
                 return path.resolve()
         raise UsageError(f"no such script: {given}: pass --script with the training script's path")
     for folder in (config.parent, config.parent.parent):
-        scripts = [p for p in sorted(folder.glob("*.py")) if p.name != "hpo_optuna.py"]  # SKILL.md's step 6 copy
-        if len(scripts) == 1:
-            return scripts[0].resolve()
-    raise UsageError("cannot tell which training script to launch: pass --script FILE")
+        found = find_template(folder)
+        if found:
+            return found
+    raise UsageError(f"no template next to {config} (a .py file that imports lightning_support): pass --script FILE")
 
 
 def python_command() -> str:

@@ -1,7 +1,7 @@
-"""Copy a template and its configs into a project and write a config.yaml for it; print the next commands.
+"""Copy a template, its support module and its configs into a project, write a config.yaml; print the next commands.
 
 Usage:
-    python scripts/scaffold.py classifier my_project                        # template + configs + config.yaml
+    python scripts/scaffold.py classifier my_project   # classifier.py + lightning_support.py + configs/ + config.yaml
     python scripts/scaffold.py causal_lm my_lm --set data.data_path=corpus/ --set trainer.max_steps=2000
     python scripts/scaffold.py classifier my_project --hardware none        # skip hardware detection
     python scripts/scaffold.py classifier my_project --hardware hw.yaml     # a trainer: section from a file
@@ -12,18 +12,24 @@ matmul precision that detect_hardware.py recommends for this machine (--hardware
 --set key=value.
 Keys are checked against the template's LightningCLI; values are YAML data (numbers, true/false, null, lists),
 anything else stays a plain string. A relative path in a *_path value is read from the current folder and
-written absolute (the commands run in DEST). Nothing is written unless everything succeeds; existing files are never
-replaced without --force. Exit codes: 0 ok, 2 bad input.
+written absolute (the commands run in DEST). lightning_support.py holds the run machinery every template imports
+(checkpoints, exact resume, NaN stop, one-line errors); a second template scaffolded into the same folder shares it.
+Nothing is written unless everything succeeds; existing files are never replaced without --force (identical ones,
+such as the support module and configs a second template shares, are left as they are). Exit codes: 0 ok, 2 bad
+input.
 """
 
 import argparse
+import contextlib
 import difflib
+import importlib.util
+import io
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -123,12 +129,36 @@ def check_keys(sets: list, defaults: dict) -> None:
         raise UsageError(f"unknown key {key!r}" + (f"; nearest valid keys: {', '.join(near)}" if near else ""))
 
 
+def print_config(script: Path, *args) -> tuple:
+    """(exit code, stdout, stderr) of `SCRIPT fit ARGS --print_config`, run in this process: the template is
+    imported once (about 5 s of imports), not started twice."""
+    if script not in LOADED:
+        sys.path.insert(0, str(script.parent))  # its lightning_support.py
+        spec = importlib.util.spec_from_file_location(f"scaffolded_{script.stem}", script)
+        LOADED[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(LOADED[script])
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(script)]  # the template names itself in its errors
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            LOADED[script].main(["fit", *args, "--print_config"])
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+LOADED: dict = {}
+
+
 def template_defaults(script: Path) -> dict:
-    result = subprocess.run([sys.executable, str(script), "fit", "--print_config"], capture_output=True, text=True,
-                            timeout=300)
-    if result.returncode != 0:
-        raise UsageError(f"{script.name} --print_config failed: {last_line(result.stderr)}")
-    return yaml.safe_load(result.stdout)
+    code, out, err = print_config(script)
+    if code != 0:
+        raise UsageError(f"{script.name} --print_config failed: {last_line(err)}")
+    return yaml.safe_load(out)
 
 
 def last_line(text: str) -> str:
@@ -156,17 +186,15 @@ def hardware_settings(choice: str) -> dict:
 
 
 def template_files(name: str) -> tuple:
-    """(script path, config paths, launch paths, manifest entry) from skill.yaml."""
+    """(script path, config paths, support module path, manifest entry) from skill.yaml."""
     manifest = yaml.safe_load((SKILL / "skill.yaml").read_text())
     names = {Path(t["file"]).stem: t for t in manifest["templates"]
-             if t["file"].endswith(".py") and t.get("scaffold", True)}  # hpo_optuna.py is copied by hand
+             if t["file"].endswith(".py") and t.get("scaffold", True)}
     entry = names.get(Path(name).stem)
     if entry is None:
         raise UsageError(f"unknown template {name!r}; choose one of {', '.join(sorted(names))}")
     configs = [SKILL / c for c in entry["configs"]]
-    launch = [SKILL / e["file"] for e in manifest.get("launch", [])] \
-        if any(c.name == "multinode.yaml" for c in configs) else []
-    return SKILL / entry["file"], configs, launch, entry
+    return SKILL / entry["file"], configs, SKILL / manifest["support"]["file"], entry
 
 
 def default_data(entry: dict, defaults: dict) -> dict:
@@ -187,14 +215,16 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
     try:
-        script, configs, launch, entry = template_files(args.template)
+        script, configs, support, entry = template_files(args.template)
         sets = absolute_paths(parse_sets(args.set))
         dest = Path(args.dest).expanduser()
         if dest.exists() and not dest.is_dir():
             raise UsageError(f"{dest} exists and is not a folder")
-        targets = {dest / script.name: script, **{dest / "configs" / c.name: c for c in configs},
-                   **{dest / "launch" / p.name: p for p in launch}}
-        existing = [str(p) for p in [*targets, dest / "config.yaml"] if p.exists()]
+        targets = {dest / script.name: script, dest / support.name: support,
+                   **{dest / "configs" / c.name: c for c in configs}}
+        # an identical file (the support module or a config a second template shares) is left as it is
+        existing = [str(p) for p, source in [*targets.items(), (dest / "config.yaml", None)] if p.exists()
+                    and (source is None or p.read_bytes() != source.read_bytes())]
         if existing and not args.force:
             raise UsageError(f"would replace {', '.join(existing)}: pass --force to replace, or choose another DEST")
         hardware = hardware_settings(args.hardware)
@@ -206,10 +236,9 @@ def main(argv=None) -> int:
             staged = Path(tmp) / "config.yaml"
             staged.write_text("# written by scaffold.py: the template's defaults + hardware + --set values\n"
                               + yaml.safe_dump(config, sort_keys=False))
-            check = subprocess.run([sys.executable, str(script), "fit", "--config", str(staged), "--print_config"],
-                                   capture_output=True, text=True, timeout=300)
-            if check.returncode != 0:
-                raise UsageError(f"the template rejects this config: {last_line(check.stderr)}")
+            code, _, err = print_config(script, "--config", str(staged))
+            if code != 0:
+                raise UsageError(f"the template rejects this config: {last_line(err)}")
             for target, source in targets.items():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
@@ -222,7 +251,7 @@ def main(argv=None) -> int:
     run_dir = config["trainer"].get("default_root_dir") or "lightning_logs"
     commands = {
         "cd": shlex.join(["cd", str(dest.resolve())]),
-        "smoke_test": f"{python} {shlex.join([str(scripts / 'smoke_test.py'), script.name, '--config', 'config.yaml'])}",
+        "smoke_test": f"{python} {shlex.join([str(scripts / 'smoke_test.py'), '.', '--config', 'config.yaml'])}",
         "train": f"{python} {shlex.join([script.name, 'fit', '--config', 'config.yaml'])}",
         "resume": f"{python} {shlex.join([script.name, 'fit', '--config', 'config.yaml', '--ckpt_path', 'last'])}",
         "summarize": f"{python} {shlex.join([str(scripts / 'summarize_run.py'), str(run_dir)])}",

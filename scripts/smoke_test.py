@@ -2,18 +2,21 @@
 
 Usage:
     python scripts/smoke_test.py classifier.py --config config.yaml      # the config's own devices and strategy
+    python scripts/smoke_test.py my_project --config my_project/config.yaml   # the template scaffold.py put there
     python scripts/smoke_test.py classifier.py --config config.yaml --cpu   # one CPU process, float32
     python scripts/smoke_test.py causal_lm.py --timeout 300 --format json -- --data.data_path corpus/
 
 It runs `SCRIPT fit [--config FILE] --trainer.fast_dev_run 2 --trainer.detect_anomaly true [extra args]` in a
 subprocess (two training and two validation batches, no checkpoints or logs written; anomaly detection names the
 operation that produced a NaN), with a callback added to the Trainer that counts the batches that ran: PASS needs a
-clean exit and at least one training and one validation batch. Diagnoses: nothing trained, no validation, shape mismatch, missing __main__ guard, unpicklable object under spawn,
-dtype mismatch under mixed precision, NaN loss, DataLoader worker crash, CUDA out of memory, missing package,
-bad config, timeout. Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage.
+clean exit and at least one training and one validation batch. Diagnoses: nothing trained, no validation, shape
+mismatch, missing __main__ guard, unpicklable object under spawn, dtype mismatch under mixed precision, NaN loss,
+DataLoader worker crash, CUDA out of memory, missing package, bad config, timeout.
+Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage.
 """
 
 import argparse
+import importlib
 import json
 import re
 import shlex
@@ -67,21 +70,47 @@ DIAGNOSES = [
 ]
 
 
-# The child process: the script run as `python SCRIPT ARGS` would run it, with a callback added to every Trainer it
-# builds (lightning.pytorch's, or pytorch_lightning's) that prints, on rank 0, the batches that ran and the setup.
-# Other ranks of a multi-process run start the script anew, without it.
+# The child process: the script run as `python SCRIPT ARGS` would run it, with a BatchCount callback added to every
+# Trainer it builds (lightning.pytorch's, or pytorch_lightning's). BatchCount is imported from this file, so processes
+# that ddp_spawn starts (they get the parent's sys.path) can unpickle it; ranks a DDP launcher starts anew run the
+# script without it, and rank 0 reports.
 CHILD = r"""
-import functools, importlib.util, json, os, runpy, sys
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
+import functools, importlib.util, os, runpy, sys
+sys.path.append(sys.argv[1])  # this folder, after the script's own: smoke_test.BatchCount
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
 sys.path[0] = os.path.dirname(os.path.abspath(script))
 
 def count_batches(package):
     trainer_module = importlib.import_module(package)
+    counter = getattr(importlib.import_module("smoke_test"), BATCH_COUNTS[package])
+    build = trainer_module.Trainer.__init__
+
+    @functools.wraps(build)  # its signature stays the Trainer's: LightningCLI reads its options from it
+    def init(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.callbacks.append(counter())
+
+    trainer_module.Trainer.__init__ = init
+
+BATCH_COUNTS = {"lightning.pytorch": "BatchCount", "pytorch_lightning": "BatchCountPL"}
+for package in BATCH_COUNTS:
+    try:
+        if importlib.util.find_spec(package.split(".")[0]):
+            count_batches(package)
+    except ImportError:
+        pass
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def batch_count(package: str):
+    """A callback class of `package` that counts the batches fit runs and prints them, with the setup, on rank 0."""
     callbacks = importlib.import_module(package + ".callbacks")
 
     class BatchCount(callbacks.Callback):
-        train = val = 0
+        train = 0
+        val = 0
 
         def on_train_batch_end(self, trainer, *args):
             self.train += 1
@@ -96,23 +125,18 @@ def count_batches(package):
                     "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
                     "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision)}), flush=True)
 
-    build = trainer_module.Trainer.__init__
+    return BatchCount
 
-    @functools.wraps(build)  # its signature stays the Trainer's: LightningCLI reads its options from it
-    def init(self, *args, **kwargs):
-        build(self, *args, **kwargs)
-        self.callbacks.append(BatchCount())
 
-    trainer_module.Trainer.__init__ = init
-
-for package in ("lightning.pytorch", "pytorch_lightning"):
-    try:
-        if importlib.util.find_spec(package.split(".")[0]):
-            count_batches(package)
-    except ImportError:
-        pass
-runpy.run_path(script, run_name="__main__")
-"""
+def __getattr__(name: str):
+    """BatchCount and BatchCountPL, built on first use: only the run under test imports Lightning."""
+    packages = {"BatchCount": "lightning.pytorch", "BatchCountPL": "pytorch_lightning"}
+    if name not in packages:
+        raise AttributeError(name)
+    cls = batch_count(packages[name])
+    cls.__name__ = cls.__qualname__ = name  # pickled by reference: smoke_test.<name>
+    globals()[name] = cls
+    return cls
 
 
 def ran(output: str) -> dict:
@@ -143,7 +167,8 @@ def diagnose(output: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("script", help="a LightningCLI training script (fit subcommand)")
+    parser.add_argument("script", help="a LightningCLI training script (fit subcommand), or the folder scaffold.py"
+                        " made (its template)")
     parser.add_argument("--config", help="config file passed as --config")
     parser.add_argument("--cpu", action="store_true", help="force one CPU process in float32")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before the run counts as hung")
@@ -153,14 +178,23 @@ def main(argv=None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)  # everything after -- goes to the script unchanged
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
+    from launch import UsageError, find_template
+
     script = Path(args.script)
+    try:
+        script = (find_template(script) or script) if script.is_dir() else script
+    except UsageError as err:
+        print(f"smoke_test.py: error: {err}", file=sys.stderr)
+        return 2
     if not script.is_file():
-        print(f"smoke_test.py: error: no such script: {script}", file=sys.stderr)
+        print(f"smoke_test.py: error: no such script: {script}" + (" (no .py file that imports lightning_support"
+              " in that folder)" if script.is_dir() else ""), file=sys.stderr)
         return 2
     if args.config and not Path(args.config).is_file():
         print(f"smoke_test.py: error: no such config: {args.config}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-c", CHILD, str(script.resolve()), "fit"]
+    cmd = [sys.executable, "-c", CHILD, str(Path(__file__).resolve().parent), str(script.resolve()), "fit"]
     cmd += ["--config", str(Path(args.config).resolve())] if args.config else []
     cmd += ["--trainer.fast_dev_run", "2", "--trainer.detect_anomaly", "true"]
     if args.cpu:
@@ -175,7 +209,7 @@ def main(argv=None) -> int:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         code = None
     seconds = round(time.perf_counter() - start, 1)
-    shown = shlex.join([sys.executable, str(script.resolve()), *cmd[4:]])  # the command, without the batch count
+    shown = shlex.join([sys.executable, str(script.resolve()), *cmd[5:]])  # the command, without the batch count
     evidence = ran(output)
     if code == 0 and evidence.get("train_batches") and evidence.get("val_batches"):
         report = {"status": "pass", "seconds": seconds, "command": shown, "ran": evidence}

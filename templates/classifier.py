@@ -1,17 +1,17 @@
-"""Classifier template: LightningModule + LightningDataModule + LightningCLI in one file.
+"""Classifier template: a feature table (CSV) or a folder of images by class -> a classifier, driven by LightningCLI.
 
 Trains out of the box on the 8x8 handwritten digits shipped in ../assets (1,797 images; about 97% validation
-accuracy in well under a minute on a laptop CPU). Copy this file into your project and point it at your data.
+accuracy in well under a minute on a laptop CPU). scaffold.py copies it into your project with lightning_support.py
+(the run machinery: checkpoints, exact resume, NaN stop, one-line errors) and configs/.
 
 Run it:
     python classifier.py fit                                     # train (CPU defaults, embedded digits)
     python classifier.py fit --config configs/gpu.yaml           # one GPU, bf16-mixed
     python classifier.py fit --config configs/ddp.yaml           # all GPUs of one machine, DDP
     python classifier.py fit --ckpt_path last                    # resume an interrupted run where it stopped
-    python classifier.py test --ckpt_path runs/classifier/checkpoints/best.ckpt
-    python classifier.py predict --ckpt_path runs/classifier/checkpoints/best.ckpt   # writes predictions.csv
-    python classifier.py predict --ckpt_path ... --data.predict_path new_images/   # new, unlabelled data
-    python classifier.py test --ckpt_path ... --data.test_path held_out/   # a whole labelled set; accuracy per class
+    python classifier.py test --ckpt_path best                   # the kept checkpoint on the test split, per class
+    python classifier.py test --ckpt_path best --data.test_path held_out/   # a whole labelled set
+    python classifier.py predict --ckpt_path best --data.predict_path new_images/   # -> predictions/best.csv
 In a scaffolded project, pass --config config.yaml (your data settings) before any other config, e.g.
     python classifier.py fit --config config.yaml --config configs/gpu.yaml
     python classifier.py fit --print_config > my_config.yaml     # every setting, ready to edit and pass back
@@ -20,30 +20,21 @@ Your own data is a config value, not a code change:
     --data.data_path my_table.csv --data.label_column species    # CSV (or .csv.gz): numeric features + a label column
     --data.data_path my_images/                                  # folder of images, one subfolder per class
     --data.image_size 64 --data.grayscale false                  # image folders: resize and colour mode
-The network is the one place to edit for a different model: `build_network` below.
+Your own network: edit `build_network` (EDIT HERE below); the rest adapts to its output.
 
+The kept model: best.ckpt has the lowest val_loss (accuracy on a small validation set ties, and a tie would keep an
+early model); fit's last lines name its epoch, step and val_acc, and the `next:` command that tests it.
 Inference without this script: Classifier.load_from_checkpoint(best, weights_only=True).eval() takes raw CSV rows (it
 standardizes them itself); model.hparams.class_names names its outputs.
-
-Outputs: checkpoints in <trainer.default_root_dir>/checkpoints (best.ckpt by val_loss, last.ckpt every epoch), logs in
-<trainer.default_root_dir>/lightning_logs/version_N (TensorBoard; CSV when tensorboard is not installed).
+Outputs: <trainer.default_root_dir>/checkpoints (best.ckpt, last.ckpt), lightning_logs/version_N (TensorBoard; CSV
+when tensorboard is not installed), predictions/<checkpoint>.csv.
 """
 
-import ast
 import csv
-import difflib
-from argparse import ArgumentError
 import gzip
 import hashlib
-import json
 import math
-import os
-import re
-import shlex
-import shutil
-import signal
 import sys
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -54,25 +45,24 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lightning as L
 from lightning.fabric.utilities.data import suggested_max_num_workers
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
-                                         ModelCheckpoint)
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+try:
+    from lightning_support import ConfigError, TemplateCLI, run_cli
+except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
+    sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
+             f" python scripts/scaffold.py classifier DEST" if missing.name == "lightning_support" else missing)
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "assets" / "digits.csv.gz"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class ConfigError(ValueError):
-    """Bad data or configuration input: reported as one line, exit code 2."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Model: edit `build_network` for another architecture; everything else adapts.
+# Model
 # ----------------------------------------------------------------------------------------------------------------
+# EDIT HERE: your own network. It gets the input shape, (features,) or (channels, height, width), and the number of
+# classes, and returns logits [batch, num_classes]; its options are Classifier's __init__ arguments.
 def build_network(input_shape: tuple, num_classes: int, hidden_dims: tuple, dropout: float) -> nn.Module:
     """An MLP for feature vectors; images (C, H, W) get a small convolutional stem in front of it."""
     layers: list = []
@@ -91,6 +81,7 @@ def build_network(input_shape: tuple, num_classes: int, hidden_dims: tuple, drop
         features = width
     layers.append(nn.Linear(features, num_classes))
     return nn.Sequential(*layers)
+
 
 
 class Classifier(L.LightningModule):
@@ -149,25 +140,28 @@ class Classifier(L.LightningModule):
         self._evaluate(batch, "val", self.val_acc)
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test", self.test_acc)
-        self.test_confusion(self(batch[0]), batch[1])
+        logits = self._evaluate(batch, "test", self.test_acc)
+        self.test_confusion(logits, batch[1])
 
     def on_test_epoch_end(self):
         self.test_matrix = self.test_confusion.compute().cpu()  # rows: true class, columns: predicted; all ranks
         self.test_confusion.reset()
 
-    def _evaluate(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         metric(logits, y)  # torchmetrics syncs itself across processes
         self.log(f"{stage}_loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", metric, prog_bar=True)
+        return logits
 
     def predict_step(self, batch, batch_idx):
+        """The columns of predictions/<checkpoint>.csv: class name, its probability, the true class if known."""
         x, y = batch
-        probs = self(x).softmax(dim=-1)
-        confidence, prediction = probs.max(dim=-1)
-        return {"prediction": prediction, "confidence": confidence, "label": y}
+        confidence, prediction = self(x).softmax(dim=-1).max(dim=-1)
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        return {"prediction": [names[i] for i in prediction.tolist()], "confidence": confidence,
+                "label": [names[i] if i >= 0 else "" for i in y.tolist()]}
 
     def configure_optimizers(self):
         # fused on CUDA: one kernel, and under 16-mixed no GPU read per step (GradScaler hands it the inf check);
@@ -197,6 +191,7 @@ class Classifier(L.LightningModule):
                 continue
             for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +274,10 @@ class ImageFolder(Dataset):
     """Loads images lazily, so a folder larger than memory works (DataLoader workers decode while the model trains)."""
 
     def __init__(self, files: list, labels: list, image_size: int, grayscale: bool):
-        self.files, self.labels, self.image_size, self.mode = files, labels, image_size, "L" if grayscale else "RGB"
+        self.files = files
+        self.labels = labels
+        self.image_size = image_size
+        self.mode = "L" if grayscale else "RGB"
 
     def __len__(self) -> int:
         return len(self.files)
@@ -292,7 +290,8 @@ class ImageFolder(Dataset):
                 img = img.convert(self.mode).resize((self.image_size, self.image_size))
                 x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         except OSError as err:  # a file cut short: its header read at start-up, its pixels do not
-            raise OSError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then rerun") from None
+            raise ConfigError(f"cannot decode image {self.files[i]} ({err}): replace or delete it, then"
+                              " rerun") from None
         x = x.view(self.image_size, self.image_size, -1).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return x, self.labels[i]
 
@@ -317,7 +316,7 @@ class ClassificationData(L.LightningDataModule):
         machine's CPUs per device, at most 8. split_seed fixes the train/val/test split across runs: stratified by
         class, and adding or removing data moves only a few other items between splits.
         predict_path: what `predict` labels (a CSV without the label column, or a folder of images, in class
-        subfolders or not); default: the test split. predictions.csv names each row's file or CSV row.
+        subfolders or not); default: the test split. predictions/<checkpoint>.csv names each row's file or CSV row.
         test_path: a labelled CSV or image folder that `test` scores in full; default: the test split."""
         super().__init__()
         self.save_hyperparameters()
@@ -352,7 +351,9 @@ class ClassificationData(L.LightningDataModule):
             training = classes is None
             if training:
                 classes = sorted(p.name for p in path.iterdir() if p.is_dir() and visible(p))
-            files, targets, outside = [], [], []
+            files = []
+            targets = []
+            outside = []
             for p in sorted(path.rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES and visible(p):
                     files.append(p)
@@ -406,7 +407,8 @@ class ClassificationData(L.LightningDataModule):
         if torch.is_tensor(self.inputs):  # training-split statistics: the model standardizes with them
             train = self.inputs[splits["train"]]
             std = train.std(0)
-            self.mean, self.std = train.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))  # constant columns
+            self.mean = train.mean(0)
+            self.std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant column is left as it is
         self.datasets = {name: self._dataset(self.inputs, self.targets, idx) for name, idx in splits.items()}
         if stage == "test" and hp.test_path:
             path = Path(hp.test_path).expanduser()
@@ -456,7 +458,8 @@ class ClassificationData(L.LightningDataModule):
 def row_keys(features: torch.Tensor, targets: torch.Tensor) -> list:
     """A CSV row's split key: its values and label (and which repeat of them it is), not its position, so inserting
     or deleting rows leaves the other rows in their splits."""
-    keys, seen = [], {}
+    keys = []
+    seen = {}
     for row, target in zip(features.numpy(), targets.tolist()):
         key = hashlib.blake2b(row.tobytes() + str(target).encode(), digest_size=8).hexdigest()
         seen[key] = seen.get(key, 0) + 1
@@ -502,426 +505,23 @@ def sources_of(inputs, idx) -> tuple:
     return "file", [str(inputs[i]) for i in idx]
 
 
-class PredictionCSV(BasePredictionWriter):
-    """Writes predictions.csv (one file per process) into the run's log folder: nothing is overwritten. Its first
-    column names the input of each row: the image file, or the CSV data row."""
-
-    def __init__(self):
-        super().__init__(write_interval="epoch")
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
-        classes, (column, sources) = trainer.datamodule.classes, trainer.datamodule.predict_sources
-        with open(out_dir / name, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([column, "prediction", "confidence", "label"])
-            for batch, indices in zip(predictions, batch_indices[0]):  # indices into the predict dataset
-                for i, p, c, y in zip(indices, batch["prediction"].tolist(), batch["confidence"].tolist(),
-                                      batch["label"].tolist()):
-                    writer.writerow([sources[i], classes[p], f"{c:.4f}", classes[y] if y >= 0 else ""])
-        print(f"predictions written to {out_dir / name}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Fault tolerance (the same block in every template; references/checkpointing.md, "What survives what")
+# Command line: TemplateCLI (lightning_support.py) adds the checkpoints, early stopping and checks every run gets
 # ----------------------------------------------------------------------------------------------------------------
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf: reported as one line, exit code 1."""
+class ClassifierCLI(TemplateCLI):
+    patience = 8  # early stopping: validations without a lower val_loss
+    evaluate = "test"  # fit's `next:` line tests the kept checkpoint on the test split
 
-
-class StopOnNonFiniteLoss(Callback):
-    """Stops training at the first NaN/inf training loss and names its step. The flag stays on the device (no GPU
-    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation, at epoch end and
-    before every checkpoint save, so no checkpoint holds weights trained on a NaN. With several processes the ranks
-    decide together (one rank stopping alone would leave the others waiting)."""
-
-    def __init__(self):
-        self.first_bad_step, self.step = None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.step = trainer.global_step  # the step this batch belongs to, numbered as in the logs (from 0)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not torch.is_tensor(loss):
-            return
-        if self.first_bad_step is None:
-            self.first_bad_step = torch.full((), -1, device=loss.device)
-        new = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(new, self.step, self.first_bad_step)
-        if loss.device.type == "cpu" or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            self.check(trainer)
-
-    def on_validation_start(self, trainer, pl_module):
-        self.check(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.check(trainer)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        self.check(trainer)
-
-    def check(self, trainer) -> None:
-        if self.first_bad_step is None:
-            return
-        step = int(trainer.strategy.reduce(self.first_bad_step.clone(), reduce_op="max"))  # any rank's bad step
-        if step >= 0:
-            raise NonFiniteLossError(
-                f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
-                " too high, float16 overflow (use bf16-mixed or 32-true), NaN/inf in the data, or a log/division of"
-                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation; after fixing it,"
-                " --ckpt_path last continues from the last good checkpoint (with its learning rate and schedule), or"
-                " start a new run with a lower learning rate")
-
-
-def monitor_missing(err: BaseException) -> bool:
-    """A checkpoint or early-stopping monitor naming a metric that is not logged: found at the first validation."""
-    text = str(err)
-    return (isinstance(err, MisconfigurationException) and "could not find the monitored key" in text
-            or isinstance(err, RuntimeError) and "Early stopping conditioned on metric" in text)
-
-
-class CheckpointOnException(Callback):
-    """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
-    newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
-    without --ckpt_path into a resume, and it saves nothing after a NaN/inf loss (poisoned weights), when no step
-    ran, or with several processes (a rank failing alone would wait forever in the collective save)."""
-
-    def __init__(self, dirpath: Optional[str] = None):
-        self.dirpath, self.start_step = dirpath, None
-
-    def on_train_start(self, trainer, pl_module):
-        self.start_step = trainer.global_step
-
-    def on_exception(self, trainer, pl_module, exception):
-        if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
-                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
-                or monitor_missing(exception)):  # a config mistake: nothing to continue from
-            return
-        path = Path(self.dirpath) / "last-on-exception.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
-        print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
-              " --ckpt_path last", file=sys.stderr)
-
-
-class ResumableRandomState(Callback):
-    """Stores the torch random state in every checkpoint and restores it on resume, so data order and dropout go
-    on as in an uninterrupted run (Lightning saves no random state)."""
-
-    def state_dict(self) -> dict:
-        state = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["cpu"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda"].cpu())
-
-
-def unfinished_batches(trainer) -> int:
-    """Batches of this epoch whose gradients the weights do not hold yet: those of an unfinished accumulation group
-    (Lightning steps every accumulate_grad_batches batches of an epoch, and at its last batch; DeepSpeed keeps its
-    own count, left as it is)."""
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    if done >= trainer.num_training_batches or trainer.strategy.handles_gradient_accumulation:
-        return 0
-    return done % trainer.accumulate_grad_batches
-
-
-class ResumeAtUnfinishedBatch(Callback):
-    """Writes every checkpoint so that a resumed run redoes the batches its weights do not hold: one that had started
-    (an exception, SLURM's requeue signal) and those of an unfinished gradient-accumulation group, whose gradients
-    are not saved. Lightning 2.6 goes on after the last finished batch, so such a group stepped with part of its
-    gradients, and its restart logic expects saves between batches: from one inside a batch it resumed with the
-    run's batch count one ahead (validation came one batch early with check_val_every_n_epoch=None) and the logged
-    step numbers one ahead. Such checkpoints are written as Lightning writes one at the end of the batch before."""
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        progress, redo = loop.get("epoch_loop.batch_progress"), unfinished_batches(trainer)
-        in_batch = progress is not None and progress["current"]["processed"] < progress["current"]["ready"]
-        if progress is None or not (in_batch or redo):
-            return
-        for counts in (progress["total"], progress["current"]):
-            done = counts["processed"] - redo  # on_train_batch_end's state: all counted but completed
-            counts.update(ready=done, started=done, processed=done, completed=done - 1)
-        progress["is_last_batch"] = False
-        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
-
-
-def best_checkpoint_file(config) -> str:
-    """The newest file fit's best_checkpoint callback wrote in <dirpath or default_root_dir/checkpoints>:
-    <filename>.ckpt, or <filename>-v1.ckpt, -v2, ... where a later fit found the name taken."""
-    folder = Path(config.best_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
-    name = config.best_checkpoint.filename or "best"
-    found = [f for f in folder.glob("*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
-    return str(max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt")
-
-
-def check_run_inputs(config) -> None:
-    """Refuses, before anything is built or written: a checkpoint that is missing, truncated or holds code, and more
-    CPU processes than cores (Lightning would start them all and stall)."""
-    ckpt = config.get("ckpt_path")
-    if ckpt and ckpt not in ("last", "best", "hpc") and not re.match(r"\w+:", str(ckpt)):  # URLs, registry:
-        path = Path(ckpt).expanduser()
-        if path.is_dir():  # sharded: torch distributed checkpoint (.metadata + Lightning's meta.pt) or DeepSpeed
-            distcp = (path / "meta.pt").is_file() and (path / ".metadata").is_file()
-            if not distcp and not (path / "latest").is_file():
-                raise ConfigError(f"{path} is not a complete sharded checkpoint (no .metadata and meta.pt, no"
-                                  " DeepSpeed 'latest'): pass an intact one, e.g. an epoch=*-step=*.ckpt folder")
-        elif not path.is_file():
-            raise ConfigError(f"checkpoint not found: {path}: pass an existing .ckpt file, or --ckpt_path last")
-        elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose index is at the end
-            raise ConfigError(f"cannot load checkpoint {path}: it is truncated or not a PyTorch checkpoint: pass an"
-                              " intact one, for example last.ckpt or best.ckpt in the run's checkpoints folder")
-        else:
-            try:  # as LightningCLI will: weights_only runs no code from the file; mmap leaves the tensors on disk
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-                reason = (f"it holds a Python object ({found.group(1)}) that could run code when loaded, so it is"
-                          " refused; save plain tensors and values instead") if found else (
-                    f"it is damaged ({str(err).splitlines()[0][:120]})")
-                raise ConfigError(f"cannot load checkpoint {path}: {reason}") from None
-    trainer = config.trainer
-    accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
-        raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
-                          f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
-
-
-def checkpoint_to_read(config) -> Optional[Path]:
-    """The single file --ckpt_path names, or the one `last` resumes from (the newest last*.ckpt in the checkpoint
-    folder, as Lightning picks it); None when there is none yet, or for a sharded folder, a URL or `hpc`."""
-    ckpt = config.get("ckpt_path")
-    if not ckpt or ckpt == "hpc" or re.match(r"\w+:", str(ckpt)):
-        return None
-    if ckpt == "last":
-        folder = Path(config.last_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        found = [f for f in folder.glob("last*.ckpt") if f.is_file()]
-        return max(found, key=lambda f: f.stat().st_mtime) if found else None
-    path = Path(ckpt).expanduser()
-    return path if path.is_file() else None
-
-
-def plain(value):
-    """A config value as JSON data, so that (256, 128) from the command line equals [256, 128] from a checkpoint."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def follow_checkpoint(config, defaults, path: Path, resuming: bool) -> None:
-    """Makes the model and the checkpoint rules of this run those of the checkpoint it loads. A model option this
-    command sets (other than its default) to another value than the checkpoint's is refused in one line: an explicit
-    path would otherwise train the checkpoint's model, silently (LightningCLI rebuilds it from the file), and `last`
-    would load it into another one. A resumed fit keeps the monitor and mode its best checkpoint and early stopping
-    started with: Lightning files their state (best score, patience) under a key made of both and would resume
-    without it, silently, under another rule."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key, value in (ckpt.get("hyper_parameters") or {}).items():
-        if key not in config.model or plain(config.model[key]) == plain(value):
-            continue
-        if plain(config.model[key]) != plain(defaults.model.get(key)):
-            raise ConfigError(f"{path} was trained with model.{key}={plain(value)}; this command sets"
-                              f" {plain(config.model[key])}: drop --model.{key} to use the checkpoint's value, or"
-                              " start a new run without --ckpt_path")
-        config.model[key] = value  # left at its default: the checkpoint's model, as LightningCLI does for a path
-    if not resuming or "callbacks" not in ckpt:
-        return
-    for name, kind in (("best_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping")):
-        if name not in config:
-            continue
-        saved = [rule for key in ckpt["callbacks"] if key.startswith(kind + "{")
-                 for rule in [literal_rule(key[len(kind):])] if rule.get("monitor")]
-        wanted = config[name]
-        if not saved or any((r["monitor"], r["mode"]) == (wanted.monitor, wanted.mode) for r in saved):
-            continue
-        if (wanted.monitor, wanted.mode) != (defaults[name].monitor, defaults[name].mode):
-            raise ConfigError(f"{path} ranked {name} by {saved[0]['monitor']} ({saved[0]['mode']}); this command asks"
-                              f" for {wanted.monitor} ({wanted.mode}): resume with --{name}.monitor"
-                              f" {saved[0]['monitor']} --{name}.mode {saved[0]['mode']}, or start a new run")
-        wanted.monitor, wanted.mode = saved[0]["monitor"], saved[0]["mode"]
-        rank_zero_info(f"{name} keeps ranking by {wanted.monitor} ({wanted.mode}), as the run in {path.name} did")
-
-
-def literal_rule(text: str) -> dict:
-    try:
-        rule = ast.literal_eval(text)
-    except (ValueError, SyntaxError):  # e.g. a train_time_interval, which is no literal
-        return {}
-    return rule if isinstance(rule, dict) else {}
-
-
-class ValidationHistory(Callback):
-    """The validation metrics of each validation in this process, by global step: the after-fit line reports those
-    of the kept checkpoint (accuracy, say, next to the loss it was ranked by)."""
-
-    def __init__(self):
-        self.by_step: dict = {}
-
-    def on_validation_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self.by_step[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()
-                                                 if k.startswith("val_") and v.numel() == 1}
-
-
-def kept_checkpoint(trainer) -> str:
-    """`best <monitor>=<score> (epoch E, step S; other validation metrics) checkpoint=<path>` for the file the
-    best_checkpoint callback kept."""
-    callback = trainer.checkpoint_callback
-    path, where = callback.best_model_path, ""
-    if Path(path).is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        history = next((c.by_step for c in trainer.callbacks if isinstance(c, ValidationHistory)), {})
-        others = [f"{k}={v:.4f}" for k, v in history.get(saved["global_step"], {}).items() if k != callback.monitor]
-        where = f" (epoch {saved['epoch']}, step {saved['global_step']}{'; ' if others else ''}{', '.join(others)})"
-    return f"best {callback.monitor}={callback.best_model_score.item():.4f}{where} checkpoint={path}"
-
-
-def release_process_group() -> None:
-    """Ends the process group while Python is still whole. Lightning 2.6 does this at exit for NCCL only; a gloo
-    (CPU) group left to interpreter shutdown can abort a finished run ("terminate called without an active
-    exception", exit code -6)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: callbacks that every run gets, with defaults that any config or flag can change.
-# ----------------------------------------------------------------------------------------------------------------
-def subcommand_defaults(parser, subcommand):
-    """The defaults of a subcommand's options: what a user who sets nothing gets."""
-    return (parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser).get_defaults()
-
-
-def with_nearest_keys(parser, err: Exception) -> str:
-    """The parser's error, plus the nearest valid keys for a mistyped one."""
-    subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
-    keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
-    typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
-    near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
-    return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
-
-
-def without_unused_lr_monitor(trainer):
-    """--trainer.logger false: LearningRateMonitor has nothing to log to and would stop the run at its start."""
-    if not trainer.loggers:
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
-    return trainer
-
-
-class ClassifierCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser):
-        parser.add_argument("--matmul_precision", choices=["highest", "high", "medium"], default="high",
-                            help="torch.set_float32_matmul_precision: high uses TF32 tensor cores for float32"
-                            " matmuls on Ampere and newer GPUs; scaffold.py sets what detect_hardware.py recommends")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
-        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
-        # The best model by validation loss (accuracy on a small validation set ties from the first epochs on, and a
-        # tie keeps the older model), and an unmonitored checkpoint whose last.ckpt is rewritten every
-        # epoch: a monitored one only rewrites last.ckpt when the metric improves, so resuming from it could redo
-        # epochs. dirpath None means <trainer.default_root_dir>/checkpoints: a fixed folder that --ckpt_path last finds.
-        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
-        parser.set_defaults({"best_checkpoint.monitor": "val_loss", "best_checkpoint.mode": "min",
-                             "best_checkpoint.filename": "best", "best_checkpoint.save_top_k": 1})
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 1})
-        # Checked after validation only: a run that ends before its first validation (a small max_steps) then stops
-        # normally instead of failing at the epoch's end on the metric it has not logged yet.
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.mode": "min",
-                             "early_stopping.patience": 8, "early_stopping.check_on_train_epoch_end": False})
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+    def add_template_arguments(self, parser):
+        self.link(parser, "data.classes", "model.class_names")
+        self.link(parser, "data.input_shape", "model.input_shape")
+        self.link(parser, "data.num_classes", "model.num_classes")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
-        parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
-
-    def parse_arguments(self, parser, args) -> None:
-        self.argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, type(None))) else None
-        try:
-            super().parse_arguments(parser, args)
-        except ArgumentError as err:
-            raise ArgumentError(None, with_nearest_keys(parser, err)) from None
-        # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
-            config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
-        check_run_inputs(config)
-        path = checkpoint_to_read(config)
-        if path is not None:
-            follow_checkpoint(config, subcommand_defaults(parser, subcommand), path, resuming=subcommand == "fit")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        torch.set_float32_matmul_precision(config.matmul_precision)
-        checkpoints = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
-            if config[key].dirpath is None:
-                config[key].dirpath = checkpoints
-        if config.get("weights_only", False) is None:
-            config.weights_only = True  # resume/test/predict load tensors and plain values only: no code runs
-        if config.trainer.fast_dev_run:  # Lightning 2.6 still writes last.ckpt at train end under fast_dev_run: a
-            config.last_checkpoint.save_last = False  # smoke test must not become the newest "last" to resume from
-
-    def instantiate_trainer(self, **kwargs):
-        try:
-            return without_unused_lr_monitor(super().instantiate_trainer(**kwargs))
-        except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # no GPU
-            raise ConfigError(f"cannot build the Trainer: {err}") from None
-
-    def after_instantiate_classes(self) -> None:
-        super().after_instantiate_classes()
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
-            refuse_other_data(config.ckpt_path, self.datamodule)
-        if self.subcommand == "predict":
-            self.trainer.callbacks.append(PredictionCSV())
 
     def after_test(self) -> None:
         matrix = self.model.test_matrix
         if self.trainer.is_global_zero and matrix is not None:
             print(per_class_table(matrix, self.datamodule.classes))
-
-    def after_fit(self) -> None:
-        best, stopper = self.trainer.checkpoint_callback, self.trainer.early_stopping_callback
-        if not self.trainer.is_global_zero:
-            return
-        reason = getattr(stopper, "stopping_reason_message", None) if self.trainer.should_stop else None
-        if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
-            print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
-        if best is not None and best.best_model_score is not None:
-            print(kept_checkpoint(self.trainer))
-            if self.argv is not None:  # the same data and settings: the fit command line, test for fit
-                print(f"next: {test_command(self.argv, best.best_model_path)}")
-
-
-def refuse_other_data(ckpt_path: str, data: ClassificationData) -> None:
-    """The classes and input shape the checkpoint was trained on must be this data's: a class folder added or
-    removed, or another image_size, would otherwise label predictions wrongly without any error."""
-    if not Path(ckpt_path).is_file():
-        return  # Lightning names a missing file itself
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
-    if "test_path" not in ckpt.get("datamodule_hyper_parameters", {"test_path": None}):
-        rank_zero_warn("this checkpoint was trained before the split became stratified: its validation and test rows"
-                       " differ from today's split, so test scores may include rows it trained on")
-    names = [str(c) for c in hp.get("class_names") or data.classes]  # older checkpoints: the shape only
-    trained, given = (names, tuple(hp.get("input_shape", data.input_shape))), ([str(c) for c in data.classes],
-                                                                              tuple(data.input_shape))
-    if trained != given:
-        def show(classes, shape):
-            return f"classes {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''} and input shape {shape}"
-
-        raise ConfigError(f"the checkpoint was trained on {show(*trained)}; this data gives {show(*given)}: pass the"
-                          " fit's data options (e.g. --config config.yaml, or the same --data.data_path,"
-                          " --data.image_size, --data.grayscale)")
 
 
 def per_class_table(matrix: torch.Tensor, classes: list) -> str:
@@ -940,71 +540,11 @@ def per_class_table(matrix: torch.Tensor, classes: list) -> str:
     return "\n".join(lines)
 
 
-def test_command(argv: list, checkpoint: str) -> str:
-    """`python SCRIPT` + the fit arguments with the first `fit` made `test` and --ckpt_path the given checkpoint."""
-    args, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith("--ckpt_path="):
-            skip = False
-        elif arg == "--ckpt_path":
-            skip = True  # and its value
-        else:
-            args.append(arg)
-    if "fit" in args:
-        args[args.index("fit")] = "test"
-    python = "python" if os.path.abspath(shutil.which("python") or "") == os.path.abspath(sys.executable) else (
-        sys.executable)  # a bare python that is another interpreter may lack torch
-    return shlex.join([python, sys.argv[0], *args, "--ckpt_path", checkpoint])
-
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
-    """Command line. run=False builds model, data and trainer without running a subcommand and returns the CLI;
-    callbacks are always added (hpo_optuna.py passes its pruning callback this way)."""
-    defaults = {"max_epochs": 40, "log_every_n_steps": 10, "default_root_dir": "runs/classifier"}
-    defaults["callbacks"] = [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(), ValidationHistory(),
-                             *callbacks]
-    try:
-        return ClassifierCLI(
-            Classifier,
-            ClassificationData,
-            seed_everything_default=42,
-            auto_configure_optimizers=False,  # the model's configure_optimizers decides; --optimizer would be ignored
-            trainer_defaults=defaults,
-            save_config_kwargs={"overwrite": True},  # the saved config.yaml is rewritten when a run is resumed
-            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # errors end in one line, below
-            args=args,
-            run=run,
-        )
-    except SIGTERMException:  # Lightning raises it as a SystemExit without a code, which would exit 0 (success)
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by SIGTERM; --ckpt_path last continues from the newest"
-                         " checkpoint\n")
-        sys.exit(128 + signal.SIGTERM)
-    except (ConfigError, ArgumentError, NonFiniteLossError) as err:
-        message = " ".join(str(err).split())
-        hint = "" if isinstance(err, NonFiniteLossError) else " (see --help)"
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}{hint}\n")  # one write: ranks' lines stay whole
-        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
-    except OSError as err:  # an image cut short (its header was read at start-up), maybe in a DataLoader worker
-        if "cannot decode image" not in str(err):
-            raise
-        message = " ".join(str(err).split("OSError: ")[-1].split())  # without the worker's traceback
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
-        sys.exit(2)
-    except (MisconfigurationException, RuntimeError) as err:
-        if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
-            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
-            sys.stderr.write(f"{Path(sys.argv[0]).name}: error: the checkpoint does not fit this model"
-                             f" ({detail[:200]}): pass the options it was trained with (its run's config.yaml)\n")
-            sys.exit(2)
-        if not monitor_missing(err):
-            raise
-        message = " ".join(str(err).split())
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message} (set that callback's monitor, e.g."
-                         " --best_checkpoint.monitor, to a logged metric)\n")
-        sys.exit(2)
-    finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
-        if run:
-            release_process_group()
+    """The command line (see the docstring). run=False builds model, data and trainer and returns the CLI."""
+    return run_cli(ClassifierCLI, Classifier, ClassificationData, args, run, callbacks,
+                   trainer_defaults={"max_epochs": 40, "log_every_n_steps": 10, "default_root_dir": "runs/classifier"})
 
 
 if __name__ == "__main__":

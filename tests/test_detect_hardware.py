@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import QUIET, REPO, assert_ok, load_module, run, run_template
+from conftest import QUIET, REPO, assert_bad_input_changes_nothing, assert_ok, load_module, run, run_template
 
 SCRIPT = REPO / "scripts" / "detect_hardware.py"
 dh = load_module(SCRIPT, "detect_hardware")
@@ -325,3 +325,8 @@ def test_distributed_reference_agrees_with_the_script():
         assert result["fits"] and result["trainer"]["strategy"] == first_code(row[1]), (row, result["candidates"])
         if row[2] in ("yes", "no"):
             assert result["activation_checkpointing"] == (row[2] == "yes"), row
+
+
+@pytest.mark.parametrize("args, expected", [(["--profile", "missing.json"], "cannot read profile"), (["--params", "lots"], "parameter count")])
+def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
+    assert_bad_input_changes_nothing(SCRIPT, args, expected, tmp_path)

@@ -5,14 +5,17 @@ an Optuna pruning callback, and reports the monitored validation metric. Trials 
 default): rerunning the same command after a crash keeps the finished trials and continues to --n-trials, and
 several processes (or machines sharing a database URL) can work on one study together.
 
-    python hpo_optuna.py --n-trials 20                                   # the classifier template next to this file
-    python hpo_optuna.py --config my_config.yaml --n-trials 50 --storage sqlite:///study.db
-    python hpo_optuna.py --space space.yaml --monitor val_loss --direction minimize
-    python hpo_optuna.py --lr-find --n-trials 20                         # Tuner.lr_find first; its lr is trial 0
-    python hpo_optuna.py --n-trials 20 & python hpo_optuna.py --n-trials 20   # two workers, one study
+    cd my_project                                                 # a folder scaffold.py made
+    python SKILL/scripts/hpo_optuna.py --config config.yaml --n-trials 20      # its template, trials in runs/hpo
+    python SKILL/scripts/hpo_optuna.py --script my_project/causal_lm.py --config my_project/config.yaml
+    python SKILL/scripts/hpo_optuna.py --space space.yaml --monitor val_acc --direction maximize
+    python SKILL/scripts/hpo_optuna.py --lr-find --n-trials 20              # Tuner.lr_find first; its lr is trial 0
+    (two workers on one study: start the same command twice, e.g. with & in a shell)
 
-At the end it prints a table of the trials and writes the best configuration (--output, default best_config.yaml),
-which `python classifier.py fit --config best_config.yaml` trains as it is. Needs optuna and optuna-integration.
+--script defaults to the template in the current folder (the .py file that imports lightning_support, as scaffold.py
+leaves it). Trials are scored by val_loss, the metric the templates keep best.ckpt by (--monitor to change). At the
+end it prints a table of the trials and writes the best configuration (--output, default best_config.yaml), which
+`python TEMPLATE.py fit --config best_config.yaml` trains as it is. Needs optuna and optuna-integration.
 Exit codes: 0 ok, 2 bad input (unknown search-space key, unreachable storage, existing output file).
 """
 
@@ -30,6 +33,9 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
+from launch import UsageError, find_template  # noqa: E402
 
 # ---- search spaces by --script name: edit here, or pass --space FILE.yaml with the same structure ----------------
 SEARCH_SPACES = {
@@ -51,10 +57,6 @@ SEARCH_SPACES = {
 # -----------------------------------------------------------------------------------------------------------------
 
 
-class UsageError(ValueError):
-    """Bad input: one line on stderr, exit code 2."""
-
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -72,6 +74,7 @@ class Stopped(Exception):
 def load_script(path: Path):
     if not path.is_file():
         raise UsageError(f"no such training script: {path}: pass --script")
+    sys.path.insert(0, str(path.resolve().parent))  # the template imports lightning_support from its own folder
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # spawned DataLoader workers and pickling find the module by name
@@ -258,8 +261,7 @@ def print_table(study) -> None:
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
-    parser.add_argument("--script", default=str(Path(__file__).resolve().parent / "classifier.py"),
-                        help="template to tune (default: classifier.py next to this file)")
+    parser.add_argument("--script", help="template to tune (default: the one in the current folder)")
     parser.add_argument("--config", action="append", default=[], help="base config(s) for the template")
     parser.add_argument("--space", help="YAML search space (default: the --script's entry in SEARCH_SPACES)")
     parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study should reach")
@@ -294,7 +296,7 @@ def run_study(args, stack) -> int:
         output = Path(args.output)
         if output.exists():
             raise UsageError(f"{output} exists: pass another --output (nothing was run)")
-        space = SEARCH_SPACES.get(Path(args.script).name, SEARCH_SPACES["classifier.py"])
+        space = None
         if args.space:
             try:
                 space = yaml.safe_load(Path(args.space).read_text())
@@ -302,7 +304,12 @@ def run_study(args, stack) -> int:
                 raise UsageError(f"cannot read --space {args.space}: {err}")
             if not isinstance(space, dict) or not space:
                 raise UsageError(f"--space {args.space} must map keys to {{type, low, high}} or {{type, choices}}")
-        module = load_script(Path(args.script))
+        script = Path(args.script) if args.script else find_template(Path.cwd())
+        if script is None:
+            raise UsageError(f"no template in {Path.cwd()} (a .py file that imports lightning_support): pass --script"
+                             " FILE, or run this from the folder scaffold.py made")
+        space = space if args.space else SEARCH_SPACES.get(script.name, SEARCH_SPACES["classifier.py"])
+        module = load_script(script)
         copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))  # nothing left behind
         base = [a for c in base_configs(args, Path(copies)) for a in ("--config", c)] + args.set
         space = check_space(module, base, space)
@@ -316,7 +323,8 @@ def run_study(args, stack) -> int:
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished))
         if done < args.n_trials:
-            diverged = tuple(e for e in (getattr(module, "NonFiniteLossError", None),) if e)  # a failed trial
+            support = sys.modules.get("lightning_support")  # the template's, imported with it
+            diverged = (support.NonFiniteLossError,) if support else ()  # a NaN loss fails its trial only
             study.optimize(objective(module, base, space, args), n_trials=args.n_trials - done,
                            callbacks=[MaxTrialsCallback(args.n_trials, states=finished)], catch=diverged)
     except UsageError as err:

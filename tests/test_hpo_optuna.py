@@ -1,4 +1,5 @@
-"""templates/hpo_optuna.py: pruning, crash-safe storage, two workers on one study, exported config, bad input."""
+"""scripts/hpo_optuna.py: pruning, crash-safe storage, two workers on one study, exported config, the template of the
+folder it runs in, bad input."""
 
 import json
 import sys
@@ -8,16 +9,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import QUIET, TEMPLATES, assert_ok, assert_one_error_line, load_module, run, run_template
+from conftest import (QUIET, SCRIPTS, TEMPLATES, assert_bad_input_changes_nothing, assert_ok, assert_one_error_line,
+                      load_module, run, run_script, run_template)
 
-HPO = TEMPLATES / "hpo_optuna.py"
+HPO = SCRIPTS / "hpo_optuna.py"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 GOOD = [{"model.lr": lr, "model.dropout": 0.1, "data.batch_size": 64} for lr in (0.003, 0.005)]
 BAD = [{"model.lr": lr, "model.dropout": 0.1, "data.batch_size": 64} for lr in (1e-6, 2e-6)]  # barely learn
 
 
 def hpo_cmd(tmp_path, *args, epochs=4, name="hpo"):
-    return [sys.executable, HPO, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", name,
+    script = [] if "--script" in args else ["--script", TEMPLATES / "classifier.py"]
+    return [sys.executable, HPO, *script, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", name,
             "--runs", tmp_path / "runs", *args, "--set", "--trainer.max_epochs", str(epochs), *QUIET]
 
 
@@ -25,6 +28,7 @@ def load(tmp_path, name="hpo"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}")
 
 
+@pytest.mark.slow
 def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
     diverging = {"model.lr": 1e30, "model.dropout": 0.1, "data.batch_size": 64}  # NaN loss: fails, the study goes on
     enqueue = [a for p in GOOD + [diverging] + BAD for a in ("--enqueue", json.dumps(p))]
@@ -47,6 +51,7 @@ def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
     assert "best val_loss=" in trained.stdout and (tmp_path / "final" / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_losing_finished_trials(tmp_path):
     cmd = [str(c) for c in hpo_cmd(tmp_path, "--n-trials", "4", "--output", tmp_path / "best.yaml", epochs=6)]
     import subprocess
@@ -74,6 +79,7 @@ def test_killed_study_resumes_without_losing_finished_trials(tmp_path):
     assert {t.number: t.value for t in after if t.number in before} == before  # finished trials kept as they were
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     import subprocess
 
@@ -100,7 +106,8 @@ def test_two_workers_share_one_study(tmp_path):
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, expected):
     (tmp_path / "space.yaml").write_text("model.lrr:\n  type: float\n  low: 0.001\n  high: 0.1\n")
-    cmd = [sys.executable, HPO, "--n-trials", "1", "--runs", tmp_path / "runs", *args]
+    cmd = [sys.executable, HPO, "--script", TEMPLATES / "classifier.py", "--n-trials", "1", "--runs",
+           tmp_path / "runs", *args]
     if "--storage" not in args:
         cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
     assert_one_error_line(run(cmd, cwd=tmp_path), expected)
@@ -120,9 +127,9 @@ def test_study_over_another_template_with_a_yaml_space(tmp_path):
 
 @pytest.mark.parametrize("script", ["classifier.py", "transformers_finetune.py", "causal_lm.py"])
 def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monkeypatch):
-    """SKILL.md's `hpo_optuna.py --script TEMPLATE.py` with no --space: the space for that template, whose keys the
-    template accepts (the classifier's model.lr was refused by the others)."""
-    hpo = load_module(TEMPLATES / "hpo_optuna.py", "hpo_spaces")
+    """No --space: the space for that template, whose keys the template accepts (the classifier's model.lr was
+    refused by the others)."""
+    hpo = load_module(HPO, "hpo_spaces")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script])
     module = hpo.load_script(TEMPLATES / script)
@@ -131,6 +138,7 @@ def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monke
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_study_over_a_printed_fit_config(tmp_path):
     """A `fit --print_config` file (it holds ckpt_path, a fit-only key) works as the study's base config."""
     printed = run_template("classifier.py", "fit", "--print_config", cwd=tmp_path)
@@ -140,3 +148,24 @@ def test_study_over_a_printed_fit_config(tmp_path):
                          tmp_path / "best.yaml", epochs=1), cwd=tmp_path)
     assert_ok(result)
     assert "COMPLETE" in result.stdout and (tmp_path / "best.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_the_template_of_the_folder_it_runs_in(tmp_path):
+    """From a folder scaffold.py made, no --script: its template (the file importing lightning_support), whose
+    checkpoints and logs go under runs/hpo there; from a folder without one, one line naming --script."""
+    assert_ok(run_script("scaffold.py", "classifier", tmp_path / "proj", "--hardware", "none", cwd=tmp_path))
+    result = run([sys.executable, HPO, "--config", "config.yaml", "--n-trials", "1", "--storage",
+                  f"sqlite:///{tmp_path / 'study.db'}", "--set", "--trainer.max_epochs", "1", *QUIET],
+                 cwd=tmp_path / "proj")
+    assert_ok(result)
+    assert "best: trial 0, val_loss=" in result.stdout and (tmp_path / "proj" / "best_config.yaml").is_file()
+    assert (tmp_path / "proj" / "runs" / "hpo" / "hpo" / "trial_0" / "checkpoints" / "best.ckpt").is_file()
+    refused = run([sys.executable, HPO, "--n-trials", "1"], cwd=tmp_path)
+    assert "pass --script" in assert_one_error_line(refused, "no template in")
+
+
+@pytest.mark.parametrize("args, expected", [(["--script", "missing.py"], "missing.py"),
+    (["--script", str(TEMPLATES / "classifier.py"), "--config", "missing.yaml"], "missing.yaml")])
+def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
+    assert_bad_input_changes_nothing(HPO, args, expected, tmp_path)

@@ -1,0 +1,766 @@
+"""Support module of the pytorch-lightning skill's templates: the run machinery they share. Not a template.
+
+scaffold.py copies this file next to the template it scaffolds; the template imports it. It holds what makes a run
+resumable and its errors readable, once, so that a template holds only its model, its data and a short command line:
+
+- errors and exit codes: run_cli() turns bad input into one line and exit code 2, a NaN loss into exit code 1,
+  SIGTERM into 143;
+- callbacks every run gets: NaN stop, checkpoint on an exception, random state and an unfinished batch saved in every
+  checkpoint (exact resume), the validation history behind fit's last line, tokens/s and MFU, the prediction writer;
+- TemplateCLI: LightningCLI plus best/last checkpoints in a fixed folder, early stopping, a learning-rate monitor,
+  the float32 matmul precision, nearest-key errors, checks of --ckpt_path before anything is built, and the line fit
+  ends with (the kept checkpoint and the `next:` command that evaluates it);
+- helpers for models: AdamW with weight-decay groups, gradient clipping under every strategy, sharding the repeated
+  blocks under FSDP and FSDP2, Hugging Face loading with one-line errors.
+
+Checkpoints name callback state by class name (StopOnNonFiniteLoss, ResumableRandomState, ...): keep the names, and
+checkpoints written by earlier runs keep loading. references/checkpointing.md, "What survives what", lists the tests.
+"""
+
+import ast
+import csv
+import difflib
+import inspect
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import time
+import warnings
+import zipfile
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
+                                         ModelCheckpoint, ThroughputMonitor)
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class ConfigError(ValueError):
+    """Bad data, model or configuration input: reported as one line, exit code 2."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf: reported as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Callbacks every run gets (references/checkpointing.md, "What survives what")
+# ----------------------------------------------------------------------------------------------------------------
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN/inf training loss and names its step. The flag stays on the device (no GPU
+    sync per step): it is read every step on CPU, and on GPUs on logging steps, before validation, at epoch end and
+    before every checkpoint save, so no checkpoint holds weights trained on a NaN. With several processes the ranks
+    decide together (one rank stopping alone would leave the others waiting)."""
+
+    def __init__(self):
+        self.first_bad_step = None
+        self.step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step  # the step this batch belongs to, numbered as in the logs (from 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not torch.is_tensor(loss):
+            return
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, device=loss.device)
+        new = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(new, self.step, self.first_bad_step)
+        if loss.device.type == "cpu" or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self.check(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        self.check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)
+
+    def check(self, trainer) -> None:
+        if self.first_bad_step is None:
+            return
+        step = int(trainer.strategy.reduce(self.first_bad_step.clone(), reduce_op="max"))  # any rank's bad step
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"the training loss is NaN or inf at step {step}: training stopped. Likely causes: a learning rate"
+                " too high, float16 overflow (use bf16-mixed or 32-true), NaN/inf in the data, or a log/division of"
+                " zero in the loss. Run scripts/smoke_test.py to name the first bad operation; after fixing it,"
+                " --ckpt_path last continues from the last good checkpoint (with its learning rate and schedule), or"
+                " start a new run with a lower learning rate")
+
+
+def monitor_missing(err: BaseException) -> bool:
+    """A checkpoint or early-stopping monitor naming a metric that is not logged: found at the first validation."""
+    text = str(err)
+    return (isinstance(err, MisconfigurationException) and "could not find the monitored key" in text
+            or isinstance(err, RuntimeError) and "Early stopping conditioned on metric" in text)
+
+
+class CheckpointOnException(Callback):
+    """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
+    newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
+    without --ckpt_path into a resume, and it saves nothing after a NaN/inf loss (poisoned weights), when no step
+    ran, or with several processes (a rank failing alone would wait forever in the collective save)."""
+
+    def __init__(self, dirpath: Optional[str] = None):
+        self.dirpath = dirpath
+        self.start_step = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception):
+        if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
+                or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
+                or monitor_missing(exception)):  # a config mistake: nothing to continue from
+            return
+        path = Path(self.dirpath) / "last-on-exception.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
+        print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
+              " --ckpt_path last", file=sys.stderr)
+
+
+class ResumableRandomState(Callback):
+    """Stores the torch random state in every checkpoint and restores it on resume, so data order and dropout go
+    on as in an uninterrupted run (Lightning saves no random state)."""
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"].cpu())
+
+
+def unfinished_batches(trainer) -> int:
+    """Batches of this epoch whose gradients the weights do not hold yet: those of an unfinished accumulation group
+    (Lightning steps every accumulate_grad_batches batches of an epoch, and at its last batch; DeepSpeed keeps its
+    own count, left as it is)."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if done >= trainer.num_training_batches or trainer.strategy.handles_gradient_accumulation:
+        return 0
+    return done % trainer.accumulate_grad_batches
+
+
+class ResumeAtUnfinishedBatch(Callback):
+    """Writes every checkpoint so that a resumed run redoes the batches its weights do not hold: one that had started
+    (an exception, SLURM's requeue signal) and those of an unfinished gradient-accumulation group, whose gradients
+    are not saved. Lightning 2.6 goes on after the last finished batch, so such a group stepped with part of its
+    gradients, and its restart logic expects saves between batches: from one inside a batch it resumed with the
+    run's batch count one ahead (validation came one batch early with check_val_every_n_epoch=None) and the logged
+    step numbers one ahead. Such checkpoints are written as Lightning writes one at the end of the batch before."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = loop.get("epoch_loop.batch_progress")
+        redo = unfinished_batches(trainer)
+        in_batch = progress is not None and progress["current"]["processed"] < progress["current"]["ready"]
+        if progress is None or not (in_batch or redo):
+            return
+        for counts in (progress["total"], progress["current"]):
+            done = counts["processed"] - redo  # on_train_batch_end's state: all counted but completed
+            counts.update(ready=done, started=done, processed=done, completed=done - 1)
+        progress["is_last_batch"] = False
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
+
+
+class ValidationHistory(Callback):
+    """The validation metrics of each validation in this process, by global step: fit's last line reports those of
+    the kept checkpoint (accuracy, say, next to the loss it was ranked by)."""
+
+    def __init__(self):
+        self.by_step: dict = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.by_step[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                                 if k.startswith("val_") and v.numel() == 1}
+
+
+# Dense bf16/fp16 peak FLOP/s of GPUs that Lightning's table lacks (it has no "H200", bare "H100" or "B200" entry).
+PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "b200": 2250.0, "gb200": 2500.0}
+
+
+def missing_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak TFLOP/s for GPUs Lightning's table lacks; a bare "H100" is taken as the SXM part."""
+    words = device_name.lower().split()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in words), None)
+    if peak is not None and precision.startswith(("32", "64")):  # TF32 tensor cores: half the bf16 rate
+        peak /= 2
+    return peak
+
+
+class Throughput(ThroughputMonitor):
+    """ThroughputMonitor (samples/s, items/s = tokens/s, and MFU from the LightningModule's flops_per_batch) that (1)
+    supplies the peak FLOP/s Lightning lacks for some GPUs (or the one you pass) and (2) times training only at
+    logging steps and when validation starts (on CPUs as on GPUs): the stock callback calls torch.cuda.synchronize()
+    after every batch. window_size counts these timings, not batches. A batch is a tuple whose first item is the input
+    tensor [batch, items]."""
+
+    def __init__(self, peak_tflops: Optional[float] = None, window_size: int = 5):
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
+                         window_size=window_size)
+        self.peak_tflops = peak_tflops
+        self._timed: dict = {}  # per stage: batches counted at the last timing
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        peak = self.peak_tflops
+        if peak is None and self.available_flops is None and device.type == "cuda":
+            peak = missing_peak_tflops(torch.cuda.get_device_name(device), str(trainer.precision))
+        if peak is not None:
+            self.available_flops = int(peak * 1e12)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
+    def _start(self, trainer) -> None:
+        super()._start(trainer)
+        self._timed[trainer.state.stage] = self._batches[trainer.state.stage]
+
+    def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
+        stage = trainer.state.stage
+        self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        if stage != RunningStage.TRAINING or (trainer._logger_connector.should_update_logs
+                                              and not trainer.fit_loop._should_accumulate()):
+            self._time(trainer, pl_module, stage)  # else counted now, timed at the next logging step
+
+    def _time(self, trainer, pl_module, stage) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the queued steps finish: the clock then covers them
+        new = self._batches[stage] - self._timed[stage]
+        self._timed[stage] = self._batches[stage]
+        flops = getattr(pl_module, "flops_per_batch", None)
+        self._throughputs[stage].update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
+                                        samples=self._samples[stage], lengths=self._lengths[stage],
+                                        flops=None if flops is None else flops * new)  # FLOPs of the new batches
+
+    @rank_zero_only
+    def on_validation_start(self, trainer, pl_module) -> None:
+        stage = RunningStage.TRAINING
+        if not trainer.sanity_checking and self._batches.get(stage, 0) > self._timed.get(stage, 0):
+            self._time(trainer, pl_module, stage)  # end the training interval here: validation time is not in it
+        super().on_validation_start(trainer, pl_module)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes `predict`'s outputs to <default_root_dir>/predictions/<checkpoint name>.csv (one file per process:
+    -rank<N> added), the same path however many runs came before, and prints it. predict_step returns a dict of
+    columns (tensors or lists, one value per row); the first column names each row's input: the datamodule's
+    predict_sources = (column name, one value per item of the predict dataset), else the item's index."""
+
+    def __init__(self, checkpoint: Optional[str]):
+        super().__init__(write_interval="epoch")
+        self.name = Path(checkpoint).stem if checkpoint else "untrained"
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        folder = Path(trainer.default_root_dir) / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        rank = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
+        path = folder / f"{self.name}{rank}.csv"
+        column, sources = getattr(trainer.datamodule, "predict_sources", ("index", None))
+        partial = path.with_name(path.name + ".part")
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            for n, (batch, indices) in enumerate(zip(predictions, batch_indices[0])):
+                columns = {key: value.tolist() if torch.is_tensor(value) else list(value)
+                           for key, value in batch.items()}
+                if n == 0:
+                    writer.writerow([column, *columns])
+                for row, index in enumerate(indices):
+                    values = [f"{v[row]:.4f}" if isinstance(v[row], float) else v[row] for v in columns.values()]
+                    writer.writerow([sources[index] if sources is not None else index, *values])
+        partial.replace(path)  # a run stopped while writing leaves no half-written predictions file
+        print(f"predictions written to {path.resolve()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers for models
+# ----------------------------------------------------------------------------------------------------------------
+def adamw(module, lr: float, weight_decay: float, betas: tuple = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, no weight decay on biases and norms (1-D parameters), fused into one
+    kernel where PyTorch can (CUDA and CPU), but not under 16-mixed, whose gradient scaler must unscale first.
+    Under DeepSpeed with an offloaded optimizer, DeepSpeedCPUAdam, which offloading requires."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    strategy = module.trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get(
+            "offload_optimizer"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    fused = module.device.type in ("cuda", "cpu") and scaler is None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def clip_gradients(module, gradient_clip_val, gradient_clip_algorithm) -> None:
+    """A LightningModule's configure_gradient_clipping for every strategy: Lightning 2.6 refuses to clip for a fused
+    optimizer under bf16-mixed (no gradient scaler is involved; Lightning #21435) and refuses norm clipping under
+    FSDP. Gradients are unscaled by the time it runs; DeepSpeed clips inside its engine."""
+    strategy = module.trainer.strategy
+    if not gradient_clip_val or isinstance(strategy, DeepSpeedStrategy):
+        return
+    if gradient_clip_algorithm == "value":
+        torch.nn.utils.clip_grad_value_(module.parameters(), gradient_clip_val)
+    elif isinstance(strategy, FSDPStrategy):  # the norm over every rank's shards
+        module.trainer.model.clip_grad_norm_(gradient_clip_val)
+    else:  # DDP's gradients are already averaged; FSDP2's are DTensors, whose norm covers all shards
+        torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
+
+
+def sharded(module) -> bool:
+    """Whether the module's weights are split over processes (FSDP, FSDP2, DeepSpeed)."""
+    trainer = module._trainer
+    return trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy,
+                                                                 DeepSpeedStrategy))
+
+
+def shard_blocks(module, model: torch.nn.Module, blocks: list) -> None:
+    """Shards the repeated blocks (transformer layers) one at a time, from a LightningModule's configure_model:
+    FSDP wraps each as its own unit (without a policy it gathers every weight at once); FSDP2
+    (ModelParallelStrategy) applies fully_shard to each block, then to the model. With tensor_parallel_size 1 the
+    shards span every data-parallel rank; with "auto" sizes (nodes x GPUs per node) they span one node and are
+    replicated across nodes (HSDP). No tensor-parallel plan here."""
+    trainer = module._trainer
+    strategy = trainer.strategy if trainer is not None else None
+    if isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" not in strategy.kwargs:
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy({type(b) for b in blocks})
+    if isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.fsdp import fully_shard
+
+        dp = module.device_mesh["data_parallel"].size()
+        tp = module.device_mesh["tensor_parallel"].size()
+        mesh = module.device_mesh["data_parallel"] if tp == 1 else (
+            module.device_mesh["tensor_parallel"] if dp == 1 else module.device_mesh)
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        local = sum(p.to_local().numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        sys.stdout.write(f"[rank {module.global_rank}] FSDP2: this rank holds {local:,} of {total:,} parameter"
+                         " elements\n")  # one write: the ranks' lines do not interleave
+
+
+def pretrained(load, name_or_path: str, what: str = "model", **kwargs):
+    """load(name_or_path, **kwargs), a Hugging Face from_pretrained, with one-line errors: a missing local folder, a
+    name not in the cache offline, and a model that ships its own code (run only with trust_remote_code)."""
+    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"folder not found: {name_or_path}: pass a folder saved with save_pretrained")
+    try:
+        return load(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        fix = ("it ships its own Python code: read it, and only if you trust it pass --model.trust_remote_code true"
+               if "custom code" in str(err) else
+               "offline, pass a local folder saved with save_pretrained or a name already in the cache")
+        raise ConfigError(f"cannot load {what} {name_or_path!r} ({str(err).splitlines()[0]}): {fix}") from None
+
+
+def transformers_config(model_type: str, defaults: dict, model_config: Optional[dict], **fixed):
+    """A Hugging Face config of model_type for training from scratch: the template's small defaults, overridden by
+    model_config under either name of a key (GPT-2's n_embd is hidden_size), then `fixed` (vocab_size, labels). A key
+    that is not the config's own but a letter or two from one is refused: a config keeps any keyword, so the typo
+    would change nothing, silently."""
+    from transformers import AutoConfig
+
+    try:
+        empty = AutoConfig.for_model(model_type)
+    except ValueError as err:
+        raise ConfigError(f"cannot build a {model_type!r} config: {err}") from None
+    known = set(empty.to_dict()) | set(empty.attribute_map)
+    for cls in type(empty).__mro__:
+        if "__init__" in vars(cls):
+            known |= set(inspect.signature(cls.__init__).parameters)
+    user = dict(model_config or {})
+    near = {key: difflib.get_close_matches(key, known, n=1, cutoff=0.85) for key in user}
+    typos = {key: match[0] for key, match in near.items() if key not in known and match}
+    if typos:
+        raise ConfigError(f"model_config key(s) {sorted(typos)} are not {type(empty).__name__} settings; did you"
+                          f" mean: {', '.join(typos[key] for key in sorted(typos))}")
+    given = {empty.attribute_map.get(key, key) for key in {**user, **fixed}}
+    kept = {key: value for key, value in defaults.items() if empty.attribute_map.get(key, key) not in given}
+    try:
+        return AutoConfig.for_model(model_type, **kept, **user, **fixed)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"cannot build a {model_type!r} config: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of --ckpt_path, before anything is built or written
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoint_folder(config) -> Path:
+    return Path(config.last_checkpoint.dirpath or Path(config.trainer.default_root_dir or ".") / "checkpoints")
+
+
+def best_checkpoint_file(config) -> str:
+    """The newest file fit's best_checkpoint callback wrote in its folder: <filename>.ckpt, or <filename>-v1.ckpt,
+    -v2, ... where a later fit found the name taken."""
+    folder = Path(config.best_checkpoint.dirpath or checkpoint_folder(config))
+    name = config.best_checkpoint.filename or "best"
+    found = [f for f in folder.glob("*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
+    return str(max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt")
+
+
+def check_checkpoint_file(ckpt) -> None:
+    """Refuses a checkpoint that is missing, truncated or holds code (URLs and last/best/hpc are left to Lightning)."""
+    if not ckpt or ckpt in ("last", "best", "hpc") or re.match(r"\w+:", str(ckpt)):
+        return
+    path = Path(ckpt).expanduser()
+    if path.is_dir():  # sharded: torch distributed checkpoint (.metadata + Lightning's meta.pt) or DeepSpeed
+        distcp = (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+        if not distcp and not (path / "latest").is_file():
+            raise ConfigError(f"{path} is not a complete sharded checkpoint (no .metadata and meta.pt, no"
+                              " DeepSpeed 'latest'): pass an intact one, e.g. an epoch=*-step=*.ckpt folder")
+    elif not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}: pass an existing .ckpt file, or --ckpt_path last")
+    elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose index is at the end
+        raise ConfigError(f"cannot load checkpoint {path}: it is truncated or not a PyTorch checkpoint: pass an"
+                          " intact one, for example last.ckpt or best.ckpt in the run's checkpoints folder")
+    else:
+        try:  # as LightningCLI will: weights_only runs no code from the file; mmap leaves the tensors on disk
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            reason = (f"it holds a Python object ({found.group(1)}) that could run code when loaded, so it is"
+                      " refused; save plain tensors and values instead") if found else (
+                f"it is damaged ({str(err).splitlines()[0][:120]})")
+            raise ConfigError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def check_cpu_processes(trainer) -> None:
+    """More CPU processes than cores: Lightning would start them all and stall."""
+    accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
+        raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
+                          f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
+
+
+def checkpoint_to_read(config) -> Optional[Path]:
+    """The single file --ckpt_path names, or the one `last` resumes from (the newest last*.ckpt in the checkpoint
+    folder, as Lightning picks it); None when there is none yet, or for a sharded folder, a URL or `hpc`."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt or ckpt == "hpc" or re.match(r"\w+:", str(ckpt)):
+        return None
+    if ckpt == "last":
+        found = [f for f in checkpoint_folder(config).glob("last*.ckpt") if f.is_file()]
+        return max(found, key=lambda f: f.stat().st_mtime) if found else None
+    path = Path(ckpt).expanduser()
+    return path if path.is_file() else None
+
+
+def plain(value):
+    """A config value as JSON data, so that (256, 128) from the command line equals [256, 128] from a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def follow_checkpoint(config, defaults, path: Path, resuming: bool) -> None:
+    """Makes the model and the checkpoint rules of this run those of the checkpoint it loads. A model option this
+    command sets (other than its default) to another value than the checkpoint's is refused in one line: an explicit
+    path would otherwise train the checkpoint's model, silently (LightningCLI rebuilds it from the file), and `last`
+    would load it into another one. A resumed fit keeps the monitor and mode its best checkpoint and early stopping
+    started with: Lightning files their state (best score, patience) under a key made of both and would resume
+    without it, silently, under another rule."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, value in (ckpt.get("hyper_parameters") or {}).items():
+        if key not in config.model or plain(config.model[key]) == plain(value):
+            continue
+        if plain(config.model[key]) != plain(defaults.model.get(key)):
+            raise ConfigError(f"{path} was trained with model.{key}={plain(value)}; this command sets"
+                              f" {plain(config.model[key])}: drop --model.{key} to use the checkpoint's value, or"
+                              " start a new run without --ckpt_path")
+        config.model[key] = value  # left at its default: the checkpoint's model, as LightningCLI does for a path
+    if not resuming or "callbacks" not in ckpt:
+        return
+    for name, kind in (("best_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping")):
+        if name not in config:
+            continue
+        saved = [rule for key in ckpt["callbacks"] if key.startswith(kind + "{")
+                 for rule in [literal_rule(key[len(kind):])] if rule.get("monitor")]
+        wanted = config[name]
+        if not saved or any((r["monitor"], r["mode"]) == (wanted.monitor, wanted.mode) for r in saved):
+            continue
+        if (wanted.monitor, wanted.mode) != (defaults[name].monitor, defaults[name].mode):
+            raise ConfigError(f"{path} ranked {name} by {saved[0]['monitor']} ({saved[0]['mode']}); this command asks"
+                              f" for {wanted.monitor} ({wanted.mode}): resume with --{name}.monitor"
+                              f" {saved[0]['monitor']} --{name}.mode {saved[0]['mode']}, or start a new run")
+        wanted.monitor = saved[0]["monitor"]
+        wanted.mode = saved[0]["mode"]
+        rank_zero_info(f"{name} keeps ranking by {wanted.monitor} ({wanted.mode}), as the run in {path.name} did")
+
+
+def literal_rule(text: str) -> dict:
+    try:
+        rule = ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # e.g. a train_time_interval, which is no literal
+        return {}
+    return rule if isinstance(rule, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line every template shares
+# ----------------------------------------------------------------------------------------------------------------
+class TemplateCLI(LightningCLI):
+    """LightningCLI with the callbacks and checks every template's runs get. A template's subclass sets:
+    monitor, mode: the validation metric best.ckpt (and early stopping) rank by;
+    patience: early stopping's patience in validations, None for no early stopping;
+    evaluate: the subcommand of fit's `next:` line, run on the kept checkpoint with the fit's options;
+    absolute_paths: (group, key) options stored in checkpoints, made absolute so a later run finds them;
+    and adds its own options and links in add_template_arguments (links from data to model are also checked against
+    a checkpoint's values in validate/test/predict)."""
+
+    monitor = "val_loss"
+    mode = "min"
+    patience: Optional[int] = None
+    evaluate = "validate"
+    absolute_paths: tuple = ()
+
+    def add_template_arguments(self, parser) -> None:
+        """The template's links and extra callbacks."""
+
+    def link(self, parser, source: str, target: str) -> None:
+        """A value the data computes, passed to the model when both are built (e.g. the number of classes)."""
+        parser.link_arguments(source, target, apply_on="instantiate")
+        self.linked = [*getattr(self, "linked", []), target.split(".", 1)[1]]
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--matmul_precision", choices=["highest", "high", "medium"], default="high",
+                            help="torch.set_float32_matmul_precision: high uses TF32 tensor cores for float32"
+                            " matmuls on Ampere and newer GPUs; scaffold.py sets what detect_hardware.py recommends")
+        # The best model by the template's validation metric, and an unmonitored checkpoint whose last.ckpt is
+        # rewritten at every save: a monitored one only rewrites last.ckpt when the metric improves, so resuming from
+        # it could redo epochs. dirpath None: <trainer.default_root_dir>/checkpoints, a fixed folder `last` finds.
+        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
+        parser.set_defaults({"best_checkpoint.monitor": self.monitor, "best_checkpoint.mode": self.mode,
+                             "best_checkpoint.filename": "best", "best_checkpoint.save_top_k": 1})
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 1})
+        if self.patience is not None:
+            # Checked after validation only: a run that ends before its first validation (a small max_steps) then
+            # stops normally instead of failing at the epoch's end on a metric it has not logged yet.
+            parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+            parser.set_defaults({"early_stopping.monitor": self.monitor, "early_stopping.mode": self.mode,
+                                 "early_stopping.patience": self.patience,
+                                 "early_stopping.check_on_train_epoch_end": False})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(CheckpointOnException, "exception_checkpoint")
+        self.add_template_arguments(parser)
+
+    def parse_arguments(self, parser, args) -> None:
+        self.argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, type(None))) else None
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(f"{with_nearest_keys(parser, err)} (see --help)") from None
+        # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
+            config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
+        check_checkpoint_file(config.get("ckpt_path"))
+        check_cpu_processes(config.trainer)
+        for group, key in self.absolute_paths:  # stored in checkpoints: a later run may start in another folder
+            value = config[group][key]
+            if value and Path(value).expanduser().exists():
+                config[group][key] = str(Path(value).expanduser().resolve())
+        self.check_config(subcommand, config)
+        path = checkpoint_to_read(config)
+        if path is not None:
+            defaults = (parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
+                        ).get_defaults()
+            follow_checkpoint(config, defaults, path, resuming=subcommand == "fit")
+
+    def check_config(self, subcommand: Optional[str], config) -> None:
+        """The template's own checks of the parsed options (raise ConfigError)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_float32_matmul_precision(config.matmul_precision)
+        for key in ("best_checkpoint", "last_checkpoint", "exception_checkpoint"):
+            if config[key].dirpath is None:
+                config[key].dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        if config.get("weights_only", False) is None:
+            config.weights_only = True  # resume/evaluate load tensors and plain values only: no code runs
+        if config.trainer.fast_dev_run:  # Lightning 2.6 still writes last.ckpt at train end under fast_dev_run: a
+            config.last_checkpoint.save_last = False  # smoke test must not become the newest "last" to resume from
+        model, data = config.get("model"), config.get("data")
+        if model and data and "name_or_path" in model and "tokenizer" in data:  # a Hugging Face model's template
+            if model.name_or_path and not data.tokenizer:
+                data.tokenizer = model.name_or_path  # the model's own tokenizer
+            if "trust_remote_code" in model and "trust_remote_code" in data:
+                data.trust_remote_code = model.trust_remote_code  # one switch for the model's and tokenizer's code
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # no GPU
+            raise ConfigError(f"cannot build the Trainer: {err}") from None
+        if not trainer.loggers:  # --trainer.logger false: the LR monitor has nothing to log to and would stop the run
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        return trainer
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path"):
+            self.refuse_other_data(config.ckpt_path)
+        if self.subcommand == "predict":
+            self.trainer.callbacks.append(PredictionWriter(config.get("ckpt_path")))
+
+    def refuse_other_data(self, ckpt_path: str) -> None:
+        """What the data gives the model (classes, input shape, vocabulary: the links) must be what the checkpoint
+        was trained on: another class list would label predictions wrongly without any error."""
+        if not Path(ckpt_path).is_file():
+            return  # Lightning names a missing file itself
+        trained = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        for key in getattr(self, "linked", []):
+            if key in trained and plain(trained[key]) != plain(self.model.hparams.get(key)):
+                def show(value):
+                    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+                    return text if len(text) < 80 else text[:77] + "..."
+
+                raise ConfigError(f"the checkpoint was trained with {key} {show(plain(trained[key]))}; this data"
+                                  f" gives {show(plain(self.model.hparams.get(key)))}: pass the fit's data options"
+                                  " (e.g. --config config.yaml) and the other data as --data.test_path or"
+                                  " --data.predict_path")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        best = trainer.checkpoint_callback
+        if not trainer.is_global_zero:
+            return
+        stopper = trainer.early_stopping_callback
+        reason = getattr(stopper, "stopping_reason_message", None) if trainer.should_stop else None
+        if reason:  # patience, a threshold or a non-finite metric: Lightning's own words
+            print(f"stopped early in epoch {stopper.stopped_epoch}: {reason}")
+        if best is not None and best.best_model_score is not None:
+            print(kept_checkpoint(trainer))
+            if self.argv is not None:  # the same data and settings: the fit command line, evaluating the kept file
+                print(f"next: {next_command(self.argv, self.evaluate, best.best_model_path)}")
+
+
+def kept_checkpoint(trainer) -> str:
+    """`best <monitor>=<score> (epoch E, step S; other validation metrics) checkpoint=<path>` for the file the
+    best_checkpoint callback kept."""
+    callback = trainer.checkpoint_callback
+    path = callback.best_model_path
+    where = ""
+    if Path(path).is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        history = next((c.by_step for c in trainer.callbacks if isinstance(c, ValidationHistory)), {})
+        others = [f"{k}={v:.4f}" for k, v in history.get(saved["global_step"], {}).items() if k != callback.monitor]
+        where = f" (epoch {saved['epoch']}, step {saved['global_step']}{'; ' if others else ''}{', '.join(others)})"
+    return f"best {callback.monitor}={callback.best_model_score.item():.4f}{where} checkpoint={path}"
+
+
+def next_command(argv: list, subcommand: str, checkpoint: str) -> str:
+    """`python SCRIPT` + the fit arguments with the first `fit` made `subcommand` and --ckpt_path the checkpoint."""
+    args = []
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True  # and its value
+        else:
+            args.append(arg)
+    if "fit" in args:
+        args[args.index("fit")] = subcommand
+    same = os.path.abspath(shutil.which("python") or "") == os.path.abspath(sys.executable)
+    python = "python" if same else sys.executable  # a bare python that is another interpreter may lack torch
+    return shlex.join([python, sys.argv[0], *args, "--ckpt_path", checkpoint])
+
+
+def with_nearest_keys(parser, err: Exception) -> str:
+    """The parser's error, plus the nearest valid keys for a mistyped one."""
+    subcommands = parser._subcommands_action._name_parser_map.values() if parser._subcommands_action else []
+    keys = {k for sub in [*subcommands, parser] for k in sub.get_defaults().keys()}
+    typed = [t for t in re.findall(r"[\w.]+\.[\w.]+|(?<=--)\w+", str(err)) if t not in keys]
+    near = sorted({k for t in typed for k in difflib.get_close_matches(t, keys, n=3, cutoff=0.6)})
+    return f"{err}" + (f"; did you mean: {', '.join(near)}" if near else "")
+
+
+def release_process_group() -> None:
+    """Ends the process group while Python is still whole. Lightning 2.6 does this at exit for NCCL only; a gloo
+    (CPU) group left to interpreter shutdown can abort a finished run ("terminate called without an active
+    exception", exit code -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line; for one raised in a DataLoader worker, the worker's own message."""
+    text = str(err)
+    if "Original Traceback" in text:  # "Caught ConfigError in DataLoader worker process 0. Original Traceback..."
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, callbacks: tuple = (),
+            trainer_defaults: Optional[dict] = None):
+    """A template's main(): the command line, with every error a user can fix as one line on stderr and an exit
+    code (2 bad input, 1 NaN loss, 143 SIGTERM). run=False builds model, data and trainer without running a
+    subcommand and returns the CLI (hpo_optuna.py and bench.py); `callbacks` are added to every run."""
+    name = Path(sys.argv[0]).name
+    defaults = dict(trainer_defaults or {})
+    defaults["callbacks"] = [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(),
+                             ValidationHistory(), *callbacks]
+    # clip_gradients leaves clipping to DeepSpeed, which clips by trainer.gradient_clip_val itself
+    warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally")
+    try:
+        return cli_class(
+            model_class,
+            data_class,
+            seed_everything_default=42,
+            auto_configure_optimizers=False,  # the model's configure_optimizers decides; --optimizer would be ignored
+            trainer_defaults=defaults,
+            save_config_kwargs={"overwrite": True},  # the saved config.yaml is rewritten when a run is resumed
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # errors end in one line, below
+            args=args,
+            run=run,
+        )
+    except SIGTERMException:  # Lightning raises it as a SystemExit without a code, which would exit 0 (success)
+        sys.stderr.write(f"{name}: stopped by SIGTERM; --ckpt_path last continues from the newest checkpoint\n")
+        sys.exit(128 + signal.SIGTERM)
+    except (ConfigError, NonFiniteLossError) as err:
+        sys.stderr.write(f"{name}: error: {one_line(err)}\n")  # one write: ranks' lines stay whole
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+    except (MisconfigurationException, RuntimeError) as err:
+        if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            sys.stderr.write(f"{name}: error: the checkpoint does not fit this model ({detail[:200]}): pass the"
+                             " options it was trained with (its run's config.yaml)\n")
+            sys.exit(2)
+        if not monitor_missing(err):
+            raise
+        sys.stderr.write(f"{name}: error: {one_line(err)} (set that callback's monitor, e.g."
+                         " --best_checkpoint.monitor, to a logged metric)\n")
+        sys.exit(2)
+    finally:  # after errors too, while the interpreter is still whole; run=False callers own their group
+        if run:
+            release_process_group()

@@ -1,0 +1,566 @@
+"""templates/causal_lm.py on CPU: training, its data (text, JSONL, token files), pretrained and built-in models,
+attention, throughput and MFU, multi-process strategies, the configs it runs under, and bad input.
+
+Hugging Face models and tokenizers are built tiny and random, saved with save_pretrained, and loaded by the template
+with from_pretrained: the real loading code, offline.
+"""
+
+import copy
+import csv
+import json
+import pickle
+import re
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
+
+from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_bad_input_changes_nothing, assert_ddp_ranks_agree,
+                      assert_ok, assert_one_error_line, consolidate_and_validate, final_val_loss, load_ckpt,
+                      load_module, refused_in_process, run, run_template, save_tiny_tokenizer)
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+def test_causal_lm_fast_dev_run_default(tmp_path):
+    assert_ok(run_template("causal_lm.py", "fit", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path))
+
+
+@pytest.mark.slow
+def test_causal_lm_overfits_tiny_corpus(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 120)
+    result = run_template("causal_lm.py", "fit", "--data.data_path", "corpus.txt", "--data.block_size", "64",
+                          "--data.val_fraction", "0.1", "--trainer.max_steps", "120", "--trainer.val_check_interval",
+                          "40", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    loss = final_val_loss(result.stdout)[0]
+    print(f"val_loss after 120 steps: {loss:.3f} (uniform over bytes: {torch.log(torch.tensor(256.0)):.2f})")
+    assert loss < 0.5  # bar: a memorized repeating sentence
+    # the documented sampling line, greedy: the memorized sentence comes back
+    code = ("from causal_lm import sample; print(repr(sample('runs/causal_lm/checkpoints/best.ckpt', 'the quick b',"
+            " 60, temperature=0)))")
+    sampled = run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TEMPLATES)!r}); {code}"], cwd=tmp_path)
+    assert_ok(sampled)
+    assert "fox jumps over the lazy dog. the quick brown fox" in sampled.stdout, sampled.stdout
+
+
+@pytest.mark.slow
+def test_causal_lm_trains_on_a_token_file_as_on_its_text(tmp_path):
+    """A .npy of the ids the template's byte tokenizer gives a text (memory-mapped, read by 2 DataLoader workers)
+    trains to the same weights as the text itself: same blocks, same split, same order."""
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    (tmp_path / "corpus.txt").write_text(text)
+    np.save(tmp_path / "tokens.npy", np.array(list(text.encode()) + [10], dtype=np.uint16))  # a newline ends it
+    common = ["--data.block_size", "32", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+              "--model.model_config", '{"vocab_size": 256}', *QUIET]  # the token file's own vocabulary is 123 ids
+    for name, data in (("text", ["--data.data_path", "corpus.txt"]),
+                       ("tokens", ["--data.data_path", "tokens.npy", "--data.num_workers", "2"])):
+        assert_ok(run_template("causal_lm.py", "fit", *data, *common, "--trainer.default_root_dir", name,
+                               cwd=tmp_path))
+    text_run, token_run = (load_ckpt(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("text", "tokens"))
+    assert token_run["global_step"] == 6
+    assert all(torch.equal(token_run["state_dict"][k], w) for k, w in text_run["state_dict"].items())
+
+
+def test_a_token_file_reaches_spawned_workers_as_its_path_not_its_tokens(tmp_path, monkeypatch):
+    """DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: the memory map must travel
+    as its path, not as a copy of the corpus, and the worker must map the file again."""
+    monkeypatch.syspath_prepend(str(TEMPLATES))
+    import causal_lm  # by name, as a spawned worker imports it
+
+    np.save(tmp_path / "tokens.npy", np.arange(1_000_000, dtype=np.uint32) % 50_000)
+    data = causal_lm.TextData(data_path=str(tmp_path / "tokens.npy"), block_size=64)
+    data.setup("fit")
+    assert data.vocab_size == 50_000 and len(data.train_set) == (950_000 - 1) // 64
+    shipped = pickle.dumps(data.train_set)  # what the worker receives
+    assert len(shipped) < 10_000, f"{len(shipped):,} bytes"
+    loader = DataLoader(data.train_set, batch_size=2, sampler=[100, 101], num_workers=1,
+                        multiprocessing_context="spawn")
+    x, y = next(iter(loader))
+    assert torch.equal(x, torch.arange(6400, 6528).view(2, 64)) and torch.equal(y, x + 1)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "as token ids (No data left in file)"),  # an interrupted write
+    ("npz", "as token ids: save a 1-D integer array"),  # numpy.savez's archive under a .npy name
+    (np.array([3, -1, 5], dtype=np.int32), "holds negative token ids"),
+    (np.array([3, 20, 5], dtype=np.uint16), "holds token id 20, outside the 20 tokens of"),  # the tokenizer's ids: 0-19
+])
+def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expected):
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_refusals")
+    path = tmp_path / "tokens.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        with open(path, "wb") as f:  # a file object: given a name, savez would add ".npz"
+            np.savez(f, ids=np.arange(10))
+    else:
+        np.save(path, content)
+    assert save_tiny_tokenizer(tmp_path / "tokenizer") == 20
+    with pytest.raises(lm.ConfigError, match=re.escape(expected)):
+        lm.TextData(data_path=str(path), tokenizer=str(tmp_path / "tokenizer"))
+
+
+def test_a_corpus_folder_is_read_as_the_user_left_it(tmp_path):
+    """Upper-case and .markdown suffixes are read, hidden folders skipped, a byte-order mark dropped; a file in
+    another encoding is refused by name (it trained as U+FFFD characters before)."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_corpus")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a.md").write_text("a stale copy")
+    (tmp_path / "README.TXT").write_bytes("\ufeffcafé au lait".encode("utf-8"))
+    (tmp_path / "draft.markdown").write_text("# notes")
+    data = lm.TextData(data_path=str(tmp_path), block_size=4)
+    assert [f.name for f in data.files] == ["README.TXT", "draft.markdown"]
+    assert list(data.documents()) == ["café au lait", "# notes"]
+    (tmp_path / "letter.txt").write_bytes("\u201cna\u00efve\u201d".encode("cp1252"))
+    with pytest.raises(lm.ConfigError, match=r"letter.txt is not UTF-8 text \(byte 0x93 at offset 0\)"):
+        list(lm.TextData(data_path=str(tmp_path), block_size=4).documents())
+
+
+def test_a_pretrained_float16_model_trains_in_float32(tmp_path, tiny_llama):
+    """A model saved in float16 (Llama-2's dtype) fine-tunes with float32 weights and AdamW state under bf16-mixed:
+    transformers 5 loads a checkpoint in its saved dtype, and float16 second moments underflow to zero. It learns,
+    and the model comes out of from_pretrained's eval mode (dropout on)."""
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"body": "the film was great . " * 8}) + "\n"
+                                                   for _ in range(30)))
+    result = run_template("causal_lm.py", "fit", "--model.name_or_path", tiny_llama, "--data.data_path",
+                          "corpus.jsonl", "--data.text_field", "body", "--data.block_size", "16",
+                          "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "10",
+                          "--trainer.val_check_interval", "5", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    assert final_val_loss(result.stdout)[0] < 3.0
+    assert "in eval mode at the start of training" not in result.stderr
+    ckpt = load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.float32}
+    moments = [t for state in ckpt["optimizer_states"][0]["state"].values() for k, t in state.items()
+               if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+
+
+def test_a_true_precision_trains_in_its_own_dtype(tmp_path, tiny_llama):
+    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 40)
+    result = run_template("causal_lm.py", "fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.txt",
+                          "--data.block_size", "16", "--trainer.precision", "bf16-true", "--trainer.max_steps", "2",
+                          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    ckpt = load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.bfloat16}
+
+
+# ---- models: pretrained, built-in GPT, transformers types, attention --------------------------------------------
+@pytest.mark.parametrize("model_type", ["gpt", "gpt2"])
+def test_a_block_longer_than_a_learned_position_table_is_refused(model_type, template_main, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Not an IndexError deep in an embedding lookup (rotary models only get a warning)."""
+    monkeypatch.chdir(tmp_path)
+    error = refused_in_process(template_main("causal_lm.py"), [
+        "fit", "--model.model_type", model_type, "--data.block_size", "2048", "--trainer.fast_dev_run", "true",
+        *QUIET], capsys)
+    assert "longer than the model's 1024 positions" in error
+
+
+def test_model_config_overrides_the_tiny_defaults_under_either_name():
+    """GPT-2 names its width n_embd, an alias of the tiny default's hidden_size: the user's value must win."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_config")
+    gpt2 = lm.load_or_build(None, "gpt2", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}, 256,
+                            False, meta=True)
+    assert (gpt2.config.n_layer, gpt2.config.n_embd, gpt2.config.vocab_size) == (12, 768, 50304)
+    assert sum(p.numel() for p in gpt2.parameters()) == 124_475_904  # GPT-2 small with its vocabulary padded to 50304
+    tiny = lm.load_or_build(None, "llama", {"hidden_size": 64, "num_attention_heads": 2}, 256, False, meta=True)
+    assert (tiny.config.hidden_size, tiny.config.num_hidden_layers, tiny.config.vocab_size) == (64, 4, 256)
+
+
+def gpt2_weights_for_builtin_gpt(hf_state: dict, n_layer: int) -> dict:
+    """GPT2LMHeadModel's state dict under the built-in GPT's names (its Conv1D weights are stored transposed)."""
+    names = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
+             "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
+             "lm_head.weight": "lm_head.weight"}
+    state = {ours: hf_state[theirs] for ours, theirs in names.items()}
+    for i in range(n_layer):
+        for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("qkv", "attn.c_attn"), ("attn_out", "attn.c_proj"),
+                             ("fc", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")):
+            weight = hf_state[f"transformer.h.{i}.{theirs}.weight"]
+            state[f"blocks.{i}.{ours}.weight"] = weight if ours.startswith("ln") else weight.t()
+            state[f"blocks.{i}.{ours}.bias"] = hf_state[f"transformer.h.{i}.{theirs}.bias"]
+    return state
+
+
+def test_builtin_gpt_is_gpt2():
+    """model_type gpt computes what transformers' GPT2LMHeadModel computes, with the same parameter count; activation
+    checkpointing leaves the gradients as they are; bias false drops every bias."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_gpt")
+    torch.manual_seed(0)
+    sizes = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=96, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **sizes)).eval()
+    gpt = lm.build_gpt(sizes, 96).eval()
+    gpt.load_state_dict(gpt2_weights_for_builtin_gpt(hf.state_dict(), 2), strict=True)
+    x = torch.randint(0, 96, (2, 20))
+    torch.testing.assert_close(gpt(x), hf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+    gpt.train()
+    gpt(x).sum().backward()
+    plain = {name: p.grad.clone() for name, p in gpt.named_parameters()}
+    gpt.zero_grad()
+    gpt.activation_checkpointing = True
+    gpt(x).sum().backward()
+    for name, p in gpt.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-6)
+
+    small = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}
+    builtin = lm.load_or_build(None, "gpt", small, 256, False, meta=True)
+    assert sum(p.numel() for p in builtin.parameters()) == 124_475_904
+    no_bias = lm.load_or_build(None, "gpt", {**small, "bias": False}, 256, False, meta=True)
+    assert not any(name.endswith("bias") for name, _ in no_bias.named_parameters())
+    with pytest.raises(lm.ConfigError, match="unknown model_config key"):
+        lm.build_gpt({"n_embed": 64}, 256)
+
+    deep = lm.build_gpt({"n_layer": 8, "n_head": 4, "n_embd": 256}, 256)  # GPT-2's init: residual std 0.02 / 4
+    block = deep.blocks[3]
+    assert abs(block.fc.weight.std().item() - 0.02) < 1e-3 and abs(block.mlp_out.weight.std().item() - 0.005) < 3e-4
+    assert deep.lm_head.weight is deep.wte.weight and not block.qkv.bias.any()
+
+
+def test_gpt2_small_recipe_builds_the_benchmarked_model(tmp_path, monkeypatch):
+    """The GPT-2-small command of performance.md and of causal_lm.py's docstring (the one bench.py timed) parses, and
+    builds a 12-layer, width-768 GPT without biases at batch 32 x 1024, compiled."""
+    doc = (REPO / "references" / "performance.md").read_text()
+    recipe = re.search(r"```bash\n(python causal_lm.py fit --config configs/gpu.yaml .*?)\n```", doc, re.S).group(1)
+    docstring = (TEMPLATES / "causal_lm.py").read_text().split('"""')[1]
+    words = lambda text: " ".join(text.replace("\\\n", " ").split())  # noqa: E731 (shell continuations joined)
+    assert words(recipe) in words(docstring)
+    args = shlex.split(words(recipe))[3:]  # after `python causal_lm.py fit`
+    np.save(tmp_path / "tokens.npy", np.arange(40_000, dtype=np.uint16) % 50257)
+    monkeypatch.chdir(tmp_path)
+    args[args.index("configs/gpu.yaml")] = str(CONFIGS / "gpu.yaml")
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_recipe")
+    cli = lm.main([*args, "--trainer.accelerator", "cpu"], run=False)
+    data, hp = cli.datamodule.hparams, cli.model.hparams
+    assert (data.batch_size, data.block_size, hp.model_type, hp.compile) == (32, 1024, "gpt", True)
+    model = lm.load_or_build(None, hp.model_type, hp.model_config, cli.datamodule.vocab_size, False, meta=True)
+    assert (len(model.blocks), model.wte.weight.shape) == (12, (50304, 768))
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_sdpa_backend_selects_the_attention_kernel_that_runs():
+    """--model.sdpa_backend sets PyTorch's fused-attention switches for the whole process, so the kernel chosen also
+    runs in activation checkpointing's recomputation (a context around forward alone would not reach it). On CPU the
+    profiler shows "math" replacing the default flash kernel, in the forward and the backward."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_sdpa")
+    switches = [(torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+                (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+                (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp)]
+    before = [enabled() for enabled, _ in switches]
+    x, ran = torch.randint(0, 256, (2, 16)), {}
+    try:
+        for backend in (None, "math"):
+            module = lm.CausalLM(model_type="gpt", sdpa_backend=backend, activation_checkpointing=True)
+            module.configure_model()
+            with torch.profiler.profile() as profile:
+                module.loss(x, x).backward()
+            ran[backend] = {e.name for e in profile.events() if e.name.startswith("aten::_scaled_dot_product")}
+    finally:  # the switches are global: leave them as they were for the other tests in this process
+        for (_, enable), value in zip(switches, before):
+            enable(value)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ran[None]
+    assert ran["math"] == {"aten::_scaled_dot_product_attention_math"}
+
+
+def sdpa_calls_in_compiled_graph(fn, *args) -> list:
+    """The arguments of every fused-attention call in the graph torch.compile captures (traced, not run by inductor)."""
+    calls = []
+
+    def record(graph_module, example_inputs):
+        calls.extend(dict(n.kwargs) for n in graph_module.graph.nodes if "scaled_dot_product" in str(n.target))
+        return graph_module
+
+    torch.compile(fn, backend=record)(*args)
+    return calls
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_transformers_causal_lms_attend_without_a_mask(model_type, monkeypatch):
+    """transformers' mask code builds a batch x 1 x seq x seq mask under torch.compile (no flash kernels) and reads a
+    value every eager forward. The template's models skip it and give the logits of transformers' eager attention;
+    an attention mask passed later is refused, not ignored; a sliding-window model keeps its mask."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_attention")
+    monkeypatch.setitem(sys.modules, lm.__name__, lm)  # importable, as a run script is: compile traces its hook
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2}
+    torch.manual_seed(0)
+    model = lm.load_or_build(None, model_type, sizes, 64, False).eval()
+    stock, eager = (AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation=name).eval()
+                    for name in ("sdpa", "eager"))
+    for other in (stock, eager):
+        other.load_state_dict(model.state_dict())
+    assert model.config._attn_implementation == lm.CAUSAL_SDPA and stock.config._attn_implementation == "sdpa"
+    model.config.use_cache = stock.config.use_cache = eager.config.use_cache = False  # as in configure_model
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(lm.logits_of(model, x), lm.logits_of(eager, x), rtol=0, atol=1e-5)
+    calls = sdpa_calls_in_compiled_graph(lambda ids: model(input_ids=ids).logits, x)
+    assert len(calls) == 2 and all(c.get("attn_mask") is None and c["is_causal"] for c in calls)
+    assert sdpa_calls_in_compiled_graph(lambda ids: stock(input_ids=ids).logits, x)[0]["attn_mask"] is not None
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        model(input_ids=x, attention_mask=torch.ones_like(x))
+    model.set_attn_implementation("sdpa")
+    model(input_ids=x, attention_mask=torch.ones_like(x))  # the documented way back to masks
+    sliding = lm.load_or_build(None, "mistral", {**sizes, "sliding_window": 8}, 64, False)
+    assert sliding.config._attn_implementation == "sdpa"
+
+
+# ---- speed: throughput, MFU, no waiting for the device, clipping, the benchmark ---------------------------------
+class SlowSteps(Callback):
+    """Makes every training batch take at least `seconds`: a known ceiling on the batches per second."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        time.sleep(self.seconds)
+
+
+def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path):
+    """The monitor times training at logging steps and validation starts only (the path GPUs take, here on CPU). Its
+    FLOPs must still cover every batch (FLOPs/s over tokens/s is measure_flops per token, MFU is FLOPs/s over the
+    peak), and a validation between logging steps must not take the training batch before it out of the training
+    time: with a window of 2 timings, that would show as 2 batches in the time of one, above the ceiling that
+    0.1 s per batch sets (checkpoints are off here: their save time counts as training time and would hide it)."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_throughput")
+    cli = lm.main(["--trainer.max_steps", "14", "--trainer.val_check_interval", "5", "--trainer.limit_val_batches",
+                   "2", "--trainer.log_every_n_steps", "2", "--data.batch_size", "4", "--throughput.window_size", "2",
+                   "--throughput.peak_tflops", "0.5", "--best_checkpoint.save_top_k", "0",
+                   "--last_checkpoint.save_top_k", "0", "--last_checkpoint.save_last", "false",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                   str(tmp_path / "logs"), "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET],
+                  run=False, callbacks=(SlowSteps(0.1),))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    rows = [r for r in csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
+            if r.get("train/device/flops_per_sec")]
+    batch, block = cli.datamodule.hparams.batch_size, cli.datamodule.hparams.block_size
+    per_token = cli.model._measure_flops((batch, block)) / (batch * block)
+    assert len(rows) >= 4
+    for r in rows:
+        tokens, flops = float(r["train/device/items_per_sec"]), float(r["train/device/flops_per_sec"])
+        assert flops / tokens == pytest.approx(per_token, rel=1e-6)
+        assert float(r["train/device/mfu"]) == pytest.approx(flops / 0.5e12, rel=1e-6)
+        assert 0 < float(r["train/device/batches_per_sec"]) <= 10.0, r  # 0.1 s per batch at least
+
+
+class HostReads(TorchFunctionMode, Callback):
+    """Records every read of a tensor's value in Python during training steps, with its step and caller: on a GPU
+    each one waits for the queued work to finish, so Lightning's per-step Python work would no longer overlap it.
+    Left out: torch.optim's and the DataLoader's own host-side values (step counters, seeds, indices), and the NaN
+    check, which reads on CPU at every step and on GPUs at logging steps only."""
+
+    METHODS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+    HOST_SIDE = ("/torch/optim/", "/torch/utils/data/")
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.reads = None, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.step is not None and getattr(func, "__name__", "") in self.METHODS:
+            stack = traceback.extract_stack()[:-1]
+            caller = stack[-1]
+            if not any(s in caller.filename for s in self.HOST_SIDE) and not (
+                    caller.name == "check" and caller.filename.endswith("lightning_support.py")):
+                self.reads.append((*self.step, func.__name__, [f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                                               for f in stack[-6:]]))
+        return func(*args, **(kwargs or {}))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = (trainer.global_step, trainer._logger_connector.should_update_logs)  # this step logs
+
+    def on_validation_start(self, trainer, pl_module):  # validation and epoch ends read once per interval, not step
+        self.step = None
+
+    on_train_epoch_end = on_validation_start
+
+
+@pytest.mark.parametrize("template, args", [
+    pytest.param("causal_lm.py", ["--model.model_type", "gpt", "--trainer.max_steps", "12", "--data.batch_size", "4"],
+                 id="causal_lm-gpt"),
+    pytest.param("causal_lm.py", ["--trainer.max_steps", "12", "--data.batch_size", "4"], id="causal_lm-llama"),
+    pytest.param("classifier.py", ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "12"],
+                 id="classifier")])
+def test_training_steps_do_not_wait_for_the_device(tmp_path, template, args):
+    """With the template's own logging and progress bar, only logging steps read a tensor value (Lightning hands
+    the logged loss to the logger): the other steps queue their work without waiting, which is what lets the
+    Trainer keep pace with a plain loop on a GPU (bench/bench.py measures that)."""
+    module = load_module(TEMPLATES / template, f"{template[:-3]}_host_reads")
+    reads = HostReads()
+    cli = module.main([*args, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path)],
+                      run=False, callbacks=(reads,))
+    with reads:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 12 and cli.trainer.log_every_n_steps == 10
+    assert [r for r in reads.reads if not r[1]] == []
+    assert {r[0] for r in reads.reads} == {9}  # the positive control: the one logging step reads the loss
+
+
+def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
+    """bench/bench.py --tiny: the GPU benchmark's code on CPU, so it cannot rot; speed is read from its table, not
+    asserted here."""
+    result = run([sys.executable, TEMPLATES.parent / "bench" / "bench.py", "--tiny", "--peak-tflops", "1", "--format",
+                  "json"], cwd=tmp_path)
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop (gpt)", "causal_lm.py (gpt, Trainer)",
+                                                      "classifier plain loop (CPU)", "classifier.py (Trainer, CPU)"]
+    assert all(r["ms/step"] > 0 for r in report["rows"])
+    checks = report["checks"]
+    assert checks["loss_falls"] and checks["same_loss"]  # every step's loss, from the first on
+    assert checks["final_loss_plain"] == checks["final_loss_trainer"]  # float32 on CPU: exactly equal
+    assert abs(checks["classifier_val_acc_plain"] - checks["classifier_val_acc_trainer"]) < 1e-4
+    assert abs(checks["flops_per_token_template"] / checks["flops_per_token_formula"] - 1) < 0.05
+    # The template's logged MFU and the benchmark's, one run timed by two clocks (the tiny model's FLOPs formulas
+    # differ by 4%): a monitor that lost batches or used another peak would be off by a factor.
+    assert 0.7 < checks["mfu_monitor_over_bench"] < 1.3
+    assert checks["sdpa_kernel"] in ("FLASH_ATTENTION", "MATH")  # what PyTorch picks for these shapes on CPU
+
+
+# ---- several processes and the strategies of the configs --------------------------------------------------------
+@pytest.mark.slow
+def test_causal_lm_ddp_two_processes(tmp_path):
+    """Every rank ends with the same val_loss (sync_dist) and logs no sync_dist warning."""
+    metrics = assert_ddp_ranks_agree("causal_lm.py", ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                                                      "--trainer.limit_val_batches", "2"], tmp_path)
+    assert metrics["val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
+    """Tied input/output embeddings under FSDP2 with "auto" mesh sizes (one node: sharded over the tensor_parallel
+    dimension): each process trains on its own half of the data; the sharded checkpoint consolidates with
+    Lightning's utility and a one-process validate of that file gives the val_loss of the 2-process run."""
+    result = run_template("causal_lm.py", "fit", "--model.model_type", "gpt", "--config", CONFIGS / "fsdp2.yaml",
+                          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+                          "--trainer.strategy.init_args.data_parallel_size", "auto",
+                          "--trainer.strategy.init_args.tensor_parallel_size", "auto", "--trainer.max_steps", "4",
+                          "--trainer.use_distributed_sampler", "false",  # both ranks validate what one process will
+                          "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "4", *QUIET,
+                          cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    losses = final_val_loss(result.stdout)
+    assert set(losses) == {0, 1} and losses[0] == losses[1]
+    sharded = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    _, processes, _ = load_ckpt(sharded / "meta.pt")["TextData"]["order"]  # the sampler's split
+    assert processes == 2, f"the training data was split over {processes} process(es), not both"
+    _, val_loss = consolidate_and_validate(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt", tmp_path)
+    assert abs(val_loss - losses[0]) < 1e-4, (val_loss, losses[0])
+
+
+def build_strategy(config_name: str):
+    """Instantiates the config's trainer.strategy the way LightningCLI does (no Trainer, so no GPU needed)."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    strategy = yaml.safe_load((CONFIGS / config_name).read_text())["trainer"]["strategy"]
+    return parser.instantiate_classes(parser.parse_object({"strategy": strategy})).strategy
+
+
+def test_fsdp_configs_build_their_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    fsdp = build_strategy("fsdp.yaml")
+    assert isinstance(fsdp, FSDPStrategy) and fsdp._state_dict_type == "sharded"
+    fsdp2 = build_strategy("fsdp2.yaml")
+    assert isinstance(fsdp2, ModelParallelStrategy)
+
+
+@pytest.mark.parametrize("name, stage, offload", [("deepspeed_stage_2.yaml", 2, False),
+                                                  ("deepspeed_stage_3_offload.yaml", 3, True)])
+def test_deepspeed_configs_name_registered_strategies(name, stage, offload):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = build_strategy(name)
+    assert strategy in StrategyRegistry, strategy
+    init = StrategyRegistry[strategy]["init_params"]
+    assert init["stage"] == stage and bool(init.get("offload_optimizer")) == offload
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("fsdp.yaml", "strategy `fsdp` requires a GPU accelerator"),
+    ("deepspeed_stage_2.yaml", "you must have DeepSpeed installed"),
+    ("deepspeed_stage_3_offload.yaml", "you must have DeepSpeed installed"),
+    ("fsdp2.yaml", "must equal devices x num_nodes = 1"),  # runs on CPU, but 8 shards need 8 processes
+])
+def test_strategy_that_cannot_run_here_is_one_clear_line(template_main, tmp_path, monkeypatch, capsys, config,
+                                                         expected):
+    monkeypatch.chdir(tmp_path)
+    assert expected in refused_in_process(template_main("causal_lm.py"), [
+        "fit", "--config", str(CONFIGS / config), "--trainer.accelerator", "cpu", "--trainer.devices", "1"], capsys)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config, model_type", [("gpu.yaml", "llama"), ("fsdp.yaml", "llama"), ("gpu.yaml", "gpt"),
+                                                ("fsdp.yaml", "gpt")])
+def test_gpu_training(tmp_path, config, model_type):
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--model.model_type", model_type,
+                          "--trainer.devices", "1", "--model.compile", "true", "--trainer.max_steps", "20",
+                          "--trainer.val_check_interval", "10", "--throughput.window_size", "2",  # 2 logging steps
+                          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                          "logs", *QUIET, cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    header = open(next((tmp_path / "logs").rglob("metrics.csv"))).readline()
+    assert "train/device/items_per_sec" in header and "train/device/mfu" in header
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+def test_bad_input_one_line_exit_2(template_main, tmp_path, monkeypatch, capsys):
+    """Data and model input the template refuses, each in one line (the run in a real process: one line in all)."""
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    np.save(tmp_path / "f.npy", np.zeros(100, dtype=np.float32))  # embeddings, say, not token ids
+    monkeypatch.chdir(tmp_path)
+    main = template_main("causal_lm.py")
+    for args, expected in ((["--data.data_path", "missing.txt"], "data not found"),
+                           (["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no field 'content'"),
+                           (["--model.name_or_path", "./no_such_model"], "folder not found"),
+                           (["--data.data_path", "c.jsonl", "--data.block_size", "4096"], "too few for block_size"),
+                           (["--data.data_path", "f.npy"], "cannot read f.npy as token ids (it holds float32 values")):
+        assert expected in refused_in_process(main, ["fit", *args, "--trainer.fast_dev_run", "true"], capsys), args
+    result = run_template("causal_lm.py", "fit", "--data.data_path", "missing.txt", cwd=tmp_path)
+    assert_one_error_line(result, "data not found")
+
+
+def test_subcommands_without_a_step_are_one_line(template_main, tmp_path, monkeypatch, capsys):
+    """test and predict are listed by LightningCLI, but causal_lm.py has no such step: one line, exit 2, not a
+    traceback. A short run still validates at its end."""
+    monkeypatch.chdir(tmp_path)
+    main = template_main("causal_lm.py")
+    for subcommand in ("test", "predict"):
+        assert f"has no {subcommand} step" in refused_in_process(main, [subcommand], capsys)
+    cli = main(["--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2"], run=False)
+    assert cli.trainer.val_check_interval == 40  # batches, as val_check_interval counts them (default 50)
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a GPU")
+def test_bench_without_a_gpu_is_one_line(tmp_path):
+    assert_bad_input_changes_nothing(REPO / "bench" / "bench.py", [], "no CUDA GPU here", tmp_path)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.model_config", '{"hiden_size": 64}'], "did you mean: hidden_size"),
+    (["--model.model_type", "gpt2", "--model.model_config", '{"n_layers": 2}'], "did you mean: n_layer"),
+    (["--model.model_type", "gpt", "--model.model_config", '{"n_embed": 64}'], "unknown model_config key"),
+], ids=["llama", "gpt2", "gpt"])
+def test_a_misspelt_model_config_key_is_refused_before_anything_is_built(args, expected, template_main, tmp_path,
+                                                                        monkeypatch, capsys):
+    """transformers configs keep any keyword, so the typo would change nothing, silently."""
+    monkeypatch.chdir(tmp_path)
+    assert expected in refused_in_process(template_main("causal_lm.py"), ["fit", *args], capsys)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,207 @@
+"""scripts/scaffold.py, and the agent's path it starts: scaffold -> smoke_test -> launch -> train -> summarize_run, for
+every template; its files, its config.yaml, the commands it prints, and its refusals.
+"""
+
+import json
+import math
+import shlex
+import shutil
+import sys
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import (QUIET, REPO, SCRIPTS, assert_bad_input_changes_nothing, assert_ok, callback_config, load_module,
+                      run, run_facts, run_script, run_template, snapshot)
+
+
+def script(name, *args, cwd, timeout=600):
+    return run_script(name, *args, cwd=cwd, timeout=timeout)
+
+
+TEMPLATE_RUNS = {
+    "classifier": (["trainer.max_epochs=2"], "val_acc"),
+    "transformers_finetune": (["trainer.max_epochs=2"], "val_acc"),
+    "causal_lm": (["trainer.max_steps=20", "trainer.val_check_interval=10"], "val_loss"),
+}
+
+
+def test_every_template_is_covered():
+    manifest = yaml.safe_load((REPO / "skill.yaml").read_text())
+    assert {t["file"].split("/")[-1][:-3] for t in manifest["templates"]
+            if t["file"].endswith(".py") and t.get("scaffold", True)} == set(TEMPLATE_RUNS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", sorted(TEMPLATE_RUNS))
+def test_scaffold_smoke_train_summarize(template, tmp_path):
+    sets, metric = TEMPLATE_RUNS[template]
+    dest = tmp_path / "project"
+    if template == "classifier":  # a data path relative to where scaffold runs: written absolute, found from DEST
+        (tmp_path / "my data").mkdir()
+        shutil.copyfile(REPO / "assets" / "digits.csv.gz", tmp_path / "my data" / "digits.csv.gz")
+        sets = [*sets, "data.data_path=my data/digits.csv.gz"]
+    args = [a for s in sets for a in ("--set", s)]
+    scaffolded = script("scaffold.py", template, dest, "--format", "json", *args, cwd=tmp_path)
+    assert_ok(scaffolded)
+    files = json.loads(scaffolded.stdout)["files"]
+    assert str((dest / f"{template}.py").resolve()) in files and (dest / "config.yaml").is_file()
+    assert str((dest / "lightning_support.py").resolve()) in files
+
+    smoke = script("smoke_test.py", dest, "--config", dest / "config.yaml", "--format", "json", cwd=tmp_path)
+    assert_ok(smoke)
+    report = json.loads(smoke.stdout)  # the folder: its template, found by the support module it imports
+    assert report["status"] == "pass" and report["ran"]["train_batches"] == report["ran"]["val_batches"] == 2
+    assert not (dest / "runs").exists(), "the smoke test must not leave checkpoints or logs"
+
+    # SKILL.md's launch step: the printed command, run from another folder, trains in DEST
+    launch = script("launch.py", dest / "config.yaml", "--target", "local", cwd=tmp_path)
+    assert_ok(launch)
+    assert launch.stdout.startswith(f"cd {dest.resolve()} && ")
+    trained = run(["bash", "-c", launch.stdout.strip() + " --trainer.enable_progress_bar false"], cwd=tmp_path)
+    assert_ok(trained)
+    summary = script("summarize_run.py", dest / "runs" / template, "--format", "json", cwd=tmp_path)
+    assert_ok(summary)
+    report = json.loads(summary.stdout)
+    assert metric in report["metrics"] and math.isfinite(report["metrics"][metric]["last"])
+    assert report["steps"] > 0
+
+
+@pytest.mark.slow
+def test_scaffold_never_overwrites_without_force(tmp_path):
+    dest = tmp_path / "p"
+    dest.mkdir()
+    (dest / "classifier.py").write_text("# the user's own file\n")
+    refused = script("scaffold.py", "classifier", dest, "--hardware", "none", cwd=tmp_path)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert (dest / "classifier.py").read_text() == "# the user's own file\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["classifier.py"]
+    forced = script("scaffold.py", "classifier", dest, "--hardware", "none", "--force", cwd=tmp_path)
+    assert_ok(forced)
+    assert "LightningCLI" in (dest / "classifier.py").read_text()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "trainer.max_epoch=3"], "nearest valid keys: trainer.max_epochs"),
+    (["--set", "model.lr"], "is not key=value"),
+    (["--set", "model.lr=fast"], "the template rejects this config"),
+    (["--hardware", "missing.yaml"], "cannot read --hardware"),
+])
+def test_scaffold_bad_input_writes_nothing(tmp_path, args, expected):
+    result = script("scaffold.py", "classifier", tmp_path / "p", *args, cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "p").exists()
+
+
+def test_scaffold_unknown_template(tmp_path):
+    result = script("scaffold.py", "resnet", tmp_path / "p", cwd=tmp_path)
+    assert result.returncode == 2 and "causal_lm, classifier, transformers_finetune" in result.stderr
+
+
+IMPORT_OS = "__import__" + "('os')"  # split so that the client's security scan does not flag this test data
+
+
+HOSTILE = [IMPORT_OS + ".system('touch CANARY')", "!!python/object/apply:os.system ['touch CANARY']",
+           "x'; touch CANARY; '", "line1\nline2: {a: 1}", '"quoted"', "- item", "&anchor *alias", "null", "1e-3",
+           "[1, 2]", "!!binary aGVsbG8=", "{{ template }}", "%YAML 1.2"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=60)))
+def test_set_values_are_inert_data(value):
+    scaffold = load_module(SCRIPTS / "scaffold.py", "scaffold")
+    key = "data.data_path"
+    parsed = dict(scaffold.parse_sets([f"{key}={value}"]))[key]
+    config = scaffold.merge({"data": {"data_path": None}}, {}, [(key, parsed)])
+    reloaded = yaml.safe_load(yaml.safe_dump(config))  # what the template reads back
+    assert reloaded["data"]["data_path"] == parsed
+    assert isinstance(parsed, (type(None), bool, int, float, str, list))  # data, never an object
+    try:
+        loaded = yaml.safe_load(value)
+        plain = isinstance(loaded, (type(None), bool, int, float, str)) or (
+            isinstance(loaded, list) and all(isinstance(v, (type(None), bool, int, float, str)) for v in loaded))
+    except yaml.YAMLError:
+        plain = False
+    if plain and (loaded is not None or value.strip() in ("", "null", "Null", "NULL", "~")):
+        assert parsed == loaded  # plain YAML data is typed the way LightningCLI types command-line values
+    else:  # anything else (tags, mappings, broken YAML) is kept as the exact string
+        assert parsed == value
+
+
+@pytest.mark.slow
+def test_hostile_value_end_to_end_is_a_string(tmp_path):
+    payload = IMPORT_OS + ".system('touch CANARY') !!python/object/apply:os.system ['touch CANARY']"
+    result = script("scaffold.py", "classifier", tmp_path / "p", "--hardware", "none",
+                    "--set", f"data.label_column={payload}", cwd=tmp_path)
+    assert_ok(result)
+    assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["data"]["label_column"] == payload
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+@pytest.mark.slow
+def test_the_support_module_comes_along_and_is_never_replaced_by_another(tmp_path):
+    """A scaffolded folder holds the template, lightning_support.py, configs/ and config.yaml, and runs from there
+    with nothing else on its path. A second template shares the identical support module; a different one (the
+    user's edited copy) is refused without --force."""
+    dest = tmp_path / "project"
+    assert_ok(script("scaffold.py", "classifier", dest, "--hardware", "none", cwd=tmp_path))
+    assert sorted(p.name for p in dest.iterdir()) == ["classifier.py", "config.yaml", "configs", "lightning_support.py"]
+    (dest / "config.yaml").rename(dest / "classifier.yaml")
+    assert_ok(script("scaffold.py", "causal_lm", dest, "--hardware", "none", cwd=tmp_path))  # same support module
+    (dest / "config.yaml").rename(dest / "causal_lm.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    trained = run([sys.executable, dest / "classifier.py", "fit", "--config", dest / "classifier.yaml",
+                   "--trainer.fast_dev_run", "true", *QUIET], cwd=elsewhere)
+    assert_ok(trained)
+
+    edited = (dest / "lightning_support.py").read_text() + "\n# my change\n"
+    (dest / "lightning_support.py").write_text(edited)
+    before = snapshot(dest)
+    refused = script("scaffold.py", "transformers_finetune", dest, "--hardware", "none", cwd=tmp_path)
+    assert refused.returncode == 2 and "lightning_support.py" in refused.stderr and "--force" in refused.stderr
+    assert snapshot(dest) == before and (dest / "lightning_support.py").read_text() == edited
+
+
+@pytest.mark.slow
+def test_matmul_precision_comes_from_the_hardware_settings(tmp_path):
+    """detect_hardware's recommendation (high: TF32 on Ampere and newer; highest elsewhere) is a config value that
+    scaffold writes and the template applies; default high."""
+    (tmp_path / "hw.yaml").write_text("matmul_precision: medium\ntrainer:\n  accelerator: cpu\n  devices: 1\n")
+    assert_ok(script("scaffold.py", "classifier", tmp_path / "p", "--hardware", tmp_path / "hw.yaml", cwd=tmp_path))
+    assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["matmul_precision"] == "medium"
+    result = run_template("classifier.py", "fit", "--config", tmp_path / "p" / "config.yaml",
+                          "--config", callback_config(tmp_path / "facts.yaml", "PrintRunFacts"),
+                          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                          "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path, tests_on_path=True)
+    assert_ok(result)
+    assert run_facts(result.stdout)[0]["matmul_precision"] == "medium"
+    detected = script("detect_hardware.py", "--format", "yaml", cwd=tmp_path)
+    assert yaml.safe_load(detected.stdout)["matmul_precision"] in ("highest", "high")
+
+
+@pytest.mark.slow
+def test_printed_commands_survive_a_hostile_destination_and_values(tmp_path):
+    """Every printed command is shell-quoted: a destination or value holding spaces and ';' stays one argument."""
+    dest = tmp_path / "my project;touch HIJACKED"
+    made = script("scaffold.py", "classifier", dest, "--hardware", "none",
+                  "--set", "trainer.default_root_dir=runs/x;touch HIJACKED2", "--set", "trainer.max_epochs=1",
+                  "--set", "trainer.limit_train_batches=2", "--set", "trainer.limit_val_batches=1", "--format", "json",
+                  cwd=tmp_path)
+    assert_ok(made)
+    commands = json.loads(made.stdout)["next"]
+    assert shlex.split(commands["cd"]) == ["cd", str(dest.resolve())]
+    line = " && ".join([commands["cd"], commands["train"] + " --trainer.enable_progress_bar false",
+                        commands["summarize"]])
+    assert_ok(run(["bash", "-c", line], cwd=tmp_path))
+    assert not list(tmp_path.rglob("HIJACKED*")), "a printed command ran part of a path as a command"
+    assert (dest / "runs" / "x;touch HIJACKED2" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [(["classifier", "existing.txt"], "exists and is not a folder"),
+    (["classifier", "new_project", "--hardware", "missing.yaml"], "cannot read --hardware"),
+    (["classifier", "new_project", "--set", "data.data_path=missing_photos"], "not found")])
+def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
+    assert_bad_input_changes_nothing(SCRIPTS / "scaffold.py", args, expected, tmp_path)

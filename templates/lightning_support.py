@@ -546,7 +546,8 @@ class TemplateCLI(LightningCLI):
     def link(self, parser, source: str, target: str) -> None:
         """A value the data computes, passed to the model when both are built (e.g. the number of classes)."""
         parser.link_arguments(source, target, apply_on="instantiate")
-        self.linked = [*getattr(self, "linked", []), target.split(".", 1)[1]]
+        key = target.split(".", 1)[1]  # once, though every subcommand's parser links it
+        self.linked = [*[k for k in getattr(self, "linked", []) if k != key], key]
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--matmul_precision", choices=["highest", "high", "medium"], default="high",

@@ -203,6 +203,22 @@ def objective(module, base: list, space: dict, args):
     return run_trial
 
 
+def check_tuner(module, base: list, args) -> None:
+    """Refuse, before a study exists, the Tuner steps Lightning itself refuses: scale_batch_size under a distributed
+    strategy (DDP even on one device, FSDP, DeepSpeed), and either step beside the same finder as a callback."""
+    from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    trainer = build(module, base).trainer
+    if args.scale_batch_size and isinstance(trainer.strategy, ParallelStrategy):
+        raise UsageError(f"--scale-batch-size cannot run under strategy {type(trainer.strategy).__name__} (Lightning's"
+                         " batch-size finder refuses distributed strategies): leave out the multi-device config, or"
+                         " drop --scale-batch-size and search data.batch_size in the space")
+    for flag, finder in (("--scale-batch-size", BatchSizeFinder), ("--lr-find", LearningRateFinder)):
+        if getattr(args, flag[2:].replace("-", "_")) and any(isinstance(c, finder) for c in trainer.callbacks):
+            raise UsageError(f"{flag} and a {finder.__name__} callback in the config both tune: drop one of them")
+
+
 def pre_tune(module, base: list, args, space: dict) -> dict:
     """Optional Tuner steps on the base config; their results, kept inside the search space, become trial 0."""
     from lightning.pytorch.tuner import Tuner
@@ -313,6 +329,8 @@ def run_study(args, stack) -> int:
         copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))  # nothing left behind
         base = [a for c in base_configs(args, Path(copies)) for a in ("--config", c)] + args.set
         space = check_space(module, base, space)
+        if args.lr_find or args.scale_batch_size:
+            check_tuner(module, base, args)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat: stable enough
         study = open_study(args)

@@ -285,8 +285,12 @@ class CausalLM(L.LightningModule):
             self.model.activation_checkpointing = hp.activation_checkpointing
         else:
             self.model.config.use_cache = False
-            if hp.activation_checkpointing:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hp.activation_checkpointing:  # transformers renamed it; the old name warns and goes in v6
+                enable = getattr(self.model, "activation_checkpointing_enable", None)
+                if enable is not None:
+                    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.sdpa_backend:  # process-wide: compiled graphs and checkpointing's recomputation see the same kernel
             torch.backends.cuda.enable_flash_sdp(hp.sdpa_backend == "flash")
             torch.backends.cuda.enable_mem_efficient_sdp(hp.sdpa_backend == "efficient")

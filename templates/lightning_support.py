@@ -37,8 +37,8 @@ from typing import Optional
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateMonitor,
-                                         ModelCheckpoint, ThroughputMonitor)
+from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateFinder,
+                                         LearningRateMonitor, ModelCheckpoint, ThroughputMonitor)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
@@ -621,6 +621,10 @@ class TemplateCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:  # no GPU
             raise ConfigError(f"cannot build the Trainer: {err}") from None
+        if any(isinstance(c, LearningRateFinder) for c in trainer.callbacks):  # it sets the optimizer's lr only
+            raise ConfigError("the LearningRateFinder callback would not reach this template's learning-rate schedule"
+                              " (the schedule restores the configured lr at its first step): run hpo_optuna.py"
+                              " --lr-find, or Tuner.lr_find, and pass the lr it suggests as a model option")
         if not trainer.loggers:  # --trainer.logger false: the LR monitor has nothing to log to and would stop the run
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         return trainer

@@ -156,6 +156,26 @@ def test_a_true_precision_trains_in_its_own_dtype(tmp_path, tiny_llama):
     assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.bfloat16}
 
 
+def test_activation_checkpointing_of_a_pretrained_model_uses_the_current_api(tiny_llama):
+    """transformers 5.25 renamed gradient_checkpointing_enable (a FutureWarning now, gone in v6): the template turns
+    checkpointing on without the warning, and every decoder block of a training step runs under the checkpoint."""
+    import warnings
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_checkpointing")
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    module = lm.CausalLM(name_or_path=str(tiny_llama), vocab_size=vocab, activation_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        module.configure_model()
+    checkpointed = []
+    for layer in module.model.model.layers:  # count the calls of the function transformers checkpoints blocks with
+        layer._gradient_checkpointing_func = (lambda run, *args, _wrapped=layer._gradient_checkpointing_func:
+                                              checkpointed.append(1) or _wrapped(run, *args))
+    x = torch.randint(0, vocab, (2, 8))
+    module.loss(x, x).backward()
+    assert len(checkpointed) == len(module.model.model.layers) == 2
+
+
 # ---- models: pretrained, built-in GPT, transformers types, attention --------------------------------------------
 @pytest.mark.parametrize("model_type", ["gpt", "gpt2"])
 def test_a_block_longer_than_a_learned_position_table_is_refused(model_type, template_main, tmp_path, monkeypatch,

@@ -290,6 +290,7 @@ def test_each_config_parses(config, classifier_main, capsys):
     (["--data.batch_size", "0"], "batch_size (0) and image_size (32) must be at least 1"),
     (["--model.dropout", "1.5"], "dropout (1.5) must be in [0, 1)"),
     (["--lr_scheduler", "StepLR"], "unrecognized arguments: --lr_scheduler"),  # the model's own schedule decides
+    (["--trainer.callbacks+=LearningRateFinder"], "would not reach this template's learning-rate schedule"),
     (["test", "--ckpt_path", "best"], "checkpoint not found: runs/classifier/checkpoints/best.ckpt"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, expected, classifier_main, capsys, tmp_path, monkeypatch):

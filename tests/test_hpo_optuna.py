@@ -103,15 +103,19 @@ def test_two_workers_share_one_study(tmp_path):
     (["--storage", "redis://localhost/0"], "unsupported storage"),
     (["--n-trial", "3"], "unrecognized arguments: --n-trial"),  # no abbreviations: a typo is not --n-trials
     (["--set", "trainer.max_epochs=2"], "--set passes the template's own options"),
+    (["--scale-batch-size", "--set", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+     "refuses distributed strategies"),  # Lightning raises ValueError, even for DDP on one device
+    (["--scale-batch-size", "--set", "--trainer.callbacks+=BatchSizeFinder"], "drop one of them"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, expected):
     (tmp_path / "space.yaml").write_text("model.lrr:\n  type: float\n  low: 0.001\n  high: 0.1\n")
     cmd = [sys.executable, HPO, "--script", TEMPLATES / "classifier.py", "--n-trials", "1", "--runs",
-           tmp_path / "runs", *args]
+           tmp_path / "runs"]
     if "--storage" not in args:
         cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+    cmd += args  # --set takes the rest of the line
     assert_one_error_line(run(cmd, cwd=tmp_path), expected)
-    assert not (tmp_path / "runs").exists()  # nothing written
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "study.db").exists()  # nothing written
 
 
 def test_study_over_another_template_with_a_yaml_space(tmp_path):

@@ -207,7 +207,7 @@ SYMPTOMS = ["hangs after validation", "deadlock when logging", "sync_dist", "FSD
             "KubeflowEnvironment", "NCCL_DEBUG=INFO", "ddp_notebook", "dataloader_idx", "on_epoch_end",
             "auto_lr_find", "fp16"]
 FORBIDDEN_IN_CODE = [r"precision\s*=\s*['\"](fp16|half|bf16|16)['\"]", r"auto_lr_find", r"auto_scale_batch_size",
-                     r"\.tune\(", r"def on_epoch_end\(", r"TuneReportCallback", r"suggest_loguniform",
+                     r"\.tune\(", r"def on_epoch_end\(", r"integration\.pytorch_lightning", r"suggest_loguniform",
                      r"import pytorch_lightning", r"from pytorch_lightning", r"activation_checkpointing\s*=",
                      r"NCCL_TIMEOUT"]
 

@@ -39,6 +39,12 @@ from launch import UsageError, find_template  # noqa: E402
 
 # ---- search spaces by --script name: edit here, or pass --space FILE.yaml with the same structure ----------------
 SEARCH_SPACES = {
+    "tabular.py": {
+        "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+        "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "model.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},
+        "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+    },
     "classifier.py": {
         "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
         "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
@@ -231,7 +237,7 @@ def pre_tune(module, base: list, args, space: dict) -> dict:
         found["data.batch_size"] = within_space(space.get("data.batch_size"), int(size))
     if args.lr_find:
         cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")], found))
-        name = "lr" if "lr" in cli.model.hparams else "learning_rate"  # classifier.py: lr; the others: learning_rate
+        name = "lr" if "lr" in cli.model.hparams else "learning_rate"  # classifier.py, tabular.py: lr; others: learning_rate
         finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name=name)
         if finder.suggestion() is None:  # too few steps or a loss that never fell: keep the config's lr
             print("tuner: lr_find made no suggestion (too few batches, or the loss never fell); trial 0 keeps the lr")

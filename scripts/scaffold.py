@@ -207,7 +207,7 @@ def default_data(entry: dict, defaults: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("template", help="classifier, causal_lm or transformers_finetune")
+    parser.add_argument("template", help="tabular, classifier, causal_lm or transformers_finetune")
     parser.add_argument("dest", help="project folder (created if missing)")
     parser.add_argument("--hardware", default="auto", help="auto (detect this machine), none, or a YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value (repeatable)")

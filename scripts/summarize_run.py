@@ -9,7 +9,8 @@ Reads a CSVLogger metrics.csv or TensorBoard event files. A run resumed with --c
 folder; given the run folder, the summary joins it to the earlier log(s) it continues ("resumed_from"). Flags:
 nan_loss, divergence (training loss climbs well above its minimum), overfitting (validation loss rising while
 training loss falls), plateau (the validation metric stopped improving), lr_constant (a logged learning rate never
-changed). Exit codes: 0 ok, 2 bad input.
+changed), below_baseline (the network's best validation metric is worse than the simple model's logged beside it as
+baseline_val_*, as tabular.py does). Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-MAXIMIZE = ("acc", "f1", "auc", "precision", "recall", "mfu", "per_sec", "iou", "map")
-MINIMIZE = ("loss", "ppl", "perplexity", "error", "mse", "mae")
+MAXIMIZE = ("acc", "f1", "auc", "precision", "recall", "mfu", "per_sec", "iou", "map", "r2")
+MINIMIZE = ("loss", "ppl", "perplexity", "error", "mse", "mae", "rmse")
 
 
 def find_run(folder: Path) -> tuple:
@@ -194,6 +195,20 @@ def flags(series: dict) -> list:
         if gain <= 0.005 * abs(best_before):
             out.append({"flag": "plateau", "detail": f"{monitored} has not improved over its last {window}"
                         " evaluations: stop, lower the learning rate, or change the model/data"})
+    worse = []  # tabular.py logs a simple model's scores on the same rows beside the network's
+    for name, pts in sorted(series.items()):
+        ours = name[len("baseline_"):]
+        if not name.startswith("baseline_val_") or ours not in series or not direction(ours):
+            continue
+        theirs = [v for _, v in pts if math.isfinite(v)]
+        mine = [v for _, v in series[ours] if math.isfinite(v)]
+        if theirs and mine:
+            best = min(mine) if direction(ours) == "min" else max(mine)
+            if (best > theirs[-1]) if direction(ours) == "min" else (best < theirs[-1]):
+                worse.append(f"{ours} {best:.4g} vs {theirs[-1]:.4g}")
+    if worse:
+        out.append({"flag": "below_baseline", "detail": f"the network's best is worse than the baseline's on the same"
+                    f" rows ({', '.join(worse)}): use the simple model, or try more epochs, another lr or more data"})
     for name, pts in series.items():
         if name.startswith("lr") and len(pts) >= 3 and len({v for _, v in pts}) == 1:
             out.append({"flag": "lr_constant", "detail": f"{name} stayed {pts[0][1]:.3g} for the whole run: is"

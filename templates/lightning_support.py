@@ -581,6 +581,7 @@ class TemplateCLI(LightningCLI):
         # Before LightningCLI reads hyperparameters from --ckpt_path and before anything is built or written.
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        self.prepare_config(subcommand, config)
         if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
             config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
         check_checkpoint_file(config.get("ckpt_path"))
@@ -595,6 +596,9 @@ class TemplateCLI(LightningCLI):
             defaults = (parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
                         ).get_defaults()
             follow_checkpoint(config, defaults, path, resuming=subcommand == "fit")
+
+    def prepare_config(self, subcommand: Optional[str], config) -> None:
+        """The template's changes to the parsed options, before --ckpt_path is looked up."""
 
     def check_config(self, subcommand: Optional[str], config) -> None:
         """The template's own checks of the parsed options (raise ConfigError)."""

@@ -1,12 +1,15 @@
-"""scripts/detect_hardware.py: decisions for described machines, the memory model against measurement, the CLI."""
+"""What the machine is and has: scripts/detect_hardware.py (decisions for described machines, the memory model against
+measurement, the CLI) and scripts/check_env.py (installed packages against what the templates need)."""
 
 import json
+import os
 import sys
 import time
 
 import pytest
 
-from conftest import QUIET, REPO, assert_bad_input_changes_nothing, assert_ok, load_module, run, run_template
+from conftest import (QUIET, REPO, SCRIPTS, assert_bad_input_changes_nothing, assert_ok, load_module, run, run_script,
+                      run_template)
 
 SCRIPT = REPO / "scripts" / "detect_hardware.py"
 dh = load_module(SCRIPT, "detect_hardware")
@@ -330,3 +333,28 @@ def test_distributed_reference_agrees_with_the_script():
 @pytest.mark.parametrize("args, expected", [(["--profile", "missing.json"], "cannot read profile"), (["--params", "lots"], "parameter count")])
 def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(SCRIPT, args, expected, tmp_path)
+
+
+# ---- check_env.py ---------------------------------------------------------------------------------------------------
+
+def test_check_env_fix_installs_into_the_checked_interpreter(tmp_path):
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # an interpreter without the packages
+    bare = tmp_path / "bare" / ("Scripts" if os.name == "nt" else "bin") / "python"
+    result = run_script("check_env.py", "--python", bare, "--format", "json", cwd=tmp_path, timeout=600)
+    assert result.returncode == 1 and json.loads(result.stdout)["fix"].startswith(f"{bare} -m pip install ")
+
+
+def test_check_env_passes_here_and_names_every_package(tmp_path):
+    result = run_script("check_env.py", "--format", "json", cwd=tmp_path, timeout=600)
+    assert_ok(result)
+    report = json.loads(result.stdout)
+    assert report["ok"], report
+    checked = {p["package"] for p in report["packages"]}
+    assert {"lightning", "torch", "transformers", "jsonargparse", "optuna"} <= checked
+
+
+@pytest.mark.parametrize("args, expected", [(["--python", "missing/python"], "cannot run")])
+def test_check_env_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
+    assert_bad_input_changes_nothing(SCRIPTS / "check_env.py", args, expected, tmp_path)

@@ -129,7 +129,7 @@ def test_study_over_another_template_with_a_yaml_space(tmp_path):
     assert trial.state == TrialState.COMPLETE and 1e-4 <= trial.params["model.learning_rate"] <= 3e-3
 
 
-@pytest.mark.parametrize("script", ["classifier.py", "transformers_finetune.py", "causal_lm.py"])
+@pytest.mark.parametrize("script", ["tabular.py", "classifier.py", "transformers_finetune.py", "causal_lm.py"])
 def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monkeypatch):
     """No --space: the space for that template, whose keys the template accepts (the classifier's model.lr was
     refused by the others)."""

@@ -1,0 +1,224 @@
+"""templates/tabular.py on CPU: the task read from the target column, regression in the target's units, categories,
+missing values and dropped columns, imbalance, the baseline beside every result, K-fold runs (fit, resume, test,
+predict), summarize_run's baseline flag, and bad tables.
+
+Tables are the embedded digits or made here with a known signal, so the reachable score is known.
+"""
+
+import csv
+import random
+import re
+import sys
+
+import pytest
+import torch
+
+from conftest import (QUIET, TEMPLATES, assert_bad_input_changes_nothing, assert_ok, kept_line, load_ckpt,
+                      load_module, run, run_script, run_template)
+
+NOISE = 0.5  # standard deviation of the noise in the made regression table
+EFFECT = {"red": 1.5, "green": -1.0, "blue": 0.0}
+
+
+def regression_table(path, rows=600, seed=1, missing=0.1):
+    """price = 100 + 3*x1 - 2*x2 + 0.5*x3 + colour effect + N(0, NOISE^2); x3 is missing in `missing` of the rows;
+    an ID and a constant column that should be dropped. Returns the R^2 the noise allows."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["house_id", "x1", "x2", "x3", "colour", "const", "price"])
+        for i in range(rows):
+            x1, x2, x3 = rng.gauss(0, 1), rng.gauss(0, 1), rng.gauss(0, 1)
+            colour = rng.choice(list(EFFECT))
+            y = 100 + 3 * x1 - 2 * x2 + 0.5 * x3 + EFFECT[colour] + rng.gauss(0, NOISE)
+            writer.writerow([f"H{i:05d}", f"{x1:.4f}", f"{x2:.4f}", "" if rng.random() < missing else f"{x3:.4f}",
+                             colour, "1", f"{y:.4f}"])
+    signal = 9 + 4 + 0.25 + sum((v - sum(EFFECT.values()) / 3) ** 2 for v in EFFECT.values()) / 3
+    return signal / (signal + NOISE ** 2)
+
+
+def metric(stdout: str, name: str) -> float:
+    """A metric from Lightning's test table or fit's lines."""
+    return float(re.search(rf"{name}\D+?([-0-9.]+)", stdout).group(1))
+
+
+# ---- the task ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values, override, task", [
+    (["yes", "no"] * 20, None, "classification"),  # text
+    (["true", "false"] * 20, None, "classification"),
+    ([str(i % 10) for i in range(1797)], None, "classification"),  # the digits: 10 whole numbers
+    ([str(i % 3 + 1) for i in range(60)], None, "classification"),  # 3 classes in a small table
+    ([str(25 + i % 214) for i in range(442)], None, "regression"),  # 214 whole numbers in 442 rows (diabetes)
+    ([f"{i / 7:.3f}" for i in range(100)], None, "regression"),  # fractions
+    ([str(i % 20) for i in range(100)], None, "regression"),  # 20 values in 100 rows: more than 10 and 5%
+    ([str(i % 3) for i in range(60)], "regression", "regression"),  # --model.task decides
+])
+def test_the_task_follows_the_target_column(values, override, task):
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_task")
+    chosen, why = tabular.decide_task(values, "y", override)
+    assert chosen == task
+    assert "'y'" in why or why == f"--model.task {override}"
+
+
+def test_a_continuous_target_is_regression_in_its_own_units(tmp_path):
+    """The failure this template exists for: a continuous target made hundreds of classes. Here it is regression;
+    test reaches the R^2 the noise allows; predictions and the checkpoint alone give prices, not z-scores."""
+    ceiling = regression_table(tmp_path / "houses.csv")
+    options = ["--data.data_path", "houses.csv", "--data.label_column", "price", *QUIET]
+    fit = run_template("tabular.py", "fit", *options, cwd=tmp_path)
+    assert_ok(fit)
+    assert "task: regression ('price' holds" in fit.stdout
+    assert "'house_id' (a different value in every row: an ID)" in fit.stderr
+    assert "'const' (one value in every row)" in fit.stderr
+    assert re.search(r"least squares: val_mae=[0-9.]+, val_rmse=[0-9.]+, val_r2=0\.9", fit.stdout)
+    test = run_template("tabular.py", "test", *options, "--ckpt_path", "best", cwd=tmp_path)
+    assert_ok(test)
+    assert metric(test.stdout, "test_r2") > ceiling - 0.03, (ceiling, test.stdout)
+    assert metric(test.stdout, "test_rmse") < 2 * NOISE
+
+    new = tmp_path / "new.csv"
+    new.write_text("colour,x2,x1,x3\npurple,0,1,\nred,-1,0,0.5\n")  # columns reordered, an unseen colour, a gap
+    predicted = run_template("tabular.py", "predict", *options, "--ckpt_path", "best", "--data.predict_path", new,
+                             cwd=tmp_path)
+    assert_ok(predicted)
+    assert "1 categorical value(s) never seen in training" in predicted.stdout + predicted.stderr
+    with open(tmp_path / "runs" / "tabular" / "predictions" / "best.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["line"] for r in rows] == ["2", "3"]
+    assert abs(float(rows[1]["prediction"]) - (100 + 2 + 0.25 + 1.5)) < 1.0  # in dollars, not z-scores
+
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_units")
+    model = tabular.TabularModel.load_from_checkpoint(tmp_path / "runs" / "tabular" / "checkpoints" / "best.ckpt",
+                                                      weights_only=True).eval()
+    with torch.no_grad():
+        alone = model.in_target_units(model(*model.encode_rows([{"x1": "0", "x2": "-1", "x3": "0.5",
+                                                                  "colour": "red"}])))
+    assert float(alone) == pytest.approx(float(rows[1]["prediction"]), abs=1e-3)
+
+
+def test_digits_classify_with_macro_f1_auroc_and_the_baselines_beside(tmp_path):
+    fit = run_template("tabular.py", "fit", "--trainer.max_epochs", "15", *QUIET, cwd=tmp_path)
+    assert_ok(fit)
+    assert "task: classification ('label' holds 10 distinct whole numbers in 1797 rows" in fit.stdout
+    kept = kept_line(fit.stdout)
+    assert kept["val_acc"] >= 0.95 and kept["val_f1"] >= 0.95 and kept["val_auroc"] >= 0.99
+    assert "majority class: val_acc=0.1" in fit.stdout and "logistic regression: val_acc=0.9" in fit.stdout
+    test = run_template("tabular.py", "test", "--ckpt_path", "best", *QUIET, cwd=tmp_path)
+    assert_ok(test)
+    assert "per-class test accuracy: 0 " in test.stdout and "baselines on the same test rows" in test.stdout
+
+
+def test_imbalanced_classes_are_weighted_or_sampled_evenly(tmp_path):
+    """--model.class_weights balanced weighs each class by the inverse of its training share;
+    --data.balanced_sampler draws the classes about equally."""
+    path = tmp_path / "rare.csv"
+    rng = random.Random(0)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["x", "plan", "outcome"])
+        for i in range(1000):
+            rare = i % 10 == 0
+            writer.writerow([f"{rng.gauss(2 if rare else 0, 1):.3f}", rng.choice(["a", "b"]), "fraud" if rare else "ok"])
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_imbalance")
+    cli = tabular.main(["--data.data_path", str(path), "--data.label_column", "outcome",
+                        "--model.class_weights", "balanced", "--data.balanced_sampler", "true"], run=False)
+    counts = torch.tensor(cli.model.hparams.target["counts"], dtype=torch.float32)
+    assert torch.allclose(cli.model.class_weights, counts.sum() / (2 * counts))
+    cli.datamodule.setup("fit")
+    drawn = torch.cat([batch[2] for batch in cli.datamodule.train_dataloader()])
+    assert 0.4 < drawn.float().mean() < 0.6  # "ok" is class 1 of ["fraud", "ok"]: half the draws, not 90%
+
+
+# ---- folds ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_folds_train_resume_test_and_predict_as_one_model(tmp_path):
+    regression_table(tmp_path / "houses.csv", rows=300)
+    options = ["--data.data_path", "houses.csv", "--data.label_column", "price", "--data.folds", "3", *QUIET]
+    fit = run_template("tabular.py", "fit", *options, "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert_ok(fit)
+    root = tmp_path / "runs" / "tabular"
+    assert all((root / f"fold_{k}" / "checkpoints" / "best.ckpt").is_file() for k in range(3))
+    assert re.search(r"val_r2: [-0-9.]+ \+/- [0-9.]+  \(([-0-9.]+, ){2}[-0-9.]+\)", fit.stdout)
+    assert fit.stdout.count("next:") == 1 and "test" in fit.stdout.split("next:")[1]
+
+    resumed = run_template("tabular.py", "fit", *options, "--trainer.max_epochs", "3", "--ckpt_path", "last",
+                           cwd=tmp_path)
+    assert_ok(resumed)
+    assert resumed.stdout.count("Restored all states from the checkpoint") + resumed.stderr.count(
+        "Restored all states from the checkpoint") == 3  # each fold from its own last.ckpt
+    assert all(load_ckpt(root / f"fold_{k}" / "checkpoints" / "last.ckpt")["epoch"] == 2 for k in range(3))
+
+    test = run_template("tabular.py", "test", *options, "--ckpt_path", "best", cwd=tmp_path)
+    assert_ok(test)
+    assert "---- 3 folds (test) ----" in test.stdout and re.search(r"test_r2: [-0-9.]+ \+/- ", test.stdout)
+
+    predicted = run_template("tabular.py", "predict", *options, "--ckpt_path", "best", cwd=tmp_path)
+    assert_ok(predicted)
+    with open(root / "predictions" / "folds-best.csv") as f:
+        rows = list(csv.DictReader(f))
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_folds")
+    data = tabular.TableData(data_path=str(tmp_path / "houses.csv"), label_column="price", folds=3)
+    numeric, codes = data.numeric[data.rows_of["test"]], data.codes[data.rows_of["test"]]
+    models = [tabular.TabularModel.load_from_checkpoint(root / f"fold_{k}" / "checkpoints" / "best.ckpt",
+                                                        weights_only=True).eval() for k in range(3)]
+    with torch.no_grad():
+        mean = torch.stack([m.in_target_units(m(numeric, codes)) for m in models]).mean(0)
+    assert len(rows) == len(mean) and [float(r["prediction"]) for r in rows] == pytest.approx(mean.tolist(),
+                                                                                               abs=1e-3)
+
+
+def test_a_study_with_folds_scores_each_trial_on_one_split(tmp_path):
+    """hpo_optuna.py on a folds config: a trial is one run with fold 0 validating (not K runs), and the exported
+    config keeps the folds for the final training."""
+    import yaml
+
+    regression_table(tmp_path / "houses.csv", rows=200)
+    result = run([sys.executable, TEMPLATES.parent / "scripts" / "hpo_optuna.py", "--script", TEMPLATES / "tabular.py",
+                  "--n-trials", "1", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--output",
+                  tmp_path / "best.yaml", "--set", "--data.data_path", "houses.csv", "--data.label_column", "price",
+                  "--data.folds", "3", "--trainer.max_epochs", "1", *QUIET], cwd=tmp_path)
+    assert_ok(result)
+    assert "---- fold" not in result.stdout and not list(tmp_path.rglob("fold_*"))
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["data"]["folds"] == 3
+
+
+def test_a_network_worse_than_its_baseline_is_flagged(tmp_path):
+    """One epoch on a linear table: least squares wins, and summarize_run says so."""
+    regression_table(tmp_path / "houses.csv", rows=300)
+    fit = run_template("tabular.py", "fit", "--data.data_path", "houses.csv", "--data.label_column", "price",
+                       "--trainer.max_epochs", "1", *QUIET, cwd=tmp_path)
+    assert_ok(fit)
+    summary = run_script("summarize_run.py", tmp_path / "runs" / "tabular", cwd=tmp_path)
+    assert_ok(summary)
+    assert "below_baseline" in summary.stdout and "val_r2" in summary.stdout
+
+
+# ---- bad tables ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("table, args, expected", [
+    ("x,y\n1,a\n2,a\n3,a\n", [], "'y' holds one class ('a')"),
+    ("x,y\n1,2.5\n2,inf\n3,4.5\n", ["--model.task", "regression"], "'y' value 'inf' (line 3) is not a finite number"),
+    ("x,y\n1,2\n2\n", [], "line 3 has 1 cells, the header 2"),
+    ("x,z\n1,2\n", [], "has no column 'y'"),
+    ("y,id\n1,a\n2,b\n" + "".join(f"{i % 2},{i}\n" for i in range(30)), [], "no usable feature columns besides 'y'"),
+])
+def test_a_bad_table_is_one_line_and_changes_no_file(table, args, expected, tmp_path):
+    (tmp_path / "table.csv").write_text(table)
+    assert_bad_input_changes_nothing(TEMPLATES / "tabular.py", ["fit", "--data.data_path", "table.csv",
+                                                                "--data.label_column", "y", *args], expected,
+                                     tmp_path)
+
+
+def test_folds_under_several_processes_are_refused(tmp_path):
+    result = run_template("tabular.py", "fit", "--data.folds", "3", "--trainer.devices", "2",
+                          "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert result.returncode == 2 and "folds trains its models one after another" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_names_the_options_a_table_needs(tmp_path):
+    result = run([sys.executable, TEMPLATES / "tabular.py", "fit", "--help"], cwd=tmp_path)
+    assert_ok(result)
+    for option in ("--data.label_column", "--model.task", "--data.folds", "--model.class_weights",
+                   "--data.balanced_sampler", "--model.loss"):
+        assert option in result.stdout
+

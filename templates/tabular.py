@@ -18,8 +18,8 @@ What it does with a table:
 - Task: a text or true/false target, or whole numbers with at most 50 distinct values (and at most 10, or at most
   5% of the rows), is classification; anything else is regression. fit says which and why; --model.task overrides.
 - Features: numeric columns are imputed (training median) with a missing-indicator column and standardized; text
-  columns are categories, one-hot up to --model.onehot_max values and learned embeddings above; a category never seen
-  in training (or a missing value) gets its own code. ID-like columns, constant columns and copies of the target are
+  columns are categories, one-hot up to --model.onehot_max values and learned embeddings above; a value seen fewer
+  than twice outside the test rows, a new one at predict time and a missing one share an "unknown" code. ID-like columns, constant columns and copies of the target are
   dropped with a warning naming them. All of it lives in the checkpoint, which predicts from raw rows by itself.
 - Regression targets are standardized with the training split's mean and std; metrics and predictions are in the
   target's units (val_mae, val_rmse, val_r2). Classification logs val_acc, val_f1 (macro) and val_auroc (macro);
@@ -41,6 +41,7 @@ import csv
 import gzip
 import hashlib
 import math
+import re
 import statistics
 import sys
 import warnings
@@ -57,6 +58,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+from torchmetrics.utilities import dim_zero_cat
 
 try:
     from lightning_support import ConfigError, PredictionWriter, TemplateCLI, adamw, next_command, run_cli
@@ -82,6 +84,19 @@ def build_network(in_features: int, outputs: int, hidden_dims: tuple, dropout: f
         in_features = width
     layers.append(nn.Linear(in_features, outputs))
     return nn.Sequential(*layers)
+
+
+class PresentClassesAUROC(MulticlassAUROC):
+    """Macro AUROC over the classes present in the targets: torchmetrics scores an absent class 0 and averages it in
+    (a class with one row, which stays in training, would pull every validation AUROC down)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes, average=None)
+
+    def compute(self) -> torch.Tensor:
+        scores = super().compute()
+        present = torch.bincount(dim_zero_cat(self.target).long(), minlength=self.num_classes) > 0
+        return scores[present].mean()
 
 
 class RowEncoder(nn.Module):
@@ -149,7 +164,7 @@ class TabularModel(L.LightningModule):
             self.register_buffer("class_weights", weights)
             metrics = MetricCollection({"acc": MulticlassAccuracy(outputs, average="micro"),
                                         "f1": MulticlassF1Score(outputs, average="macro"),
-                                        "auroc": MulticlassAUROC(outputs, average="macro")})
+                                        "auroc": PresentClassesAUROC(outputs)})
         else:
             self.register_buffer("target_mean", torch.tensor(float(target["mean"])))
             self.register_buffer("target_std", torch.tensor(float(target["std"])))
@@ -278,6 +293,10 @@ def read_table(path: Path) -> tuple:
     if len(rows) < 2:
         raise ConfigError(f"{path} has no data rows: a CSV needs a header row and at least one data row")
     header, rows = [name.strip() for name in rows[0]], rows[1:]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once: give every"
+                          " column its own name")
     ragged = next((i for i, row in enumerate(rows) if len(row) != len(header)), None)
     if ragged is not None:
         raise ConfigError(f"{path} line {ragged + 2} has {len(rows[ragged])} cells, the header {len(header)}: every"
@@ -312,25 +331,32 @@ def sorted_classes(values) -> list:
 
 def assign_splits(keys: list, strata: list, val_fraction: float, test_fraction: float, folds: int,
                   seed: int) -> list:
-    """Each row's split: "test", "val" or "train" (folds=1), or "test" or its fold number 0..folds-1. Within each
-    stratum (class, or target decile for regression), rows are ordered by a hash of (seed, row content) and cut at
-    fixed fractions, so every split gets its share of every class, the test rows never change with the fold, and
-    adding rows moves only a few others."""
+    """Each row's split: "test", "val" or "train" (folds=1), or "test" or its fold number 0..folds-1. Rows are put in
+    one order that interleaves the strata (class, or target decile for regression) by each row's place in its own
+    stratum, ties broken by a hash of (seed, row content); the test rows are the first round(N * test_fraction) of
+    that order, then the validation rows (at least one each when the fraction is above 0), then the rest, dealt out
+    to the folds in turn. So every split gets its share of every class, the test rows never change with the fold,
+    and adding rows moves only a few others."""
     by_stratum: dict = {}
     for i, (key, stratum) in enumerate(zip(keys, strata)):
-        by_stratum.setdefault(stratum, []).append((hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(),
-                                                    i))
-    splits: list = [None] * len(keys)
+        digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
+        by_stratum.setdefault(stratum, []).append((digest, i))
+    order = []
     for members in by_stratum.values():
-        ordered = [i for _, i in sorted(members)]
-        for rank, i in enumerate(ordered):
-            u = (rank + 0.5) / len(ordered)  # the row's place in its stratum, in (0, 1)
-            if u < test_fraction:
-                splits[i] = "test"
-            elif folds > 1:
-                splits[i] = min(folds - 1, int((u - test_fraction) / (1 - test_fraction) * folds))
-            else:
-                splits[i] = "val" if u < test_fraction + val_fraction else "train"
+        ranked = sorted(members)
+        order += [((rank + 0.5) / len(ranked), digest, i) for rank, (digest, i) in enumerate(ranked)]
+    order = [i for _, _, i in sorted(order)]
+    n = len(order)
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 and folds == 1 else 0
+    splits: list = [None] * n
+    for position, i in enumerate(order):
+        if position < n_test:
+            splits[i] = "test"
+        elif folds > 1:
+            splits[i] = (position - n_test) % folds
+        else:
+            splits[i] = "val" if position < n_test + n_val else "train"
     return splits
 
 
@@ -372,8 +398,9 @@ class TableData(L.LightningDataModule):
         label = header.index(label_column)
         kept = [i for i, row in enumerate(rows) if row[label].strip().lower() not in MISSING]
         if len(kept) < len(rows):
-            rank_zero_warn(f"{len(rows) - len(kept)} row(s) have no {label_column!r} value (first: line"
-                           f" {next(i for i in range(len(rows)) if i not in set(kept)) + 2}): left out of training")
+            first = next(i for i, row in enumerate(rows) if row[label].strip().lower() in MISSING)
+            rank_zero_warn(f"{len(rows) - len(kept)} row(s) have no {label_column!r} value (first: line {first + 2}):"
+                           " left out of training")
         rows = [rows[i] for i in kept]
         values = [row[label].strip() for row in rows]
         self.task, self.task_reason = decide_task(values, label_column, task)
@@ -404,8 +431,10 @@ class TableData(L.LightningDataModule):
             self.splits = [s if s == "test" else ("val" if s == k else "train") for s in self.splits]
         train = [i for i, s in enumerate(self.splits) if s == "train"]
         not_test = [i for i, s in enumerate(self.splits) if s != "test"]
-        if not train:
-            raise ConfigError(f"{self.path}: no training rows are left after the validation and test splits: add rows")
+        if not train or "val" not in self.splits:
+            raise ConfigError(f"{self.path}: {len(rows)} rows leave no {'validation' if train else 'training'} rows"
+                              " (the kept model and early stopping are chosen on validation rows): add rows, or set"
+                              " --data.val_fraction above 0")
         self.features = self._describe(columns, rows, train, not_test)
         self.numeric, self.codes = self.encode(rows, header)
         self.rows_of = {name: [i for i, s in enumerate(self.splits) if s == name] for name in ("train", "val", "test")}
@@ -416,7 +445,7 @@ class TableData(L.LightningDataModule):
         """Feature columns by kind, without those that cannot help: an ID (a different value in every row), a
         constant, a copy of the target. Each dropped column is named in a warning."""
         numeric, categorical, dropped = [], [], []
-        target = [row[label] for row in rows]
+        target = [row[label].strip() for row in rows]
         for j, name in enumerate(header):
             if j == label:
                 continue
@@ -449,8 +478,8 @@ class TableData(L.LightningDataModule):
         return all(v.is_integer() for v in values) and max(values) - min(values) + 1 == len(values)
 
     def _describe(self, columns: dict, rows: list, train: list, not_test: list) -> dict:
-        """What the model needs to encode raw rows, from the training rows (categories: every row but the test
-        rows, so that the folds share one vocabulary)."""
+        """What the model needs to encode raw rows: numeric statistics from the training rows; the categories seen at
+        least twice outside the test rows (one vocabulary for every fold)."""
         names = columns["names"]
         spec = {"numeric": [names[j] for j in columns["numeric"]], "fill": [], "mean": [], "std": [],
                 "indicators": [], "categorical": [names[j] for j in columns["categorical"]], "vocab": []}
@@ -471,7 +500,8 @@ class TableData(L.LightningDataModule):
                 cell = rows[i][j].strip()
                 if cell.lower() not in MISSING:
                     counts[cell] = counts.get(cell, 0) + 1
-            spec["vocab"].append(sorted(counts, key=lambda v: (-counts[v], v)))  # most frequent first
+            # seen once: the unknown code, which then learns from such rows what an unseen value should mean
+            spec["vocab"].append(sorted((v for v in counts if counts[v] >= 2), key=lambda v: (-counts[v], v)))
         return spec
 
     def encode(self, rows: list, header: list) -> tuple:
@@ -510,20 +540,31 @@ class TableData(L.LightningDataModule):
         label = self.hparams.label_column
         if need_target and label not in header:
             raise ConfigError(f"{path} has no target column {label!r}: test data needs it (predict data does not)")
+        kept = range(len(rows))
+        if need_target:  # rows without a target cannot be scored
+            kept = [i for i, row in enumerate(rows) if row[header.index(label)].strip().lower() not in MISSING]
+            if len(kept) < len(rows):
+                rank_zero_warn(f"{path}: {len(rows) - len(kept)} row(s) have no {label!r} value: left out of the test")
+            if not kept:
+                raise ConfigError(f"{path}: no row has a {label!r} value to test against")
+            rows = [rows[i] for i in kept]
         numeric, codes = self.encode(rows, header)
         unseen = sum(row[header.index(n)].strip() not in set(vocab) and row[header.index(n)].strip().lower()
                      not in MISSING for row in rows for n, vocab in zip(spec["categorical"], spec["vocab"]))
         if unseen:
-            rank_zero_info(f"{path}: {unseen} categorical value(s) never seen in training, encoded as unknown")
+            rank_zero_info(f"{path}: {unseen} categorical value(s) not in the model's vocabulary, encoded as unknown")
         cells = [row[header.index(label)].strip() if label in header else "" for row in rows]
         if self.task == "classification":
-            unknown = sorted({c for c in cells if c and c not in self.classes})
+            unknown = sorted({c for c in cells if c.lower() not in MISSING and c not in self.classes})
             if unknown and need_target:
                 raise ConfigError(f"{path}: target value(s) {', '.join(unknown[:5])} are not among the model's classes")
             targets = torch.tensor([self.classes.index(c) if c in self.classes else -1 for c in cells])
         else:
+            bad = next((c for c in cells if need_target and not (is_number(c) and math.isfinite(number(c)))), None)
+            if bad is not None:
+                raise ConfigError(f"{path}: {label!r} value {bad!r} is not a finite number")
             targets = torch.tensor([number(c) if is_number(c) else math.nan for c in cells], dtype=torch.float32)
-        return numeric, codes, targets, list(range(2, len(rows) + 2))
+        return numeric, codes, targets, [i + 2 for i in kept]
 
     def setup(self, stage: str) -> None:
         self.datasets = {name: self._dataset(idx) for name, idx in self.rows_of.items()}
@@ -537,6 +578,9 @@ class TableData(L.LightningDataModule):
                 self.datasets[name] = TensorDataset(numeric, codes, targets)
                 self.predict_sources = ("line", lines)
         self.datasets.setdefault("predict", self.datasets["test"])
+        if stage in ("test", "predict") and not len(self.datasets[stage]):
+            raise ConfigError(f"no held-out test rows (test_fraction {self.hparams.test_fraction}): pass"
+                              f" --data.{stage}_path FILE")
         if stage == "fit" and 0 < len(self.rows_of["val"]) < SMALL_VALIDATION and self.hparams.folds == 1:
             rank_zero_info(f"the validation split has {len(self.rows_of['val'])} rows: its metrics move by several"
                            " points from one split to another; --data.folds 5 reports mean +/- std over 5 models")
@@ -625,7 +669,7 @@ def scores(pred: torch.Tensor, y: torch.Tensor, task: str, split: str) -> dict:
     if task == "classification":
         k = pred.shape[1]
         metrics = {"acc": MulticlassAccuracy(k, average="micro"), "f1": MulticlassF1Score(k, average="macro"),
-                   "auroc": MulticlassAUROC(k, average="macro")}
+                   "auroc": PresentClassesAUROC(k)}
     else:
         metrics = {"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "r2": R2Score()}
     return {f"{split}_{name}": float(metric(pred, y)) for name, metric in metrics.items()}
@@ -647,9 +691,6 @@ class TabularCLI(TemplateCLI):
     def prepare_config(self, subcommand, config) -> None:
         self.fold_ckpt = None
         if config.data.folds > 1 and config.data.fold is None and subcommand in ("fit", "test", "predict"):
-            if config.trainer.get("devices") not in (1, "1", "auto", None) or config.trainer.get("num_nodes", 1) != 1:
-                raise ConfigError("--data.folds trains its models one after another in one process: leave out the"
-                                  " multi-device config (a table this size trains in seconds on one device)")
             self.fold_ckpt, config.ckpt_path = config.get("ckpt_path"), None  # each fold finds its own
 
     def before_instantiate_classes(self) -> None:
@@ -664,6 +705,9 @@ class TabularCLI(TemplateCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         if self.datamodule.hparams.folds > 1 and self.datamodule.hparams.fold is None:
+            if self.trainer.num_devices * self.trainer.num_nodes > 1:  # devices "auto" counted too
+                raise ConfigError("--data.folds trains its models one after another in one process: pass"
+                                  " --trainer.devices 1 (a table this size trains in seconds on one device)")
             return run_folds(self, subcommand)
         super()._run_subcommand(subcommand)
 
@@ -725,7 +769,7 @@ def run_folds(cli: TabularCLI, subcommand: str) -> None:
     folds = range(data.hparams.folds)
     checkpoint = cli.fold_ckpt or ("best" if subcommand != "fit" else None)
     if subcommand == "predict":
-        files = [root / f"fold_{k}" / "checkpoints" / f"{checkpoint}.ckpt" for k in folds]
+        files = [newest(root / f"fold_{k}" / "checkpoints", checkpoint) for k in folds]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             raise ConfigError(f"fold checkpoint(s) not found: {', '.join(absent[:3])}: run fit with the same --data"
@@ -765,6 +809,12 @@ def run_folds(cli: TabularCLI, subcommand: str) -> None:
         print(f"{key}: {statistics.fmean(values):.4f} +/- {spread:.4f}  ({', '.join(f'{v:.4f}' for v in values)})")
     if subcommand == "fit":
         print(f"next: {next_command(argv, 'test', 'best')}")
+
+
+def newest(folder: Path, name: str) -> Path:
+    """<name>.ckpt, or the newest <name>-vN.ckpt a later fit wrote beside it (the file test also picks)."""
+    found = [f for f in folder.glob(f"{name}*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt"
 
 
 def without_ckpt_path(argv: list) -> list:

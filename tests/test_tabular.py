@@ -6,6 +6,7 @@ Tables are the embedded digits or made here with a known signal, so the reachabl
 """
 
 import csv
+import math
 import random
 import re
 import sys
@@ -81,7 +82,7 @@ def test_a_continuous_target_is_regression_in_its_own_units(tmp_path):
     predicted = run_template("tabular.py", "predict", *options, "--ckpt_path", "best", "--data.predict_path", new,
                              cwd=tmp_path)
     assert_ok(predicted)
-    assert "1 categorical value(s) never seen in training" in predicted.stdout + predicted.stderr
+    assert "1 categorical value(s) not in the model's vocabulary" in predicted.stdout + predicted.stderr
     with open(tmp_path / "runs" / "tabular" / "predictions" / "best.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["line"] for r in rows] == ["2", "3"]
@@ -108,10 +109,8 @@ def test_digits_classify_with_macro_f1_auroc_and_the_baselines_beside(tmp_path):
     assert "per-class test accuracy: 0 " in test.stdout and "baselines on the same test rows" in test.stdout
 
 
-def test_imbalanced_classes_are_weighted_or_sampled_evenly(tmp_path):
-    """--model.class_weights balanced weighs each class by the inverse of its training share;
-    --data.balanced_sampler draws the classes about equally."""
-    path = tmp_path / "rare.csv"
+def imbalanced_table(path):
+    """1,000 rows, one in ten "fraud"."""
     rng = random.Random(0)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -119,14 +118,50 @@ def test_imbalanced_classes_are_weighted_or_sampled_evenly(tmp_path):
         for i in range(1000):
             rare = i % 10 == 0
             writer.writerow([f"{rng.gauss(2 if rare else 0, 1):.3f}", rng.choice(["a", "b"]), "fraud" if rare else "ok"])
-    tabular = load_module(TEMPLATES / "tabular.py", "tabular_imbalance")
-    cli = tabular.main(["--data.data_path", str(path), "--data.label_column", "outcome",
-                        "--model.class_weights", "balanced", "--data.balanced_sampler", "true"], run=False)
-    counts = torch.tensor(cli.model.hparams.target["counts"], dtype=torch.float32)
-    assert torch.allclose(cli.model.class_weights, counts.sum() / (2 * counts))
-    cli.datamodule.setup("fit")
-    drawn = torch.cat([batch[2] for batch in cli.datamodule.train_dataloader()])
-    assert 0.4 < drawn.float().mean() < 0.6  # "ok" is class 1 of ["fraud", "ok"]: half the draws, not 90%
+
+
+def test_balanced_class_weights_weigh_the_rare_class_nine_times(tmp_path):
+    imbalanced_table(tmp_path / "rare.csv")
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_weights")
+    cli = tabular.main(["--data.data_path", str(tmp_path / "rare.csv"), "--data.label_column", "outcome",
+                        "--model.class_weights", "balanced"], run=False)
+    fraud, ok = cli.model.class_weights.tolist()  # classes in order: ["fraud", "ok"]
+    assert fraud / ok == pytest.approx(9, rel=0.05) and (fraud + 9 * ok) / 10 == pytest.approx(1, rel=0.05)
+    plain = tabular.main(["--data.data_path", str(tmp_path / "rare.csv"), "--data.label_column", "outcome"], run=False)
+    assert plain.model.class_weights.tolist() == [1.0, 1.0]
+
+
+def test_the_balanced_sampler_draws_the_classes_about_equally(tmp_path):
+    imbalanced_table(tmp_path / "rare.csv")
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_sampler")
+    data = tabular.TableData(data_path=str(tmp_path / "rare.csv"), label_column="outcome", balanced_sampler=True)
+    data.setup("fit")
+    drawn = torch.cat([batch[2] for batch in data.train_dataloader()])
+    assert len(drawn) == len(data.rows_of["train"]) and 0.4 < drawn.float().mean() < 0.6  # not 0.9 "ok"
+
+
+def test_small_tables_get_every_split_and_a_blank_test_target_is_left_out(tmp_path):
+    """30 rows: validation and test rows exist in the stated shares, so fit keeps a model and test scores it; a
+    test table's rows without a target are left out with a warning, not scored as NaN."""
+    rows = "".join(f"{i % 7},{'abc'[i % 3]},{2 * (i % 7) + (i % 3):.1f}\n" for i in range(30))
+    (tmp_path / "small.csv").write_text("x,c,y\n" + rows)
+    (tmp_path / "held_out.csv").write_text("x,c,y\n1,a,2.0\n2,b,\n3,c,8.0\n")
+    options = ["--data.data_path", "small.csv", "--data.label_column", "y", "--trainer.max_epochs", "3", *QUIET]
+    assert_ok(run_template("tabular.py", "fit", *options, cwd=tmp_path))
+    tested = run_template("tabular.py", "test", *options, "--ckpt_path", "best", "--data.test_path", "held_out.csv",
+                          cwd=tmp_path)
+    assert_ok(tested)
+    assert "1 row(s) have no 'y' value: left out of the test" in tested.stderr
+    assert math.isfinite(metric(tested.stdout, "test_mae"))
+
+
+def test_a_copy_of_the_target_is_dropped_even_with_spaces_after_commas(tmp_path):
+    rows = "".join(f"{i * 0.1:.1f}, {'ab'[i % 2]}, {'ab'[i % 2]}\n" for i in range(40))
+    (tmp_path / "leak.csv").write_text("x, label, label_copy\n" + rows)
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_leak")
+    with pytest.warns(UserWarning, match="'label_copy' \\(a copy of the target\\)"):
+        data = tabular.TableData(data_path=str(tmp_path / "leak.csv"), label_column="label")
+    assert data.features["categorical"] == [] and data.features["numeric"] == ["x"]
 
 
 # ---- folds ---------------------------------------------------------------------------------------------------------
@@ -199,6 +234,9 @@ def test_a_network_worse_than_its_baseline_is_flagged(tmp_path):
     ("x,y\n1,2.5\n2,inf\n3,4.5\n", ["--model.task", "regression"], "'y' value 'inf' (line 3) is not a finite number"),
     ("x,y\n1,2\n2\n", [], "line 3 has 1 cells, the header 2"),
     ("x,z\n1,2\n", [], "has no column 'y'"),
+    ("x,y,y\n1,0,0\n2,1,1\n", [], "column name(s) 'y' appear more than once"),
+    ("x,y\n" + "".join(f"{i % 5},{i % 2}\n" for i in range(40)), ["--data.val_fraction", "0"],
+     "leave no validation rows"),
     ("y,id\n1,a\n2,b\n" + "".join(f"{i % 2},{i}\n" for i in range(30)), [], "no usable feature columns besides 'y'"),
 ])
 def test_a_bad_table_is_one_line_and_changes_no_file(table, args, expected, tmp_path):

@@ -416,12 +416,15 @@ def checkpoint_folder(config) -> Path:
 
 
 def best_checkpoint_file(config) -> str:
-    """The newest file fit's best_checkpoint callback wrote in its folder: <filename>.ckpt, or <filename>-v1.ckpt,
-    -v2, ... where a later fit found the name taken."""
+    """The newest file fit's best_checkpoint callback wrote in its folder."""
     folder = Path(config.best_checkpoint.dirpath or checkpoint_folder(config))
-    name = config.best_checkpoint.filename or "best"
+    return str(newest_checkpoint(folder, config.best_checkpoint.filename or "best"))
+
+
+def newest_checkpoint(folder: Path, name: str) -> Path:
+    """<name>.ckpt, or the newest <name>-v1.ckpt, -v2, ... that a later fit wrote where it found the name taken."""
     found = [f for f in folder.glob("*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
-    return str(max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt")
+    return max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt"
 
 
 def check_checkpoint_file(ckpt) -> None:
@@ -687,10 +690,9 @@ def kept_checkpoint(trainer) -> str:
     return f"best {callback.monitor}={callback.best_model_score.item():.4f}{where} checkpoint={path}"
 
 
-def next_command(argv: list, subcommand: str, checkpoint: str) -> str:
-    """`python SCRIPT` + the fit arguments with the first `fit` made `subcommand` and --ckpt_path the checkpoint."""
-    args = []
-    skip = False
+def without_ckpt_path(argv: list) -> list:
+    """The arguments without --ckpt_path and its value."""
+    args, skip = [], False
     for arg in argv:
         if skip or arg.startswith("--ckpt_path="):
             skip = False
@@ -698,6 +700,12 @@ def next_command(argv: list, subcommand: str, checkpoint: str) -> str:
             skip = True  # and its value
         else:
             args.append(arg)
+    return args
+
+
+def next_command(argv: list, subcommand: str, checkpoint: str) -> str:
+    """`python SCRIPT` + the fit arguments with the first `fit` made `subcommand` and --ckpt_path the checkpoint."""
+    args = without_ckpt_path(argv)
     if "fit" in args:
         args[args.index("fit")] = subcommand
     same = os.path.abspath(shutil.which("python") or "") == os.path.abspath(sys.executable)

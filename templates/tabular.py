@@ -41,7 +41,6 @@ import csv
 import gzip
 import hashlib
 import math
-import re
 import statistics
 import sys
 import warnings
@@ -61,7 +60,8 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.utilities import dim_zero_cat
 
 try:
-    from lightning_support import ConfigError, PredictionWriter, TemplateCLI, adamw, next_command, run_cli
+    from lightning_support import (ConfigError, PredictionWriter, TemplateCLI, adamw, newest_checkpoint, next_command,
+                                   run_cli, without_ckpt_path)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py tabular DEST" if missing.name == "lightning_support" else missing)
@@ -769,7 +769,7 @@ def run_folds(cli: TabularCLI, subcommand: str) -> None:
     folds = range(data.hparams.folds)
     checkpoint = cli.fold_ckpt or ("best" if subcommand != "fit" else None)
     if subcommand == "predict":
-        files = [newest(root / f"fold_{k}" / "checkpoints", checkpoint) for k in folds]
+        files = [newest_checkpoint(root / f"fold_{k}" / "checkpoints", checkpoint) for k in folds]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             raise ConfigError(f"fold checkpoint(s) not found: {', '.join(absent[:3])}: run fit with the same --data"
@@ -809,24 +809,6 @@ def run_folds(cli: TabularCLI, subcommand: str) -> None:
         print(f"{key}: {statistics.fmean(values):.4f} +/- {spread:.4f}  ({', '.join(f'{v:.4f}' for v in values)})")
     if subcommand == "fit":
         print(f"next: {next_command(argv, 'test', 'best')}")
-
-
-def newest(folder: Path, name: str) -> Path:
-    """<name>.ckpt, or the newest <name>-vN.ckpt a later fit wrote beside it (the file test also picks)."""
-    found = [f for f in folder.glob(f"{name}*.ckpt") if re.fullmatch(re.escape(name) + r"(-v\d+)?\.ckpt", f.name)]
-    return max(found, key=lambda f: f.stat().st_mtime) if found else folder / f"{name}.ckpt"
-
-
-def without_ckpt_path(argv: list) -> list:
-    kept, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith("--ckpt_path="):
-            skip = False
-        elif arg == "--ckpt_path":
-            skip = True  # and its value
-        else:
-            kept.append(arg)
-    return kept
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):

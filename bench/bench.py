@@ -1,7 +1,7 @@
 """Benchmark: the templates through Lightning's Trainer against plain PyTorch loops, side by side, in one process.
 
 Causal LM: templates/causal_lm.py (its own CLI, default logging and progress bar) against a plain loop with the same
-model, data, optimizer, schedule, clipping and precision. Classifier: templates/classifier.py against a plain loop
+model, data, optimizer, schedule, clipping and precision. Tabular: templates/tabular.py against a plain loop
 on CPU. Prints one table: variant, card, batch x sequence, ms/step, tokens/s, MFU, ratio to the plain loop, peak
 memory; then the correctness checks (loss falls; template and plain loop reach the same loss).
 
@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
 import causal_lm  # noqa: E402
-import classifier  # noqa: E402
+import tabular  # noqa: E402
 import lightning_support  # noqa: E402
 import lightning as L  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
@@ -180,39 +179,40 @@ def median_step_ms(epochs: list) -> float:
     return 1000 * statistics.median(b - a for times in epochs for a, b in zip(times, times[1:]))
 
 
-def run_classifier(opt, root: Path):
-    """classifier.py on the embedded digits as shipped (validation, checkpoints and logging every epoch) against a
-    plain loop that trains and validates the same module on the same data."""
+def run_tabular(opt, root: Path):
+    """tabular.py on the embedded digits as shipped (validation, checkpoints and logging every epoch) against a plain
+    loop that trains and validates the same module on the same data."""
     epochs = 3 if opt.tiny else 10
     clock = StepClock()
-    cli = classifier.main(["--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.devices",
-                           "1", "--trainer.default_root_dir", str(root)], run=False, callbacks=(clock,))
+    cli = tabular.main(["--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.devices",
+                        "1", "--trainer.default_root_dir", str(root)], run=False, callbacks=(clock,))
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     trainer_run = {"ms_per_step": median_step_ms(clock.epochs), "fit_seconds": time.perf_counter() - start,
                    "val_acc": float(cli.trainer.callback_metrics["val_acc"])}
 
     torch.manual_seed(42)
-    data = classifier.ClassificationData()
+    data = tabular.TableData()
     data.setup("fit")
-    model = classifier.Classifier(num_classes=data.num_classes, input_shape=data.input_shape)
-    model.input_mean.copy_(data.mean)  # as the Trainer's fit start does
-    model.input_std.copy_(data.std)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr, weight_decay=model.hparams.weight_decay)
+    model = tabular.TabularModel(features=data.features, target=data.target)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": model.hparams.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=model.hparams.lr, fused=True)  # as the template's adamw()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 + math.cos(math.pi * e / epochs)) / 2)
     start, times = time.perf_counter(), []
     for _ in range(epochs):
         model.train()
         times.append([])
-        for x, y in data.train_dataloader():
-            loss = F.cross_entropy(model(x), y)
+        for numeric, codes, y in data.train_dataloader():
+            loss = model.loss(model(numeric, codes), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times[-1].append(time.perf_counter())
         model.eval()
         with torch.no_grad():
-            correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in data.val_dataloader())
+            correct = sum((model(n, c).argmax(-1) == y).sum().item() for n, c, y in data.val_dataloader())
         scheduler.step()
     plain_run = {"ms_per_step": median_step_ms(times), "fit_seconds": time.perf_counter() - start,
                  "val_acc": correct / len(data.datasets["val"])}
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-autotune", action="store_true",
                         help="inductor's max-autotune: Triton matmul templates with fused epilogues (long compile)")
     parser.add_argument("--trainer-only", action="store_true",
-                        help="the causal LM template alone: no plain loop, no classifier (to compare levers)")
+                        help="the causal LM template alone: no plain loop, no tabular run (to compare levers)")
     parser.add_argument("--peak-tflops", type=float,
                         help="dense peak of the card, for both MFUs (default: from its name; on CPU none)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
@@ -337,12 +337,12 @@ def main(argv=None) -> int:
             else None,
         }
         if not opt.trainer_only:
-            plain, trainer = run_classifier(opt, Path(tmp) / "classifier")
-            for variant, run in (("classifier plain loop (CPU)", plain), ("classifier.py (Trainer, CPU)", trainer)):
+            plain, trainer = run_tabular(opt, Path(tmp) / "tabular")
+            for variant, run in (("tabular plain loop (CPU)", plain), ("tabular.py (Trainer, CPU)", trainer)):
                 rows.append({"variant": variant, "card": "CPU", "batch x seq": "64 x 64 features",
                              "ms/step": round(run["ms_per_step"], 3), "tokens/s": None, "MFU": None,
                              "ratio": run["ms_per_step"] / plain["ms_per_step"], "peak memory": "-"})
-            checks.update({f"classifier_{key}_{name}": round(run[key], 4) for name, run in
+            checks.update({f"tabular_{key}_{name}": round(run[key], 4) for name, run in
                            (("plain", plain), ("trainer", trainer)) for key in ("val_acc", "fit_seconds")})
 
     checks["sdpa_kernel"] = sdpa_kernel_for(opt, config, device)

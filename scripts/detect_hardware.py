@@ -5,7 +5,7 @@ Usage:
     python scripts/detect_hardware.py --params 7B --finetune lora   # plus a memory plan for a 7B-parameter model
     python scripts/detect_hardware.py --params 350M --format json   # for agents
     python scripts/detect_hardware.py --format yaml > hardware.yaml # a `trainer:` section for any template:
-    python templates/classifier.py fit --config hardware.yaml
+    python templates/tabular.py fit --config hardware.yaml
     python scripts/detect_hardware.py --profile machine.json --params 70B   # plan for a described machine
 
 --profile FILE.json describes a machine instead of detecting this one (per node; one entry per accelerator):

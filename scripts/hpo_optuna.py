@@ -45,10 +45,11 @@ SEARCH_SPACES = {
         "model.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},
         "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
     },
-    "classifier.py": {
-        "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
-        "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
-        "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+    "image_classifier.py": {  # the head's lr; the backbone trains at lr x backbone_lr_scale after freeze_epochs
+        "model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "model.backbone_lr_scale": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+        "model.weight_decay": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "data.augment": {"type": "categorical", "choices": ["light", "strong"]},
     },
     "transformers_finetune.py": {  # fine-tuning wants ~5e-5, a tiny model from scratch ~1e-3
         "model.learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
@@ -237,7 +238,7 @@ def pre_tune(module, base: list, args, space: dict) -> dict:
         found["data.batch_size"] = within_space(space.get("data.batch_size"), int(size))
     if args.lr_find:
         cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")], found))
-        name = "lr" if "lr" in cli.model.hparams else "learning_rate"  # classifier.py, tabular.py: lr; others: learning_rate
+        name = "lr" if "lr" in cli.model.hparams else "learning_rate"  # tabular.py, image_classifier.py: lr; others: learning_rate
         finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name=name)
         if finder.suggestion() is None:  # too few steps or a loss that never fell: keep the config's lr
             print("tuner: lr_find made no suggestion (too few batches, or the loss never fell); trial 0 keeps the lr")
@@ -330,7 +331,7 @@ def run_study(args, stack) -> int:
         if script is None:
             raise UsageError(f"no template in {Path.cwd()} (a .py file that imports lightning_support): pass --script"
                              " FILE, or run this from the folder scaffold.py made")
-        space = space if args.space else SEARCH_SPACES.get(script.name, SEARCH_SPACES["classifier.py"])
+        space = space if args.space else SEARCH_SPACES.get(script.name, SEARCH_SPACES["tabular.py"])
         module = load_script(script)
         copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))  # nothing left behind
         base = [a for c in base_configs(args, Path(copies)) for a in ("--config", c)] + args.set

@@ -1,11 +1,13 @@
 """Copy a template, its support module and its configs into a project, write a config.yaml; print the next commands.
 
 Usage:
-    python scripts/scaffold.py classifier my_project   # classifier.py + lightning_support.py + configs/ + config.yaml
+    python scripts/scaffold.py tabular my_project      # tabular.py + lightning_support.py + configs/ + config.yaml
+    python scripts/scaffold.py image_classifier my_photos --set data.data_path=photos/ \
+        --set model.backbone=microsoft/resnet-50                               # a folder of images by class
     python scripts/scaffold.py causal_lm my_lm --set data.data_path=corpus/ --set trainer.max_steps=2000
-    python scripts/scaffold.py classifier my_project --hardware none        # skip hardware detection
-    python scripts/scaffold.py classifier my_project --hardware hw.yaml     # a trainer: section from a file
-    python scripts/scaffold.py classifier my_project --force                # replace files that already exist
+    python scripts/scaffold.py tabular my_project --hardware none        # skip hardware detection
+    python scripts/scaffold.py tabular my_project --hardware hw.yaml     # a trainer: section from a file
+    python scripts/scaffold.py tabular my_project --force                # replace files that already exist
 
 config.yaml = the template's own defaults (its `fit --print_config`), then the `trainer:` section and the float32
 matmul precision that detect_hardware.py recommends for this machine (--hardware auto, the default), then every
@@ -79,7 +81,7 @@ def absolute_paths(sets: list) -> list:
     key (or data.tokenizer) that exists from the current folder. A data path that does not exist is an error."""
     resolved = []
     for key, value in sets:
-        if isinstance(value, str) and (key.endswith("_path") or key == "data.tokenizer"):
+        if isinstance(value, str) and (key.endswith("_path") or key in ("data.tokenizer", "model.backbone")):
             path = Path(value).expanduser()
             if path.exists():
                 value = str(path.resolve())
@@ -207,7 +209,7 @@ def default_data(entry: dict, defaults: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("template", help="tabular, classifier, causal_lm or transformers_finetune")
+    parser.add_argument("template", help="tabular, image_classifier, causal_lm or transformers_finetune")
     parser.add_argument("dest", help="project folder (created if missing)")
     parser.add_argument("--hardware", default="auto", help="auto (detect this machine), none, or a YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value (repeatable)")

@@ -1,9 +1,9 @@
 """Run a LightningCLI training script for two batches and say PASS, or what failed and how to fix it.
 
 Usage:
-    python scripts/smoke_test.py classifier.py --config config.yaml      # the config's own devices and strategy
+    python scripts/smoke_test.py tabular.py --config config.yaml         # the config's own devices and strategy
     python scripts/smoke_test.py my_project --config my_project/config.yaml   # the template scaffold.py put there
-    python scripts/smoke_test.py classifier.py --config config.yaml --cpu   # one CPU process, float32
+    python scripts/smoke_test.py tabular.py --config config.yaml --cpu      # one CPU process, float32
     python scripts/smoke_test.py causal_lm.py --timeout 300 --format json -- --data.data_path corpus/
 
 It runs `SCRIPT fit [--config FILE] --trainer.fast_dev_run 2 --trainer.detect_anomaly true [extra args]` in a

@@ -1,8 +1,8 @@
 """Summarize a Lightning run's logs: best and last value of each metric, progress, throughput, and warning flags.
 
 Usage:
-    python scripts/summarize_run.py runs/classifier                 # newest training log under the folder
-    python scripts/summarize_run.py runs/classifier/lightning_logs/version_3 --format json
+    python scripts/summarize_run.py runs/tabular                    # newest training log under the folder
+    python scripts/summarize_run.py runs/tabular/lightning_logs/version_3 --format json
     python scripts/summarize_run.py runs/causal_lm --plot curves.png  # needs matplotlib
 
 Reads a CSVLogger metrics.csv or TensorBoard event files. A run resumed with --ckpt_path logs into a new version

@@ -182,6 +182,21 @@ class ResumeAtUnfinishedBatch(Callback):
         loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
 
 
+class ScheduleAtResume(Callback):
+    """Sets each learning rate from its LambdaLR schedule where the run starts. A resumed run restores the optimizer's
+    learning rates as the old schedule left them: a run resumed with a larger max_epochs (the templates' schedules
+    read it at each step) would train its first epoch at the old schedule's end, 0 for a cosine. A fresh run, or a
+    resume under the same schedule, is unchanged."""
+
+    def on_train_start(self, trainer, pl_module):
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # not e.g. the Tuner's lr_find sweep
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
+
 class ValidationHistory(Callback):
     """The validation metrics of each validation in this process, by global step: fit's last line reports those of
     the kept checkpoint (accuracy, say, next to the loss it was ranked by)."""
@@ -297,13 +312,20 @@ class PredictionWriter(BasePredictionWriter):
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers for models
 # ----------------------------------------------------------------------------------------------------------------
-def adamw(module, lr: float, weight_decay: float, betas: tuple = (0.9, 0.999)) -> torch.optim.Optimizer:
+def adamw(module, lr: float, weight_decay: float, betas: tuple = (0.9, 0.999),
+          lr_scale: Optional[dict] = None) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, no weight decay on biases and norms (1-D parameters), fused into one
     kernel where PyTorch can (CUDA and CPU), but not under 16-mixed, whose gradient scaler must unscale first.
+    lr_scale {name prefix: factor}: those parameters train at lr x factor (a pretrained backbone's lower rate).
     Under DeepSpeed with an offloaded optimizer, DeepSpeedCPUAdam, which offloading requires."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups: dict = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            scale = next((f for prefix, f in (lr_scale or {}).items() if name.startswith(prefix)), 1.0)
+            decay = weight_decay if p.ndim >= 2 else 0.0
+            group = groups.setdefault((scale, decay), {"params": [], "weight_decay": decay, "lr": lr * scale})
+            group["params"].append(p)
+    groups = list(groups.values())
     strategy = module.trainer.strategy
     if isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get(
             "offload_optimizer"):
@@ -745,8 +767,8 @@ def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, cal
     subcommand and returns the CLI (hpo_optuna.py and bench.py); `callbacks` are added to every run."""
     name = Path(sys.argv[0]).name
     defaults = dict(trainer_defaults or {})
-    defaults["callbacks"] = [ResumableRandomState(), ResumeAtUnfinishedBatch(), StopOnNonFiniteLoss(),
-                             ValidationHistory(), *callbacks]
+    defaults["callbacks"] = [ResumableRandomState(), ResumeAtUnfinishedBatch(), ScheduleAtResume(),
+                             StopOnNonFiniteLoss(), ValidationHistory(), *callbacks]
     # clip_gradients leaves clipping to DeepSpeed, which clips by trainer.gradient_clip_val itself
     warnings.filterwarnings("ignore", "Since DeepSpeed handles gradient clipping internally")
     try:

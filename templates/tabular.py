@@ -643,7 +643,8 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int):
     """A multinomial logistic regression (a little L2), fitted with L-BFGS; returns its logits function."""
     with torch.inference_mode(False), torch.enable_grad():  # also when called from a test or validation loop
         x, y = x.clone(), y.clone()
-        linear = nn.Linear(x.shape[1], classes)
+        with torch.random.fork_rng(devices=[]):  # leaves the run's random numbers (data order, dropout) as they were
+            linear = nn.Linear(x.shape[1], classes)
         optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
         def closure():

@@ -239,6 +239,39 @@ def tiny_llama(tmp_path_factory):
     return folder
 
 
+def save_tiny_backbone(folder: Path, kind: str = "resnet") -> Path:
+    """A tiny random image classifier saved with save_pretrained, with the processor config its family ships:
+    resnet (ConvNeXt-style: shortest edge 32, crop_pct 0.875, ImageNet statistics, bicubic) or vit (squashed to
+    24 x 24, mean and std 0.5, bilinear: a ViT refuses any other input size)."""
+    import torch
+    from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
+
+    if kind == "resnet":
+        config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic")
+        processor = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 32},
+                     "crop_pct": 0.875, "resample": 3, "image_mean": [0.485, 0.456, 0.406],
+                     "image_std": [0.229, 0.224, 0.225]}
+    else:
+        config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=24, patch_size=8)
+        processor = {"image_processor_type": "ViTImageProcessor", "size": {"height": 24, "width": 24},
+                     "resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory) -> Path:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny_resnet"), "resnet")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny_vit"), "vit")
+
+
 @pytest.fixture(scope="session")
 def small_digits(tmp_path_factory) -> Path:
     """400 of the embedded digits: 60 validation rows, where accuracy ties from the first epochs on."""

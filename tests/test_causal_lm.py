@@ -414,8 +414,8 @@ class HostReads(TorchFunctionMode, Callback):
     pytest.param("causal_lm.py", ["--model.model_type", "gpt", "--trainer.max_steps", "12", "--data.batch_size", "4"],
                  id="causal_lm-gpt"),
     pytest.param("causal_lm.py", ["--trainer.max_steps", "12", "--data.batch_size", "4"], id="causal_lm-llama"),
-    pytest.param("classifier.py", ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "12"],
-                 id="classifier")])
+    pytest.param("tabular.py", ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "12"],
+                 id="tabular")])
 def test_training_steps_do_not_wait_for_the_device(tmp_path, template, args):
     """With the template's own logging and progress bar, only logging steps read a tensor value (Lightning hands
     the logged loss to the logger): the other steps queue their work without waiting, which is what lets the
@@ -439,12 +439,12 @@ def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
     assert_ok(result)
     report = json.loads(result.stdout)
     assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop (gpt)", "causal_lm.py (gpt, Trainer)",
-                                                      "classifier plain loop (CPU)", "classifier.py (Trainer, CPU)"]
+                                                      "tabular plain loop (CPU)", "tabular.py (Trainer, CPU)"]
     assert all(r["ms/step"] > 0 for r in report["rows"])
     checks = report["checks"]
     assert checks["loss_falls"] and checks["same_loss"]  # every step's loss, from the first on
     assert checks["final_loss_plain"] == checks["final_loss_trainer"]  # float32 on CPU: exactly equal
-    assert abs(checks["classifier_val_acc_plain"] - checks["classifier_val_acc_trainer"]) < 1e-4
+    assert abs(checks["tabular_val_acc_plain"] - checks["tabular_val_acc_trainer"]) < 1e-4
     assert abs(checks["flops_per_token_template"] / checks["flops_per_token_formula"] - 1) < 0.05
     # The template's logged MFU and the benchmark's, one run timed by two clocks (the tiny model's FLOPs formulas
     # differ by 4%): a monitor that lost batches or used another peak would be off by a factor.

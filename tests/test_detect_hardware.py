@@ -219,11 +219,11 @@ def test_text_output_has_one_reason_per_choice(tmp_path):
         assert word in result.stdout, word
 
 
-def test_yaml_output_trains_the_classifier(tmp_path):
+def test_yaml_output_trains_the_tabular_template(tmp_path):
     hardware = run([sys.executable, SCRIPT, "--format", "yaml"], cwd=tmp_path)
     assert_ok(hardware)
     (tmp_path / "hardware.yaml").write_text(hardware.stdout)
-    result = run_template("classifier.py", "fit", "--config", "hardware.yaml", "--trainer.max_epochs", "1", *QUIET,
+    result = run_template("tabular.py", "fit", "--config", "hardware.yaml", "--trainer.max_epochs", "1", *QUIET,
                           cwd=tmp_path)
     assert_ok(result)
     assert "best val_loss=" in result.stdout
@@ -234,7 +234,7 @@ def test_yaml_output_for_a_gpu_profile_parses_in_the_template(tmp_path):
                     "--format", "yaml"], cwd=tmp_path)
     assert_ok(hardware)
     (tmp_path / "hardware.yaml").write_text(hardware.stdout)
-    printed = run_template("classifier.py", "fit", "--config", "hardware.yaml", "--print_config", cwd=tmp_path)
+    printed = run_template("tabular.py", "fit", "--config", "hardware.yaml", "--print_config", cwd=tmp_path)
     assert_ok(printed)
     assert "strategy: fsdp" in printed.stdout and "num_nodes: 2" in printed.stdout
 

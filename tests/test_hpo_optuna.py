@@ -19,7 +19,7 @@ BAD = [{"model.lr": lr, "model.dropout": 0.1, "data.batch_size": 64} for lr in (
 
 
 def hpo_cmd(tmp_path, *args, epochs=4, name="hpo"):
-    script = [] if "--script" in args else ["--script", TEMPLATES / "classifier.py"]
+    script = [] if "--script" in args else ["--script", TEMPLATES / "tabular.py"]
     return [sys.executable, HPO, *script, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study-name", name,
             "--runs", tmp_path / "runs", *args, "--set", "--trainer.max_epochs", str(epochs), *QUIET]
 
@@ -45,7 +45,7 @@ def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
     assert "last-on-exception" not in result.stderr  # pruned trials are not resumed: no checkpoint, no advice
 
     # the exported config trains as it is, its checkpoints in the new run's own folder
-    trained = run_template("classifier.py", "fit", "--config", tmp_path / "best.yaml", "--trainer.max_epochs", "2",
+    trained = run_template("tabular.py", "fit", "--config", tmp_path / "best.yaml", "--trainer.max_epochs", "2",
                            "--trainer.default_root_dir", "final", *QUIET, cwd=tmp_path)
     assert_ok(trained)
     assert "best val_loss=" in trained.stdout and (tmp_path / "final" / "checkpoints" / "best.ckpt").is_file()
@@ -109,7 +109,7 @@ def test_two_workers_share_one_study(tmp_path):
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, expected):
     (tmp_path / "space.yaml").write_text("model.lrr:\n  type: float\n  low: 0.001\n  high: 0.1\n")
-    cmd = [sys.executable, HPO, "--script", TEMPLATES / "classifier.py", "--n-trials", "1", "--runs",
+    cmd = [sys.executable, HPO, "--script", TEMPLATES / "tabular.py", "--n-trials", "1", "--runs",
            tmp_path / "runs"]
     if "--storage" not in args:
         cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
@@ -129,9 +129,9 @@ def test_study_over_another_template_with_a_yaml_space(tmp_path):
     assert trial.state == TrialState.COMPLETE and 1e-4 <= trial.params["model.learning_rate"] <= 3e-3
 
 
-@pytest.mark.parametrize("script", ["tabular.py", "classifier.py", "transformers_finetune.py", "causal_lm.py"])
+@pytest.mark.parametrize("script", ["tabular.py", "tabular.py", "transformers_finetune.py", "causal_lm.py"])
 def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monkeypatch):
-    """No --space: the space for that template, whose keys the template accepts (the classifier's model.lr was
+    """No --space: the space for that template, whose keys the template accepts (the tabular model.lr was
     refused by the others)."""
     hpo = load_module(HPO, "hpo_spaces")
     monkeypatch.chdir(tmp_path)
@@ -145,7 +145,7 @@ def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monke
 @pytest.mark.slow
 def test_study_over_a_printed_fit_config(tmp_path):
     """A `fit --print_config` file (it holds ckpt_path, a fit-only key) works as the study's base config."""
-    printed = run_template("classifier.py", "fit", "--print_config", cwd=tmp_path)
+    printed = run_template("tabular.py", "fit", "--print_config", cwd=tmp_path)
     assert_ok(printed)
     (tmp_path / "config.yaml").write_text(printed.stdout)
     result = run(hpo_cmd(tmp_path, "--config", tmp_path / "config.yaml", "--n-trials", "1", "--output",
@@ -158,7 +158,7 @@ def test_study_over_a_printed_fit_config(tmp_path):
 def test_the_template_of_the_folder_it_runs_in(tmp_path):
     """From a folder scaffold.py made, no --script: its template (the file importing lightning_support), whose
     checkpoints and logs go under runs/hpo there; from a folder without one, one line naming --script."""
-    assert_ok(run_script("scaffold.py", "classifier", tmp_path / "proj", "--hardware", "none", cwd=tmp_path))
+    assert_ok(run_script("scaffold.py", "tabular", tmp_path / "proj", "--hardware", "none", cwd=tmp_path))
     result = run([sys.executable, HPO, "--config", "config.yaml", "--n-trials", "1", "--storage",
                   f"sqlite:///{tmp_path / 'study.db'}", "--set", "--trainer.max_epochs", "1", *QUIET],
                  cwd=tmp_path / "proj")
@@ -170,6 +170,6 @@ def test_the_template_of_the_folder_it_runs_in(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [(["--script", "missing.py"], "missing.py"),
-    (["--script", str(TEMPLATES / "classifier.py"), "--config", "missing.yaml"], "missing.yaml")])
+    (["--script", str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "missing.yaml")])
 def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(HPO, args, expected, tmp_path)

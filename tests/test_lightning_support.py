@@ -27,7 +27,7 @@ from conftest import (CONFIGS, CSV_LOGS, QUIET, REPO, TEMPLATES, assert_ok, asse
 
 sys.path.insert(0, str(TEMPLATES))  # the module the templates import, as they import it
 import lightning_support as support  # noqa: E402
-TEMPLATE_NAMES = ["classifier.py", "causal_lm.py", "transformers_finetune.py"]
+TEMPLATE_NAMES = ["tabular.py", "causal_lm.py", "transformers_finetune.py"]
 
 
 # ---- the pieces, by import ----------------------------------------------------------------------------------------
@@ -39,11 +39,11 @@ def test_peak_flops_for_gpus_missing_from_lightnings_table():
 
 
 def test_next_command_keeps_the_fit_options_and_quotes_them(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["/my project/classifier.py"])
+    monkeypatch.setattr(sys, "argv", ["/my project/tabular.py"])
     fit = ["fit", "--data.data_path", "a b;c.csv", "--ckpt_path", "last", "--trainer.fast_dev_run", "false"]
     line = support.next_command(fit, "test", "/runs/x/best.ckpt")
     words = shlex.split(line)
-    assert words[1:] == ["/my project/classifier.py", "test", "--data.data_path", "a b;c.csv", "--trainer.fast_dev_run",
+    assert words[1:] == ["/my project/tabular.py", "test", "--data.data_path", "a b;c.csv", "--trainer.fast_dev_run",
                          "false", "--ckpt_path", "/runs/x/best.ckpt"]
 
 
@@ -92,7 +92,7 @@ def test_prediction_writer_names_rows_and_keeps_one_path_per_checkpoint(tmp_path
 def test_callback_state_keeps_the_names_checkpoints_carry(tmp_path, template_main):
     """Lightning keys callback state by class name (and, for checkpoint and early-stopping callbacks, by monitor and
     mode): the names every template wrote before the support module held these classes, so their checkpoints load."""
-    main = template_main("classifier.py")
+    main = template_main("tabular.py")
     cli = main(["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches",
                 "1", "--trainer.default_root_dir", str(tmp_path), *QUIET], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -107,13 +107,13 @@ def test_callback_state_keeps_the_names_checkpoints_carry(tmp_path, template_mai
 
 
 def test_a_template_without_its_support_module_says_how_to_get_it(tmp_path):
-    shutil.copyfile(TEMPLATES / "classifier.py", tmp_path / "classifier.py")
-    result = run([sys.executable, "classifier.py", "fit"], cwd=tmp_path)
+    shutil.copyfile(TEMPLATES / "tabular.py", tmp_path / "tabular.py")
+    result = run([sys.executable, "tabular.py", "fit"], cwd=tmp_path)
     error = assert_one_error_line(result, "lightning_support.py is missing", code=1)
-    assert "scripts/scaffold.py classifier DEST" in error
+    assert "scripts/scaffold.py tabular DEST" in error
 
 
-@pytest.mark.parametrize("template", TEMPLATE_NAMES)
+@pytest.mark.parametrize("template", [*TEMPLATE_NAMES, "image_classifier.py"])
 def test_templates_are_the_users_story(template):
     """The model, the data and a short command line: the machinery is imported, never copied; one marked place
     for the user's own model; nothing imported from this repository but the support module."""
@@ -124,7 +124,8 @@ def test_templates_are_the_users_story(template):
     for name in ("class StopOnNonFiniteLoss", "class ResumeAtUnfinishedBatch", "def with_nearest_keys",
                  "class PredictionWriter", "def run_cli"):
         assert name not in source, f"{template} defines {name} again: it belongs in lightning_support.py"
-    assert len(source.splitlines()) <= (850 if template == "causal_lm.py" else 600)
+    limits = {"causal_lm.py": 850, "tabular.py": 850, "image_classifier.py": 750}
+    assert len(source.splitlines()) <= limits.get(template, 600)
 
 
 class GradNorms(Callback):
@@ -181,7 +182,7 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "corrupt.ckpt").write_bytes(bytes(range(256)) * 8)
     torch.save({"state_dict": {}, "hyper_parameters": CodePayload(tmp_path / "CODE_RAN")}, tmp_path / "code.ckpt")
-    for name in ("classifier", "causal_lm", "transformers_finetune"):
+    for name in ("tabular", "causal_lm", "transformers_finetune"):
         (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
         (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(data)
     monkeypatch.chdir(tmp_path)
@@ -220,7 +221,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_no_file(template, template_mai
 
 def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("trainer:\n  max_epoch: 3\n")
-    result = run_template("classifier.py", "fit", "--config", "bad.yaml", cwd=tmp_path)
+    result = run_template("tabular.py", "fit", "--config", "bad.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "trainer.max_epoch" in result.stderr and "did you mean: trainer.max_epochs" in result.stderr
@@ -229,7 +230,7 @@ def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path):
 def test_checkpoint_payload_is_live_but_never_run(tmp_path):
     marker = tmp_path / "CODE_RAN"
     torch.save({"hyper_parameters": CodePayload(marker)}, tmp_path / "code.ckpt")
-    result = run_template("classifier.py", "test", "--ckpt_path", "code.ckpt", *QUIET, cwd=tmp_path)
+    result = run_template("tabular.py", "test", "--ckpt_path", "code.ckpt", *QUIET, cwd=tmp_path)
     assert result.returncode == 2 and "could run code" in result.stderr and not marker.exists()
     torch.load(tmp_path / "code.ckpt", weights_only=False)  # what a careless load would do: the payload is real
     assert marker.exists()
@@ -273,14 +274,14 @@ def test_no_logger_drops_only_the_learning_rate_monitor(template, template_main,
 def test_a_monitor_that_is_not_logged_is_one_line_and_no_checkpoint(callback, template_main, capsys, tmp_path,
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
-    error = refused_in_process(template_main("classifier.py"), [
+    error = refused_in_process(template_main("tabular.py"), [
         "fit", f"--{callback}.monitor", "val_los", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "2", *QUIET], capsys)
     assert "val_los" in error and "val_loss" in error
-    assert not (tmp_path / "runs" / "classifier" / "checkpoints").exists()  # a config mistake: nothing to resume
+    assert not (tmp_path / "runs" / "tabular" / "checkpoints").exists()  # a config mistake: nothing to resume
 
 
-@pytest.mark.parametrize("template", ["classifier.py", "transformers_finetune.py"])
+@pytest.mark.parametrize("template", ["tabular.py", "transformers_finetune.py"])
 def test_a_run_that_ends_before_its_first_validation_ends_normally(template, tmp_path):
     """Early stopping looks at its metric after validation only: at the end of a cut-short epoch it is not logged."""
     result = run_template(template, "fit", "--trainer.max_steps", "3", *QUIET, cwd=tmp_path)
@@ -290,7 +291,7 @@ def test_a_run_that_ends_before_its_first_validation_ends_normally(template, tmp
 
 # ---- --ckpt_path: the checkpoint's model and rules ------------------------------------------------------------------
 SHAPES = {  # a short fit, and a model option that changes what the checkpoint holds
-    "classifier.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
+    "tabular.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
                       ["--model.hidden_dims", "[64]"], "model.hidden_dims"),
     "causal_lm.py": (["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"],
                      ["--model.model_config", '{"num_hidden_layers": 2}'], "model.model_config"),
@@ -320,12 +321,12 @@ def test_a_checkpoint_whose_model_options_differ_is_refused_in_every_form(templa
 def test_an_option_left_at_its_default_takes_the_checkpoints_value(tmp_path):
     """Resuming needs no model options repeated: `last` gets the checkpoint's, as an explicit path does."""
     small = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *QUIET]
-    assert_ok(run_template("classifier.py", "fit", "--model.hidden_dims", "[64]", "--trainer.max_epochs", "1", *small,
+    assert_ok(run_template("tabular.py", "fit", "--model.hidden_dims", "[64]", "--trainer.max_epochs", "1", *small,
                            cwd=tmp_path))
-    resumed = run_template("classifier.py", "fit", "--trainer.max_epochs", "2", "--ckpt_path", "last", *small,
+    resumed = run_template("tabular.py", "fit", "--trainer.max_epochs", "2", "--ckpt_path", "last", *small,
                            cwd=tmp_path)
     assert_ok(resumed)
-    ckpt = load_ckpt(tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt")
+    ckpt = load_ckpt(tmp_path / "runs" / "tabular" / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 1 and list(ckpt["hyper_parameters"]["hidden_dims"]) == [64]
 
 
@@ -337,13 +338,13 @@ def test_a_run_started_under_another_ranking_resumes_with_its_state(small_digits
     old_rule = ["--best_checkpoint.monitor", "val_acc", "--best_checkpoint.mode", "max",
                 "--early_stopping.monitor", "val_acc", "--early_stopping.mode", "max"]
     data = ["--data.data_path", str(small_digits), *QUIET]
-    assert_ok(run_template("classifier.py", "fit", *old_rule, "--trainer.max_epochs", "2", *data, cwd=tmp_path))
-    last = tmp_path / "runs" / "classifier" / "checkpoints" / "last.ckpt"
+    assert_ok(run_template("tabular.py", "fit", *old_rule, "--trainer.max_epochs", "2", *data, cwd=tmp_path))
+    last = tmp_path / "runs" / "tabular" / "checkpoints" / "last.ckpt"
     before = load_ckpt(last)["callbacks"]
     old_keys = [k for k in before if "val_acc" in k]
     assert len(old_keys) == 2  # ModelCheckpoint{'monitor': 'val_acc', ...} and EarlyStopping{...}
 
-    resumed = run_template("classifier.py", "fit", "--trainer.max_epochs", "3", "--ckpt_path", "last", *data,
+    resumed = run_template("tabular.py", "fit", "--trainer.max_epochs", "3", "--ckpt_path", "last", *data,
                            cwd=tmp_path)
     assert_ok(resumed)
     output = resumed.stdout + resumed.stderr
@@ -354,7 +355,7 @@ def test_a_run_started_under_another_ranking_resumes_with_its_state(small_digits
     stopping = next(k for k in old_keys if k.startswith("EarlyStopping"))
     assert after[stopping]["best_score"] >= before[stopping]["best_score"]  # carried on, not restarted from -inf
 
-    refused = run_template("classifier.py", "fit", "--trainer.max_epochs", "4", "--ckpt_path", "last",
+    refused = run_template("tabular.py", "fit", "--trainer.max_epochs", "4", "--ckpt_path", "last",
                            "--best_checkpoint.monitor", "train_loss_epoch", *data, cwd=tmp_path)
     assert_one_error_line(refused, "ranked best_checkpoint by val_acc (max)")
 
@@ -380,21 +381,21 @@ CLASSIFIER = ["--trainer.max_epochs", "4", "--trainer.deterministic", "true", *Q
 
 @pytest.mark.slow
 def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    killed = train("classifier.py", "fit", "--config", callback_config(tmp_path / "kill.yaml", "KillAfterEpoch",
+    killed = train("tabular.py", "fit", "--config", callback_config(tmp_path / "kill.yaml", "KillAfterEpoch",
                                                                        epoch=1),
                    *CLASSIFIER, "--trainer.default_root_dir", "killed", cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert load_ckpt(last)["epoch"] == 1  # epochs count from 0: the epoch-2 checkpoint and nothing after it
 
-    resumed = train("classifier.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "killed", "--ckpt_path",
+    resumed = train("tabular.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "killed", "--ckpt_path",
                     "last", *CSV_LOGS, cwd=tmp_path)
     assert_ok(resumed)
     assert restored_from(resumed) == str(last)
     metrics = csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
     assert {int(r["epoch"]) for r in metrics if r.get("val_acc")} == {2, 3}  # continued with epoch 3, nothing redone
 
-    straight = train("classifier.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "straight", cwd=tmp_path)
+    straight = train("tabular.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "straight", cwd=tmp_path)
     assert_ok(straight)
     resumed_weights = load_ckpt(last)["state_dict"]
     straight_weights = load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
@@ -519,7 +520,7 @@ def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("template, args", [("causal_lm.py", LM), ("classifier.py", QUIET),
+@pytest.mark.parametrize("template, args", [("causal_lm.py", LM), ("tabular.py", QUIET),
                                             ("transformers_finetune.py", QUIET)])
 def test_sigterm_leaves_a_checkpoint_and_exits_143(template, args, tmp_path):
     """SIGTERM (docker stop, Kubernetes, timeout): Lightning ends the batch and raises SIGTERMException, a SystemExit
@@ -545,13 +546,13 @@ def test_a_fit_without_ckpt_path_starts_fresh_next_to_an_exception_checkpoint(tm
 
 @pytest.mark.slow
 def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses_it(tmp_path):
-    result = train("classifier.py", "fit", "--model.lr", "1e30", *QUIET, *CSV_LOGS, cwd=tmp_path)
+    result = train("tabular.py", "fit", "--model.lr", "1e30", *QUIET, *CSV_LOGS, cwd=tmp_path)
     error = assert_one_error_line(result, "NaN or inf at step 1", code=1)
     assert "learning rate" in error and "bf16-mixed" in error and "NaN/inf in the data" in error
     assert logged_steps(tmp_path / "logs", "train_loss") == [0]  # stopped at once instead of running on
-    assert not (tmp_path / "runs" / "classifier" / "checkpoints").exists()  # no checkpoint of poisoned weights
+    assert not (tmp_path / "runs" / "tabular" / "checkpoints").exists()  # no checkpoint of poisoned weights
 
-    smoke = run_script("smoke_test.py", TEMPLATES / "classifier.py", "--cpu", "--format", "json", "--",
+    smoke = run_script("smoke_test.py", TEMPLATES / "tabular.py", "--cpu", "--format", "json", "--",
                        "--model.lr", "1e30", cwd=tmp_path)
     assert smoke.returncode == 1 and '"diagnosis": "nan_loss"' in smoke.stdout, smoke.stdout
 
@@ -559,7 +560,7 @@ def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses
 @pytest.mark.slow
 def test_nan_loss_stops_every_rank_of_a_ddp_run_together(tmp_path):
     """The ranks decide together: one rank stopping alone would leave the other waiting in its next collective."""
-    result = train("classifier.py", "fit", "--model.lr", "1e30", "--config", CONFIGS / "ddp.yaml",
+    result = train("tabular.py", "fit", "--model.lr", "1e30", "--config", CONFIGS / "ddp.yaml",
                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true", *QUIET,
                    cwd=tmp_path, timeout=300)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

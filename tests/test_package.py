@@ -329,10 +329,11 @@ def test_install_copies_every_shipped_file(installed):
 def test_skill_view_returns_body_and_links(installed):
     view = installed["view"]
     assert view["success"] and view["name"] == "pytorch-lightning"
-    assert "## Procedure" in view["content"] and "python templates/classifier.py fit" in view["content"]
+    assert "## Procedure" in view["content"] and "python templates/tabular.py fit" in view["content"]
     linked = view["linked_files"]
     assert "references/checkpointing.md" in linked["references"]
-    assert "templates/classifier.py" in linked["templates"] and "templates/configs/gpu.yaml" in linked["templates"]
+    assert "templates/image_classifier.py" in linked["templates"]
+    assert "templates/configs/gpu.yaml" in linked["templates"]
     assert "templates/lightning_support.py" in linked["templates"] and "scripts/hpo_optuna.py" in linked["scripts"]
     assert "scripts/check_env.py" in linked["scripts"]
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from conftest import (CONFIGS, QUIET, REPO, SCRIPTS, TEMPLATES, assert_bad_input_changes_nothing, assert_ok,
                       callback_config, final_val_loss, load_ckpt, load_module, run, run_facts, run_script, run_template,
-                      snapshot)
+                      save_tiny_backbone, snapshot)
 
 
 def script(name, *args, cwd, timeout=600):
@@ -29,7 +29,7 @@ def script(name, *args, cwd, timeout=600):
 
 TEMPLATE_RUNS = {
     "tabular": (["trainer.max_epochs=2"], "val_acc"),
-    "classifier": (["trainer.max_epochs=2"], "val_acc"),
+    "image_classifier": (["trainer.max_epochs=2", "data.batch_size=16"], "val_acc"),
     "transformers_finetune": (["trainer.max_epochs=2"], "val_acc"),
     "causal_lm": (["trainer.max_steps=20", "trainer.val_check_interval=10"], "val_loss"),
 }
@@ -46,10 +46,15 @@ def test_every_template_is_covered():
 def test_scaffold_smoke_train_summarize(template, tmp_path):
     sets, metric = TEMPLATE_RUNS[template]
     dest = tmp_path / "project"
-    if template == "classifier":  # a data path relative to where scaffold runs: written absolute, found from DEST
+    if template == "tabular":  # a data path relative to where scaffold runs: written absolute, found from DEST
         (tmp_path / "my data").mkdir()
         shutil.copyfile(REPO / "assets" / "digits.csv.gz", tmp_path / "my data" / "digits.csv.gz")
         sets = [*sets, "data.data_path=my data/digits.csv.gz"]
+    if template == "image_classifier":  # offline: a tiny backbone folder, given relative; 120 generated shapes
+        save_tiny_backbone(tmp_path / "backbone", "resnet")
+        load_module(TEMPLATES / "image_classifier.py", "image_classifier").make_shapes(
+            tmp_path / "shapes", ("circle", "square"), per_class=60, size=32)
+        sets = [*sets, "model.backbone=backbone", "data.data_path=shapes"]
     args = [a for s in sets for a in ("--set", s)]
     scaffolded = script("scaffold.py", template, dest, "--format", "json", *args, cwd=tmp_path)
     assert_ok(scaffolded)
@@ -80,14 +85,14 @@ def test_scaffold_smoke_train_summarize(template, tmp_path):
 def test_scaffold_never_overwrites_without_force(tmp_path):
     dest = tmp_path / "p"
     dest.mkdir()
-    (dest / "classifier.py").write_text("# the user's own file\n")
-    refused = script("scaffold.py", "classifier", dest, "--hardware", "none", cwd=tmp_path)
+    (dest / "tabular.py").write_text("# the user's own file\n")
+    refused = script("scaffold.py", "tabular", dest, "--hardware", "none", cwd=tmp_path)
     assert refused.returncode == 2 and "--force" in refused.stderr
-    assert (dest / "classifier.py").read_text() == "# the user's own file\n"
-    assert sorted(p.name for p in dest.iterdir()) == ["classifier.py"]
-    forced = script("scaffold.py", "classifier", dest, "--hardware", "none", "--force", cwd=tmp_path)
+    assert (dest / "tabular.py").read_text() == "# the user's own file\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["tabular.py"]
+    forced = script("scaffold.py", "tabular", dest, "--hardware", "none", "--force", cwd=tmp_path)
     assert_ok(forced)
-    assert "LightningCLI" in (dest / "classifier.py").read_text()
+    assert "LightningCLI" in (dest / "tabular.py").read_text()
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -97,14 +102,14 @@ def test_scaffold_never_overwrites_without_force(tmp_path):
     (["--hardware", "missing.yaml"], "cannot read --hardware"),
 ])
 def test_scaffold_bad_input_writes_nothing(tmp_path, args, expected):
-    result = script("scaffold.py", "classifier", tmp_path / "p", *args, cwd=tmp_path)
+    result = script("scaffold.py", "tabular", tmp_path / "p", *args, cwd=tmp_path)
     assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "p").exists()
 
 
 def test_scaffold_unknown_template(tmp_path):
     result = script("scaffold.py", "resnet", tmp_path / "p", cwd=tmp_path)
-    assert result.returncode == 2 and "causal_lm, classifier, tabular, transformers_finetune" in result.stderr
+    assert result.returncode == 2 and "causal_lm, image_classifier, tabular, transformers_finetune" in result.stderr
 
 
 IMPORT_OS = "__import__" + "('os')"  # split so that the client's security scan does not flag this test data
@@ -140,7 +145,7 @@ def test_set_values_are_inert_data(value):
 @pytest.mark.slow
 def test_hostile_value_end_to_end_is_a_string(tmp_path):
     payload = IMPORT_OS + ".system('touch CANARY') !!python/object/apply:os.system ['touch CANARY']"
-    result = script("scaffold.py", "classifier", tmp_path / "p", "--hardware", "none",
+    result = script("scaffold.py", "tabular", tmp_path / "p", "--hardware", "none",
                     "--set", f"data.label_column={payload}", cwd=tmp_path)
     assert_ok(result)
     assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["data"]["label_column"] == payload
@@ -153,14 +158,14 @@ def test_the_support_module_comes_along_and_is_never_replaced_by_another(tmp_pat
     with nothing else on its path. A second template shares the identical support module; a different one (the
     user's edited copy) is refused without --force."""
     dest = tmp_path / "project"
-    assert_ok(script("scaffold.py", "classifier", dest, "--hardware", "none", cwd=tmp_path))
-    assert sorted(p.name for p in dest.iterdir()) == ["classifier.py", "config.yaml", "configs", "lightning_support.py"]
-    (dest / "config.yaml").rename(dest / "classifier.yaml")
+    assert_ok(script("scaffold.py", "tabular", dest, "--hardware", "none", cwd=tmp_path))
+    assert sorted(p.name for p in dest.iterdir()) == ["config.yaml", "configs", "lightning_support.py", "tabular.py"]
+    (dest / "config.yaml").rename(dest / "tabular.yaml")
     assert_ok(script("scaffold.py", "causal_lm", dest, "--hardware", "none", cwd=tmp_path))  # same support module
     (dest / "config.yaml").rename(dest / "causal_lm.yaml")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    trained = run([sys.executable, dest / "classifier.py", "fit", "--config", dest / "classifier.yaml",
+    trained = run([sys.executable, dest / "tabular.py", "fit", "--config", dest / "tabular.yaml",
                    "--trainer.fast_dev_run", "true", *QUIET], cwd=elsewhere)
     assert_ok(trained)
 
@@ -177,9 +182,9 @@ def test_matmul_precision_comes_from_the_hardware_settings(tmp_path):
     """detect_hardware's recommendation (high: TF32 on Ampere and newer; highest elsewhere) is a config value that
     scaffold writes and the template applies; default high."""
     (tmp_path / "hw.yaml").write_text("matmul_precision: medium\ntrainer:\n  accelerator: cpu\n  devices: 1\n")
-    assert_ok(script("scaffold.py", "classifier", tmp_path / "p", "--hardware", tmp_path / "hw.yaml", cwd=tmp_path))
+    assert_ok(script("scaffold.py", "tabular", tmp_path / "p", "--hardware", tmp_path / "hw.yaml", cwd=tmp_path))
     assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["matmul_precision"] == "medium"
-    result = run_template("classifier.py", "fit", "--config", tmp_path / "p" / "config.yaml",
+    result = run_template("tabular.py", "fit", "--config", tmp_path / "p" / "config.yaml",
                           "--config", callback_config(tmp_path / "facts.yaml", "PrintRunFacts"),
                           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
                           "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path, tests_on_path=True)
@@ -193,7 +198,7 @@ def test_matmul_precision_comes_from_the_hardware_settings(tmp_path):
 def test_printed_commands_survive_a_hostile_destination_and_values(tmp_path):
     """Every printed command is shell-quoted: a destination or value holding spaces and ';' stays one argument."""
     dest = tmp_path / "my project;touch HIJACKED"
-    made = script("scaffold.py", "classifier", dest, "--hardware", "none",
+    made = script("scaffold.py", "tabular", dest, "--hardware", "none",
                   "--set", "trainer.default_root_dir=runs/x;touch HIJACKED2", "--set", "trainer.max_epochs=1",
                   "--set", "trainer.limit_train_batches=2", "--set", "trainer.limit_val_batches=1", "--format", "json",
                   cwd=tmp_path)
@@ -207,9 +212,9 @@ def test_printed_commands_survive_a_hostile_destination_and_values(tmp_path):
     assert (dest / "runs" / "x;touch HIJACKED2" / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("args, expected", [(["classifier", "existing.txt"], "exists and is not a folder"),
-    (["classifier", "new_project", "--hardware", "missing.yaml"], "cannot read --hardware"),
-    (["classifier", "new_project", "--set", "data.data_path=missing_photos"], "not found")])
+@pytest.mark.parametrize("args, expected", [(["tabular", "existing.txt"], "exists and is not a folder"),
+    (["tabular", "new_project", "--hardware", "missing.yaml"], "cannot read --hardware"),
+    (["tabular", "new_project", "--set", "data.data_path=missing_photos"], "not found")])
 def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(SCRIPTS / "scaffold.py", args, expected, tmp_path)
 
@@ -229,15 +234,15 @@ def test_launch_files_match_config(tmp_path):
     torchrun = script("launch.py", config, "--target", "torchrun", "--script", "causal_lm.py", cwd=tmp_path)
     assert_ok(torchrun)
     assert f"--nnodes {trainer['num_nodes']} --nproc-per-node {trainer['devices']}" in torchrun.stdout
-    local = script("launch.py", CONFIGS / "cpu.yaml", "--target", "local", "--script", "classifier.py",
+    local = script("launch.py", CONFIGS / "cpu.yaml", "--target", "local", "--script", "tabular.py",
                    cwd=tmp_path)
     assert local.stdout.startswith(f"cd {TEMPLATES} && ")  # --script found in the folder above the config's
-    assert local.stdout.rstrip().endswith(" classifier.py fit --config configs/cpu.yaml")
+    assert local.stdout.rstrip().endswith(" tabular.py fit --config configs/cpu.yaml")
     # one machine: torchrun needs no rendezvous address; a CPU config asks SLURM for no GPUs
-    standalone = script("launch.py", CONFIGS / "cpu.yaml", "--target", "torchrun", "--script", "classifier.py",
+    standalone = script("launch.py", CONFIGS / "cpu.yaml", "--target", "torchrun", "--script", "tabular.py",
                         cwd=tmp_path)
-    assert standalone.stdout.startswith(f"cd {TEMPLATES} && torchrun --standalone --nproc-per-node 1 classifier.py")
-    cpu_job = script("launch.py", CONFIGS / "cpu.yaml", "--target", "slurm", "--script", "classifier.py", cwd=tmp_path)
+    assert standalone.stdout.startswith(f"cd {TEMPLATES} && torchrun --standalone --nproc-per-node 1 tabular.py")
+    cpu_job = script("launch.py", CONFIGS / "cpu.yaml", "--target", "slurm", "--script", "tabular.py", cwd=tmp_path)
     assert "#SBATCH --ntasks-per-node=1" in cpu_job.stdout and "--gres" not in cpu_job.stdout
     # several configs: passed on in order; the trainer settings of the later one count (multinode's 2 x 8 GPUs)
     layered = script("launch.py", CONFIGS / "cpu.yaml", config, "--target", "torchrun", "--script", "causal_lm.py",
@@ -302,7 +307,7 @@ def test_simulated_two_node_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [(["missing.yaml", "--target", "slurm"], "cannot read"),
-    ([str(CONFIGS / "ddp.yaml"), "--target", "torchrun", "--devices", "2", "--script", str(TEMPLATES / "classifier.py"),
+    ([str(CONFIGS / "ddp.yaml"), "--target", "torchrun", "--devices", "2", "--script", str(TEMPLATES / "tabular.py"),
       "--write", "existing.txt"], "exists")])
 def test_launch_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(SCRIPTS / "launch.py", args, expected, tmp_path)

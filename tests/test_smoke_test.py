@@ -1,5 +1,5 @@
 """scripts/smoke_test.py: PASS only when training and validation batches ran; each diagnosis proven by planting its
-failure in a copy of the classifier template; bad usage."""
+failure in a copy of the tabular template; bad usage."""
 
 import json
 import shutil
@@ -59,21 +59,21 @@ def test_smoke_test_fails_a_script_that_did_not_train_and_validate(source, diagn
 MODEL_INIT = "        self.save_hyperparameters()  # load_from_checkpoint needs no arguments\n"
 
 
-TRAIN_LOSS = "        loss = F.cross_entropy(logits, y)\n"
+TRAIN_LOSS = "        loss = self.loss(self(numeric, codes), y)\n"
 
 
 SPAWN = "trainer:\n  accelerator: cpu\n  devices: 2\n  strategy: ddp_spawn\n"
 
 
 PLANTS = {
-    "shape": [("layers.append(nn.Linear(features, num_classes))",
-               "layers.append(nn.Linear(features + 1, num_classes))")],
+    "shape": [("layers.append(nn.Linear(in_features, outputs))",
+               "layers.append(nn.Linear(in_features + 1, outputs))")],
     "main_guard": [('if __name__ == "__main__":\n    main()', "main()")],
     "unpicklable": [(MODEL_INIT, MODEL_INIT + "        self.transform = lambda x: x\n")],
     "dtype": [(TRAIN_LOSS, TRAIN_LOSS + "        torch.zeros(3, dtype=torch.bfloat16).index_add_(0, torch.tensor([0]),"
                                         " torch.ones(1))\n")],
-    "nan_loss": [("        logits = self(x)\n        loss", "        logits = self(x) * float('inf')\n        loss")],
-    "dataloader_worker": [("num_workers=workers,", "num_workers=1, collate_fn=broken_collate,"),
+    "nan_loss": [(TRAIN_LOSS, "        loss = self.loss(self(numeric, codes) * float('inf'), y)\n")],
+    "dataloader_worker": [("sampler=sampler,", "sampler=sampler, num_workers=1, collate_fn=broken_collate,"),
                           ("DEFAULT_DATA = ", "def broken_collate(batch):\n    raise ValueError('corrupt sample')\n\n\n"
                                             "DEFAULT_DATA = ")],
     "cuda_oom": [(TRAIN_LOSS, TRAIN_LOSS + "        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to"
@@ -85,7 +85,7 @@ PLANTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("diagnosis", sorted(PLANTS))
 def test_smoke_test_diagnoses_planted_failure(diagnosis, tmp_path):
-    source = (TEMPLATES / "classifier.py").read_text()
+    source = (TEMPLATES / "tabular.py").read_text()
     for old, new in PLANTS[diagnosis]:
         assert old in source, f"plant for {diagnosis} no longer matches the template"
         source = source.replace(old, new, 1)
@@ -105,7 +105,7 @@ def test_smoke_test_diagnoses_planted_failure(diagnosis, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["missing.py"], "no such script: missing.py"),
     (["empty_folder"], "no .py file that imports lightning_support in that folder"),
-    ([str(TEMPLATES / "classifier.py"), "--config", "missing.yaml"], "no such config"),
+    ([str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "no such config"),
 ])
 def test_smoke_test_bad_usage(tmp_path, args, expected):
     (tmp_path / "empty_folder").mkdir()
@@ -113,13 +113,13 @@ def test_smoke_test_bad_usage(tmp_path, args, expected):
 
 
 def test_a_folder_of_several_templates_names_them(tmp_path):
-    for name in ("classifier.py", "causal_lm.py"):
+    for name in ("tabular.py", "causal_lm.py"):
         shutil.copyfile(TEMPLATES / name, tmp_path / name)
     error = assert_one_error_line(script("smoke_test.py", tmp_path, cwd=tmp_path), "several templates")
-    assert "causal_lm.py, classifier.py" in error and "--script" in error
+    assert "causal_lm.py, tabular.py" in error and "--script" in error
 
 
 @pytest.mark.parametrize("args, expected", [(["missing.py"], "no such script"),
-    ([str(TEMPLATES / "classifier.py"), "--config", "missing.yaml"], "no such config")])
+    ([str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "no such config")])
 def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(SCRIPTS / "smoke_test.py", args, expected, tmp_path)

@@ -1,21 +1,28 @@
-"""templates/tabular.py on CPU: the task read from the target column, regression in the target's units, categories,
-missing values and dropped columns, imbalance, the baseline beside every result, K-fold runs (fit, resume, test,
-predict), summarize_run's baseline flag, and bad tables.
+"""templates/tabular.py on CPU: the README's main job (the kept model, its test and predict commands, raw-row
+inference), resuming, DDP, configs and bad options; the task read from the target column, regression in the
+target's units, categories, missing values and dropped columns, imbalance, the baseline beside every result, K-fold
+runs (fit, resume, test, predict), summarize_run's baseline flag, and bad tables.
 
 Tables are the embedded digits or made here with a known signal, so the reachable score is known.
 """
 
 import csv
+import gzip
+import json
 import math
 import random
 import re
+import shlex
 import sys
+import time
 
 import pytest
 import torch
+import yaml
 
-from conftest import (QUIET, TEMPLATES, assert_bad_input_changes_nothing, assert_ok, kept_line, load_ckpt,
-                      load_module, run, run_script, run_template)
+from conftest import (CONFIGS, CSV_LOGS, QUIET, TEMPLATES, assert_ddp_ranks_agree, assert_bad_input_changes_nothing,
+                      assert_ok, kept_line, load_ckpt, load_module, logged_rows, refused_in_process, run, run_script,
+                      run_template)
 
 NOISE = 0.5  # standard deviation of the noise in the made regression table
 EFFECT = {"red": 1.5, "green": -1.0, "blue": 0.0}
@@ -97,16 +104,174 @@ def test_a_continuous_target_is_regression_in_its_own_units(tmp_path):
     assert float(alone) == pytest.approx(float(rows[1]["prediction"]), abs=1e-3)
 
 
-def test_digits_classify_with_macro_f1_auroc_and_the_baselines_beside(tmp_path):
-    fit = run_template("tabular.py", "fit", "--trainer.max_epochs", "15", *QUIET, cwd=tmp_path)
-    assert_ok(fit)
+# ---- the README's main job and the run machinery, through tabular.py --------------------------------------------
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """The README's main job, exactly as written, in a fresh folder."""
+    cwd = tmp_path_factory.mktemp("main_job")
+    start = time.perf_counter()
+    result = run_template("tabular.py", "fit", cwd=cwd)
+    elapsed = time.perf_counter() - start
+    assert_ok(result)
+    print(f"main job: {elapsed:.1f} s wall time")
+    return cwd, result, elapsed
+
+
+def test_the_main_job_classifies_the_digits_with_the_baselines_beside(main_job):
+    cwd, fit, elapsed = main_job
     assert "task: classification ('label' holds 10 distinct whole numbers in 1797 rows" in fit.stdout
     kept = kept_line(fit.stdout)
+    print(f"best val_acc={kept['val_acc']:.4f} in {elapsed:.1f} s")
     assert kept["val_acc"] >= 0.95 and kept["val_f1"] >= 0.95 and kept["val_auroc"] >= 0.99
     assert "majority class: val_acc=0.1" in fit.stdout and "logistic regression: val_acc=0.9" in fit.stdout
-    test = run_template("tabular.py", "test", "--ckpt_path", "best", *QUIET, cwd=tmp_path)
-    assert_ok(test)
-    assert "per-class test accuracy: 0 " in test.stdout and "baselines on the same test rows" in test.stdout
+    checkpoints = cwd / "runs" / "tabular" / "checkpoints"
+    assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "last.ckpt").is_file()
+    assert list((cwd / "runs" / "tabular" / "lightning_logs").glob("version_0/events.out.tfevents.*"))
+
+
+def test_the_next_command_tests_the_kept_model_and_predict_writes_what_test_scored(main_job):
+    cwd, fit, _ = main_job
+    best = cwd / "runs" / "tabular" / "checkpoints" / "best.ckpt"
+    command = shlex.split(re.search(r"^next: (.+)$", fit.stdout, re.MULTILINE).group(1))  # what fit tells you to run
+    assert command[0] in ("python", sys.executable)  # python only where it is this interpreter
+    assert command[2] == "test" and command[-2:] == ["--ckpt_path", str(best)]
+    tested = run([sys.executable, *command[1:], *QUIET], cwd=cwd)
+    assert_ok(tested)
+    test_acc = float(re.search(r"(?<!\w)test_acc\W+([0-9.]+)", tested.stdout).group(1))  # not baseline_test_acc
+    assert test_acc >= 0.93 and "per-class test accuracy: 0 " in tested.stdout
+    assert "baselines on the same test rows" in tested.stdout
+
+    predicted = run_template("tabular.py", "predict", "--ckpt_path", "best", *QUIET, cwd=cwd)  # = that file
+    assert_ok(predicted)
+    out = cwd / "runs" / "tabular" / "predictions" / "best.csv"  # one path per checkpoint, however many runs
+    assert f"predictions written to {out}" in predicted.stdout
+    rows = list(csv.DictReader(open(out)))
+    assert abs(sum(r["prediction"] == r["label"] for r in rows) / len(rows) - test_acc) < 1e-3
+    with gzip.open(TEMPLATES.parent / "assets" / "digits.csv.gz", "rt") as f:
+        labels = [r["label"] for r in csv.DictReader(f)]
+    assert all(r["label"] == labels[int(r["line"]) - 2] for r in rows)  # each row names its line in the file
+
+    # test and predict wrote log folders of their own after the training's: the summary still reads the training
+    report = json.loads(run_script("summarize_run.py", "runs/tabular", "--format", "json", cwd=cwd).stdout)
+    assert "version_0" in report["source"] and "val_acc" in report["metrics"] and report["epochs"] > 1
+
+
+def test_the_best_checkpoint_alone_predicts_on_raw_rows(main_job):
+    """Plain-Python inference, no DataModule: the checkpoint encodes raw rows itself and names its classes."""
+    cwd, _, _ = main_job
+    module = load_module(TEMPLATES / "tabular.py", "tabular_inference")
+    model = module.TabularModel.load_from_checkpoint(cwd / "runs" / "tabular" / "checkpoints" / "best.ckpt",
+                                                     map_location="cpu", weights_only=True).eval()
+    with gzip.open(TEMPLATES.parent / "assets" / "digits.csv.gz", "rt") as f:
+        rows = list(csv.DictReader(f))
+    with torch.no_grad():
+        predicted = model(*model.encode_rows(rows)).argmax(-1).tolist()
+    classes = model.hparams.target["classes"]
+    accuracy = sum(classes[i] == r["label"] for i, r in zip(predicted, rows)) / len(rows)
+    assert accuracy >= 0.95, accuracy
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_a_longer_budget_continues_at_the_next_epoch_on_the_longer_schedule(tmp_path):
+    first = run_template("tabular.py", "fit", "--trainer.max_epochs", "2", *QUIET, cwd=tmp_path)
+    assert_ok(first)
+    last = tmp_path / "runs" / "tabular" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = load_ckpt(last)["global_step"] // 2
+    second = run_template("tabular.py", "fit", "--trainer.max_epochs", "4", "--ckpt_path", "last",
+                          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                          "--trainer.logger.save_dir", tmp_path / "csv", *QUIET, cwd=tmp_path)
+    assert_ok(second)
+    assert f"Restored all states from the checkpoint at {last}" in second.stdout + second.stderr
+    ckpt = load_ckpt(last)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (3, 4 * steps_per_epoch)
+    metrics = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    assert {int(r["epoch"]) for r in metrics if r.get("val_acc")} == {2, 3}
+    # the cosine stretches to the new max_epochs: epochs 2 and 3 of 4, not the old schedule's end (0)
+    lr = ckpt["hyper_parameters"]["lr"]
+    key = next(k for k in metrics[0] if k.startswith("lr-AdamW"))
+    logged = [float(r[key]) for r in metrics if r.get(key)]
+    assert logged == pytest.approx([lr * (1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)], rel=1e-5), logged
+    # the summary joins the resumed run's log (CSV) to the first run's (TensorBoard), which holds epochs 0 and 1
+    report = json.loads(run_script("summarize_run.py", tmp_path, "--format", "json", cwd=tmp_path).stdout)
+    assert report["resumed_from"] == [str(tmp_path / "runs" / "tabular" / "lightning_logs" / "version_0")]
+    assert report["epochs"] == 4 and report["metrics"]["val_acc"]["points"] == 4, report
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_agree_on_every_epoch_value(tmp_path):
+    """Each process sees half of the training rows; epoch-level values are reduced over both processes, so every
+    rank logs and ranks checkpoints by the same numbers, with no sync_dist warning."""
+    metrics = assert_ddp_ranks_agree("tabular.py", ["--trainer.max_epochs", "1"], tmp_path)
+    assert {"train_loss_epoch", "val_loss", "val_acc", "val_f1"} <= set(metrics)
+
+
+def test_the_kept_checkpoint_is_the_lowest_validation_loss_not_an_early_tie(small_digits, tmp_path):
+    """60 validation rows: accuracy ties from the first epochs on, and ModelCheckpoint keeps the older file on a tie.
+    Ranked by validation loss, the kept model is the one with the lowest loss; fit names its epoch, step and
+    accuracy."""
+    result = run_template("tabular.py", "fit", "--data.data_path", small_digits, "--trainer.max_epochs", "15",
+                          *CSV_LOGS, *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    rows = [r for r in logged_rows(tmp_path / "logs") if r.get("val_loss")]
+    best_row = min(rows, key=lambda r: float(r["val_loss"]))
+    kept = load_ckpt(tmp_path / "runs" / "tabular" / "checkpoints" / "best.ckpt")
+    assert (kept["epoch"], kept["global_step"]) == (int(best_row["epoch"]), int(best_row["step"]) + 1)
+    line = kept_line(result.stdout)
+    assert (line["epoch"], line["step"]) == (kept["epoch"], kept["global_step"])
+    assert line["val_acc"] == pytest.approx(float(best_row["val_acc"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_each_config_parses(config, template_main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        template_main("tabular.py")(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in yaml.safe_load((CONFIGS / config).read_text())["trainer"].items():
+        if isinstance(value, dict):  # class_path + init_args: the printed form adds every default
+            assert printed["trainer"][key]["class_path"] == value["class_path"]
+            assert value["init_args"].items() <= printed["trainer"][key]["init_args"].items()
+        else:
+            assert printed["trainer"][key] == value
+
+
+def test_print_config_round_trips(tmp_path):
+    printed = run_template("tabular.py", "fit", "--print_config", cwd=tmp_path)
+    assert_ok(printed)
+    config = yaml.safe_load(printed.stdout)
+    assert config["best_checkpoint"]["monitor"] == "val_loss" and config["last_checkpoint"]["save_last"] is True
+    (tmp_path / "config.yaml").write_text(printed.stdout)
+    assert_ok(run_template("tabular.py", "fit", "--config", "config.yaml", "--trainer.fast_dev_run", "true", *QUIET,
+                           cwd=tmp_path))
+    assert not (tmp_path / "runs" / "tabular" / "checkpoints" / "last.ckpt").exists()  # fast_dev_run saves nothing
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--trainer.max_epoch", "3"], "did you mean: trainer.max_epochs"),
+    (["--data.batchsize", "8"], "did you mean: data.batch_size"),
+    (["--model.lr", "fast"], 'Parser key "model.lr"'),
+    (["--trainer.precision", "fp16"], 'Parser key "trainer.precision"'),
+    (["--data.data_path", "no_such_file.csv"], "data not found: no_such_file.csv"),
+    (["--data.batch_size", "0"], "batch_size (0) and folds (1) must be at least 1"),
+    (["--model.dropout", "1.5"], "dropout (1.5) must be in [0, 1)"),
+    (["--lr_scheduler", "StepLR"], "unrecognized arguments: --lr_scheduler"),  # the model's own schedule decides
+    (["--trainer.callbacks+=LearningRateFinder"], "would not reach this template's learning-rate schedule"),
+    (["test", "--ckpt_path", "best"], "checkpoint not found: runs/tabular/checkpoints/best.ckpt"),
+])
+def test_bad_options_are_one_line_and_write_nothing(args, expected, template_main, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = template_main("tabular.py")
+    assert expected in refused_in_process(main, args if args[0] == "test" else ["fit", *args], capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_training(tmp_path):
+    """bf16-mixed on the GPU with the template's own optimizer: the shipped defaults train there."""
+    result = run_template("tabular.py", "fit", "--config", CONFIGS / "gpu.yaml", "--trainer.max_epochs", "5",
+                          *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    assert kept_line(result.stdout)["val_acc"] >= 0.9
 
 
 def imbalanced_table(path):

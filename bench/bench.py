@@ -2,8 +2,10 @@
 
 Causal LM: templates/causal_lm.py (its own CLI, default logging and progress bar) against a plain loop with the same
 model, data, optimizer, schedule, clipping and precision. Tabular: templates/tabular.py against a plain loop
-on CPU. Prints one table: variant, card, batch x sequence, ms/step, tokens/s, MFU, ratio to the plain loop, peak
-memory; then the correctness checks (loss falls; template and plain loop reach the same loss).
+on CPU. Images: templates/image_classifier.py (ResNet-50 shape, 224 px, bf16-mixed, channels-last, 128 a batch)
+against a plain loop on the same module and loader, and the loader alone (the data-loading bound). Prints one table:
+variant, card, batch x sequence, ms/step, tokens/s (images/s), MFU, ratio to the plain loop, peak memory; then the
+correctness checks (loss falls; template and plain loop reach the same loss, step by step for the images).
 
 Usage:
     python bench/bench.py                         # GPU: GPT-2-small shape (124M, vocab 50304, seq 1024), bf16, compile
@@ -34,9 +36,11 @@ from torch.nn.attention import SDPBackend
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; import them by name here
 import causal_lm  # noqa: E402
+import image_classifier  # noqa: E402
 import tabular  # noqa: E402
 import lightning_support  # noqa: E402
 import lightning as L  # noqa: E402
+from lightning.fabric.utilities.data import suggested_max_num_workers  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.trainer.states import RunningStage  # noqa: E402
@@ -219,6 +223,110 @@ def run_tabular(opt, root: Path):
     return plain_run, trainer_run
 
 
+def image_backbone(folder: Path, tiny: bool) -> Path:
+    """A random ResNet-50 (its shape, no download) or a tiny ResNet, saved with save_pretrained beside a processor
+    config (224 px, or 32 px tiny; resize to size / 0.875, center crop; ImageNet statistics)."""
+    from transformers import AutoModelForImageClassification, ResNetConfig
+
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic") \
+        if tiny else ResNetConfig()  # transformers' defaults are ResNet-50's
+    torch.manual_seed(0)
+    AutoModelForImageClassification.from_config(config).save_pretrained(folder)
+    processor = {"size": {"shortest_edge": 32 if tiny else 224}, "crop_pct": 0.875, "resample": 2,
+                 "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+class StepWindow(Callback):
+    """Wall time from the end of step `start` to the end of step `end` (the device synchronized at both), and every
+    step's loss as a device tensor (read after the run: no per-step sync)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end, self.times, self.losses = start, end, {}, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach())
+        if trainer.global_step in (self.start, self.end):
+            sync(pl_module.device)
+            self.times[trainer.global_step] = time.perf_counter()
+
+
+def run_image(opt, root: Path) -> dict:
+    """image_classifier.py (ResNet-50 shape, 224 px, bf16-mixed, channels-last; tiny: a small ResNet at 32 px on
+    CPU) against a plain loop around the same module, loader, optimizer groups and schedule, and the loader alone
+    (the data-loading bound). Validation is off in all three: only training steps are timed."""
+    batch, steps, warmup = (8, 20, 5) if opt.tiny else (128, 60, 15)
+    workers = 0 if opt.tiny else min(12, suggested_max_num_workers(1))
+    images = image_classifier.make_shapes(root / "images", image_classifier.SHAPES, per_class=16 if opt.tiny else 128,
+                                          size=48 if opt.tiny else 256)
+    backbone = str(image_backbone(root / "backbone", opt.tiny))
+    device = torch.device("cuda" if opt.accelerator == "gpu" else "cpu")
+    data_args = {"data_path": str(images), "processor": backbone, "batch_size": batch, "num_workers": workers,
+                 "val_fraction": 0.05, "test_fraction": 0.0}
+    window = StepWindow(warmup, steps)
+    cli = image_classifier.main(
+        [*[a for k, v in data_args.items() if k != "processor" for a in (f"--data.{k}", str(v))],
+         "--model.backbone", backbone, "--model.freeze_epochs", "0", "--trainer.max_steps", str(steps),
+         "--trainer.accelerator", opt.accelerator, "--trainer.devices", "1", "--trainer.precision", opt.precision,
+         "--trainer.check_val_every_n_epoch", "1000", "--trainer.num_sanity_val_steps", "0",
+         "--trainer.default_root_dir", str(root / "run")], run=False, callbacks=(window,))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    timed = {"trainer": window.times[steps] - window.times[warmup]}
+    trainer_losses = [float(v) for v in window.losses]
+
+    torch.manual_seed(42)  # as the template's seed_everything: the same head and the same augmentation seeds
+    data = image_classifier.ImageData(**data_args)
+    data.setup("fit")
+    model = image_classifier.ImageClassifier(backbone=backbone, freeze_epochs=0, class_names=data.classes,
+                                             processing=data.processing)
+    model.net = image_classifier.build_network(backbone, True, data.classes).to(memory_format=torch.channels_last)
+    model.to(device).train()
+    groups: dict = {}  # as the support module's adamw(): backbone at lr x 0.1, no decay on 1-D parameters
+    for name, p in model.named_parameters():
+        scale = model.hparams.backbone_lr_scale if name.startswith(f"net.{model.net.base_model_prefix}.") else 1.0
+        decay = model.hparams.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((scale, decay), {"params": [], "weight_decay": decay, "lr": model.hparams.lr * scale}
+                          )["params"].append(p)
+    optimizer = torch.optim.AdamW(list(groups.values()), lr=model.hparams.lr, fused=True)
+    epochs = cli.trainer.max_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 + math.cos(math.pi * min(e, epochs) /
+                                                                                    epochs)) / 2)
+    loader, epoch = data._loader("train", train=True), [0]
+    loader.sampler.epoch = lambda: epoch[0]
+    plain_losses, step = [], 0
+    while step < steps:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=opt.precision.startswith("bf16")):
+                loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=model.hparams.label_smoothing)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            plain_losses.append(loss.detach())
+            step += 1
+            if step in (warmup, steps):
+                sync(device)
+                timed[step] = time.perf_counter()
+            if step == steps:
+                break
+        epoch[0] += 1
+        scheduler.step()
+    timed["plain"] = timed[steps] - timed[warmup]
+
+    # The data-loading bound: the same training loader (workers, decoding, augmentation, the copy to the device)
+    # with no model: the images/s no model can exceed with this loader on this machine.
+    seen, start = 0, time.perf_counter()
+    for _ in range(2):
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
+            seen += len(x)
+    sync(device)
+    timed["loader"] = (time.perf_counter() - start) / (seen / batch) * (steps - warmup)
+    return {"timed": timed, "steps": steps - warmup, "batch": batch, "size": data.processing["size"],
+            "workers": workers, "plain_losses": [float(v) for v in plain_losses], "trainer_losses": trainer_losses}
+
+
 def sdpa_kernel_for(opt, config: dict, device: torch.device) -> str:
     """The attention kernel PyTorch picks for these shapes and switches: the choice compile also bakes in."""
     if opt.model_type != "gpt":
@@ -344,6 +452,20 @@ def main(argv=None) -> int:
                              "ratio": run["ms_per_step"] / plain["ms_per_step"], "peak memory": "-"})
             checks.update({f"tabular_{key}_{name}": round(run[key], 4) for name, run in
                            (("plain", plain), ("trainer", trainer)) for key in ("val_acc", "fit_seconds")})
+            image = run_image(opt, Path(tmp) / "image")
+            name = "tiny ResNet" if opt.tiny else "ResNet-50"
+            plain_ms = 1000 * image["timed"]["plain"] / image["steps"]
+            for variant, key in ((f"image plain loop ({name})", "plain"),
+                                 (f"image_classifier.py ({name}, Trainer)", "trainer"),
+                                 ("image loader alone (no model)", "loader")):
+                ms = 1000 * image["timed"][key] / image["steps"]
+                rows.append({"variant": variant, "card": card, "batch x seq": f"{image['batch']} x {image['size']} px",
+                             "ms/step": round(ms, 2), "tokens/s": round(image["batch"] / ms * 1000), "MFU": None,
+                             "ratio": ms / plain_ms, "peak memory": "-"})
+            pairs = list(zip(image["plain_losses"], image["trainer_losses"]))
+            checks["image_same_loss"] = len(pairs) == len(image["plain_losses"]) == len(image["trainer_losses"]) and \
+                all(abs(a - b) <= tolerance * abs(a) for a, b in pairs)
+            checks["image_loader_workers"] = image["workers"]
 
     checks["sdpa_kernel"] = sdpa_kernel_for(opt, config, device)
     checks["cudnn"] = torch.backends.cudnn.version()
@@ -353,7 +475,8 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(f"{report['date']}, torch {report['torch']}: {report['command']}")
-        print("| variant | card | batch x seq | ms/step | tokens/s | MFU | ratio to plain loop | peak memory |")
+        print("| variant | card | batch x seq | ms/step | tokens/s (images/s) | MFU | ratio to plain loop |"
+              " peak memory |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             mfu = f"{r['MFU']:.1%}" if r["MFU"] is not None else "-"
@@ -363,7 +486,8 @@ def main(argv=None) -> int:
                   f" {ratio} | {r['peak memory']} |")
         for key, value in checks.items():
             print(f"{key}: {value}")
-    return 0 if checks["loss_falls"] and checks["same_loss"] is not False else 1
+    return 0 if checks["loss_falls"] and checks["same_loss"] is not False and checks.get("image_same_loss") is not \
+        False else 1
 
 
 if __name__ == "__main__":

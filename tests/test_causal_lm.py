@@ -439,12 +439,16 @@ def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
     assert_ok(result)
     report = json.loads(result.stdout)
     assert [r["variant"] for r in report["rows"]] == ["plain PyTorch loop (gpt)", "causal_lm.py (gpt, Trainer)",
-                                                      "tabular plain loop (CPU)", "tabular.py (Trainer, CPU)"]
+                                                      "tabular plain loop (CPU)", "tabular.py (Trainer, CPU)",
+                                                      "image plain loop (tiny ResNet)",
+                                                      "image_classifier.py (tiny ResNet, Trainer)",
+                                                      "image loader alone (no model)"]
     assert all(r["ms/step"] > 0 for r in report["rows"])
     checks = report["checks"]
     assert checks["loss_falls"] and checks["same_loss"]  # every step's loss, from the first on
     assert checks["final_loss_plain"] == checks["final_loss_trainer"]  # float32 on CPU: exactly equal
     assert abs(checks["tabular_val_acc_plain"] - checks["tabular_val_acc_trainer"]) < 1e-4
+    assert checks["image_same_loss"]  # the image template and its plain loop, step by step (float32 on CPU)
     assert abs(checks["flops_per_token_template"] / checks["flops_per_token_formula"] - 1) < 0.05
     # The template's logged MFU and the benchmark's, one run timed by two clocks (the tiny model's FLOPs formulas
     # differ by 4%): a monitor that lost batches or used another peak would be off by a factor.

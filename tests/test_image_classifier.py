@@ -205,3 +205,15 @@ def test_ddp_trains_with_a_frozen_backbone(tmp_path, tiny_resnet):
     assert "ddp_find_unused_parameters_true" in result.stdout + result.stderr
     last = load_ckpt(tmp_path / "runs" / "image_classifier" / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 1
+
+
+@pytest.mark.gpu
+def test_gpu_fine_tuning_in_bf16_with_channels_last(tmp_path, tiny_resnet):
+    """configs/gpu.yaml (bf16-mixed) with a pretrained backbone: trains, and the backbone's weights stay float32."""
+    shapes = ic.make_shapes(tmp_path / "shapes", per_class=40, size=32)
+    fit("--config", TEMPLATES / "configs" / "gpu.yaml", "--data.data_path", shapes, "--model.backbone", tiny_resnet,
+        "--model.pretrained", "false", "--model.lr", "3e-3", "--trainer.max_epochs", "8", cwd=tmp_path)
+    best = load_ckpt(tmp_path / "runs" / "image_classifier" / "checkpoints" / "best.ckpt")
+    assert best["state_dict"]["net.classifier.1.weight"].dtype == torch.float32
+    assert best["state_dict"]["net.resnet.embedder.embedder.convolution.weight"].is_contiguous(
+        memory_format=torch.channels_last)

@@ -124,7 +124,15 @@ def suggest(trial, space: dict) -> dict:
 
 
 def cli_args(base: list, values: dict) -> list:
-    return base + [f"--{key}={json.dumps(value)}" for key, value in values.items()]
+    return base + [f"--{key}={as_argument(value)}" for key, value in values.items()]
+
+
+def as_argument(value) -> str:
+    """A value as the template's parser reads it back: a string bare (quoted, it is no Literal's choice) unless YAML
+    would read it as something else ("true", "1e-3"), the rest as JSON."""
+    if isinstance(value, str) and not value.startswith(("'", '"')) and yaml.safe_load(value) == value:
+        return value
+    return json.dumps(value)
 
 
 def build(module, args: list, callbacks=()):

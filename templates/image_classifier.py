@@ -74,9 +74,10 @@ SHAPES_FOLDER = Path("runs") / "shapes"  # the generated default data, relative 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-# EDIT HERE: your own network. It returns a module whose forward(pixel_values=...) gives an object with .logits
-# [batch, classes] (any Hugging Face image classifier does); `with_weights` False builds it untrained (a checkpoint
-# brings the weights). The parameters under `model.base_model` form the backbone that is frozen first.
+# EDIT HERE: your own network. forward(pixels), normalized float [batch, 3, height, width], gives logits [batch,
+# classes] or an object holding them as .logits (any Hugging Face image classifier); with_weights False builds it
+# untrained (a checkpoint brings the weights). Parameters under its `base_model`, if any, freeze first. A network of
+# your own reads no processor config: pass --data.processor imagenet and --data.image_size N.
 def build_network(backbone: str, with_weights: bool, class_names: list) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification, logging
 
@@ -158,11 +159,20 @@ class ImageClassifier(L.LightningModule):
         self.net = build_network(self.hparams.backbone, self.hparams.pretrained and fresh, self.class_names)
         self.net.to(memory_format=torch.channels_last)  # faster convolutions on GPUs (tensor cores) and CPUs
         self.net.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps a module's mode
+        # The body that freezes first and trains at the lower rate: a Hugging Face model's base_model (the network
+        # without its head). A network without one, or whose head sits inside it (timm's wrapper), trains whole.
+        body = getattr(self.net, "base_model", None)
+        names = [n for n, child in self.net.named_children() if child is body]
+        head = [p for n, p in self.net.named_parameters() if not names or not n.startswith(names[0] + ".")]
+        self.backbone_prefix = f"net.{names[0]}." if names and head else None
+        if self.hparams.pretrained and self.hparams.freeze_epochs and self.backbone_prefix is None:
+            rank_zero_warn("this network has no separate head to train first: --model.freeze_epochs is ignored")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 [batch, height, width, 3] (RGB, as the data gives them) -> logits [batch, classes]."""
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory: no copy
-        return self.net(pixel_values=(x.float() - self.mean) / self.std).logits
+        out = self.net((x.float() - self.mean) / self.std)  # a Hugging Face model's first argument: pixel_values
+        return getattr(out, "logits", out)
 
     def frozen(self) -> bool:
         return self.hparams.pretrained and self.current_epoch < self.hparams.freeze_epochs
@@ -170,8 +180,9 @@ class ImageClassifier(L.LightningModule):
     def on_train_epoch_start(self):
         # Decided from the epoch, so a resumed run freezes and unfreezes exactly where an uninterrupted one does.
         # Frozen parameters get no gradient, so the optimizer leaves them (and their weight decay) alone.
-        for p in self.net.base_model.parameters():
-            p.requires_grad_(not self.frozen())
+        for name, p in self.named_parameters():
+            if self.backbone_prefix and name.startswith(self.backbone_prefix):
+                p.requires_grad_(not self.frozen())
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -209,8 +220,8 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         scale = self.hparams.backbone_lr_scale if self.hparams.pretrained else 1.0
-        backbone = f"net.{self.net.base_model_prefix}."
-        optimizer = adamw(self, self.hparams.lr, self.hparams.weight_decay, lr_scale={backbone: scale})
+        lr_scale = {self.backbone_prefix: scale} if self.backbone_prefix else {}
+        optimizer = adamw(self, self.hparams.lr, self.hparams.weight_decay, lr_scale=lr_scale)
         if not self.trainer.max_epochs or self.trainer.max_epochs < 1:  # trains until stopped: a constant lr
             return optimizer
 
@@ -279,6 +290,9 @@ def processing_of(name: str, image_size: Optional[int]) -> dict:
     (a hub name or a folder), as its own processor applies them; ImageNet's 224 px when it has none."""
     from transformers.image_processing_utils import ImageProcessingMixin
 
+    if name == "imagenet":  # a network of your own: ImageNet's statistics, resize to 8/7 of the size, crop
+        return {"size": int(image_size or 224), "resize_ratio": round(256 / 224, 6), "squash": False, "resample": 2,
+                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     try:  # the cache first: no network round trip for a backbone already downloaded
         config, _ = ImageProcessingMixin.get_image_processor_dict(name, local_files_only=True)
     except (OSError, ValueError):
@@ -606,8 +620,8 @@ class ImageData(L.LightningDataModule):
         """data_path: a folder (class subfolders, or train/ val/ test/ of class subfolders) or a CSV of
         path,label[,split]; default: generated shapes in runs/shapes. val_path, test_path: other labelled sets for
         those splits; predict_path: a folder or CSV to label (default: the test split). processor: where the image
-        processing is read from (default: --model.backbone). num_workers: decoding processes (default: per CPU core,
-        up to 8 per device)."""
+        processing is read from (default: --model.backbone; imagenet: ImageNet's, for a network of your own).
+        num_workers: decoding processes (default: per CPU core, up to 8 per device)."""
         super().__init__()
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1 or image_size is not None and image_size < 8:
             raise ConfigError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1 and image_size"

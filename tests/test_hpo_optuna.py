@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import (QUIET, SCRIPTS, TEMPLATES, assert_bad_input_changes_nothing, assert_ok, assert_one_error_line,
-                      load_module, run, run_script, run_template)
+                      load_module, run, run_script, run_template, save_tiny_backbone)
 
 HPO = SCRIPTS / "hpo_optuna.py"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -129,7 +129,7 @@ def test_study_over_another_template_with_a_yaml_space(tmp_path):
     assert trial.state == TrialState.COMPLETE and 1e-4 <= trial.params["model.learning_rate"] <= 3e-3
 
 
-@pytest.mark.parametrize("script", ["tabular.py", "tabular.py", "transformers_finetune.py", "causal_lm.py"])
+@pytest.mark.parametrize("script", ["tabular.py", "image_classifier.py", "transformers_finetune.py", "causal_lm.py"])
 def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monkeypatch):
     """No --space: the space for that template, whose keys the template accepts (the tabular model.lr was
     refused by the others)."""
@@ -137,7 +137,11 @@ def test_each_templates_default_space_names_its_own_keys(script, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script])
     module = hpo.load_script(TEMPLATES / script)
-    checked = hpo.check_space(module, ["--trainer.fast_dev_run", "true"], hpo.SEARCH_SPACES[script])
+    base = ["--trainer.fast_dev_run", "true"]
+    if script == "image_classifier.py":  # offline: a local backbone, and images outside this folder's runs/
+        shapes = module.make_shapes(tmp_path / "data" / "shapes", ("circle", "square"), per_class=4, size=16)
+        base += ["--model.backbone", str(save_tiny_backbone(tmp_path / "backbone")), "--data.data_path", str(shapes)]
+    checked = hpo.check_space(module, base, hpo.SEARCH_SPACES[script])
     assert set(checked) == set(hpo.SEARCH_SPACES[script])
     assert not (tmp_path / "runs").exists()
 

@@ -3,12 +3,13 @@ test, predict; transfer beats training from scratch; exact resume across the unf
 processors differ; the layouts and image modes users have; bad input in one line."""
 
 import csv
+import sys
 
 import pytest
 import torch
 
 from conftest import (QUIET, TEMPLATES, assert_ok, assert_one_error_line, callback_config, kept_line, load_ckpt,
-                      load_module, run_template, save_tiny_backbone)
+                      load_module, run, run_template, save_tiny_backbone)
 
 ic = load_module(TEMPLATES / "image_classifier.py", "image_classifier")
 FAST = [*QUIET, "--data.num_workers", "0", "--data.batch_size", "32"]
@@ -217,3 +218,31 @@ def test_gpu_fine_tuning_in_bf16_with_channels_last(tmp_path, tiny_resnet):
     assert best["state_dict"]["net.classifier.1.weight"].dtype == torch.float32
     assert best["state_dict"]["net.resnet.embedder.embedder.convolution.weight"].is_contiguous(
         memory_format=torch.channels_last)
+
+
+OWN_NETWORK = '''def build_network(backbone: str, with_weights: bool, class_names: list) -> torch.nn.Module:
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, len(class_names)))
+
+
+'''
+
+
+def test_a_network_of_your_own_in_the_marked_place(tmp_path):
+    """A plain nn.Module returning logits, in a copy of the template: ImageNet's normalization by name, no processor
+    config or download, nothing to freeze (said in a warning), and test runs on the kept checkpoint."""
+    source = (TEMPLATES / "image_classifier.py").read_text()
+    start, end = source.index("def build_network("), source.index("def nearest_backbones(")
+    (tmp_path / "image_classifier.py").write_text(source[:start] + OWN_NETWORK + source[end:])
+    (tmp_path / "lightning_support.py").write_bytes((TEMPLATES / "lightning_support.py").read_bytes())
+    ic.make_shapes(tmp_path / "runs" / "shapes", per_class=12, size=32)
+    args = [*FAST, "--data.processor", "imagenet", "--data.image_size", "24", "--model.backbone", "mine"]
+    trained = run([sys.executable, "image_classifier.py", "fit", *args, "--trainer.max_epochs", "2"], cwd=tmp_path,
+                  env=("HF_HUB_OFFLINE=1",))
+    assert_ok(trained)
+    assert "no separate head to train first" in trained.stderr
+    tested = run([sys.executable, "image_classifier.py", "test", *args, "--ckpt_path", "best"], cwd=tmp_path)
+    assert_ok(tested)
+    assert "per-class test accuracy" in tested.stdout

@@ -21,9 +21,9 @@ In a scaffolded project, pass --config config.yaml (your data settings) before a
 
 Your images:
 - A folder with one subfolder per class (an image's class is its top-level folder), or a folder holding train/,
-  val/ (or valid/) and test/, each with class subfolders, or a CSV with columns path,label and optionally split
-  (train, val, test). Without given splits, --data.val_fraction and --data.test_fraction of each class are held
-  out, chosen by a hash of the file's path: adding images moves no others between splits.
+  val/ (or valid/; without it, val_fraction of train) and test/, each with class subfolders, or a CSV with columns
+  path,label and optionally split (train, val, test). Without given splits, --data.val_fraction and
+  --data.test_fraction of each class are held out, chosen by a hash of the path: new images move few others.
 - Grayscale, palette and transparent images become RGB (transparency over white); EXIF orientation is applied.
 - Training views: a random resized crop (--data.crop_scale) and a horizontal flip (--data.flip false for text or
   digits); --data.augment strong adds TrivialAugment (one random colour or geometry change per image). Evaluation
@@ -38,6 +38,7 @@ predictions/<checkpoint>.csv (file, prediction, confidence, label).
 import csv
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import lightning as L
 from lightning.fabric.utilities.data import suggested_max_num_workers
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -81,10 +83,14 @@ SHAPES_FOLDER = Path("runs") / "shapes"  # the generated default data, relative 
 def build_network(backbone: str, with_weights: bool, class_names: list) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification, logging
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
     labels = {"id2label": dict(enumerate(class_names)), "label2id": {c: i for i, c in enumerate(class_names)}}
     try:
+        config = pretrained(AutoConfig.from_pretrained, backbone, what="backbone config")
+        if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+            raise ValueError(f"a {config.model_type} model")
         if not with_weights:
-            config = pretrained(AutoConfig.from_pretrained, backbone, what="backbone config")
             return AutoModelForImageClassification.from_config(config.__class__(**{**config.to_dict(), **labels}))
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # its load report lists the replaced head as a mismatch: expected here
@@ -150,6 +156,20 @@ class ImageClassifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(k)
         self.test_matrix: Optional[torch.Tensor] = None
 
+    def setup(self, stage: str) -> None:
+        # DDP sums the gradients of the parameters it was built with; a frozen backbone's give none, which plain DDP
+        # takes for a bug and stops on. Set here, before DDP wraps the model, whatever chose DDP (a config, or
+        # --trainer.devices 2 under strategy auto).
+        strategy = self.trainer.strategy
+        if stage == "fit" and self.frozen_at_start() and isinstance(strategy, DDPStrategy) and \
+                not strategy._ddp_kwargs.get("find_unused_parameters"):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("DDP with find_unused_parameters: the frozen backbone's parameters get no gradients in the"
+                           " first epochs (--model.freeze_epochs 0 keeps plain DDP)")
+
+    def frozen_at_start(self) -> bool:
+        return self.hparams.pretrained and self.hparams.freeze_epochs > 0
+
     def configure_model(self) -> None:
         if self.net is not None:
             return
@@ -158,6 +178,9 @@ class ImageClassifier(L.LightningModule):
         fresh = self._trainer is not None and not self.trainer.ckpt_path
         self.net = build_network(self.hparams.backbone, self.hparams.pretrained and fresh, self.class_names)
         self.net.to(memory_format=torch.channels_last)  # faster convolutions on GPUs (tensor cores) and CPUs
+        # ViT-style models refuse another input size (--data.image_size) unless told to interpolate their positions
+        accepts = inspect.signature(self.net.forward).parameters
+        self.forward_options = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepts else {}
         self.net.train()  # from_pretrained returns eval mode, and Lightning 2.6 keeps a module's mode
         # The body that freezes first and trains at the lower rate: a Hugging Face model's base_model (the network
         # without its head). A network without one, or whose head sits inside it (timm's wrapper), trains whole.
@@ -171,7 +194,7 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 [batch, height, width, 3] (RGB, as the data gives them) -> logits [batch, classes]."""
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory: no copy
-        out = self.net((x.float() - self.mean) / self.std)  # a Hugging Face model's first argument: pixel_values
+        out = self.net((x.float() - self.mean) / self.std, **self.forward_options)  # first argument: pixel_values
         return getattr(out, "logits", out)
 
     def frozen(self) -> bool:
@@ -179,7 +202,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_start(self):
         # Decided from the epoch, so a resumed run freezes and unfreezes exactly where an uninterrupted one does.
-        # Frozen parameters get no gradient, so the optimizer leaves them (and their weight decay) alone.
+        # Frozen parameters get no gradient, so the optimizer leaves them (and their weight decay) alone; BatchNorm's
+        # running statistics keep adapting to the new images (the network stays in training mode).
         for name, p in self.named_parameters():
             if self.backbone_prefix and name.startswith(self.backbone_prefix):
                 p.requires_grad_(not self.frozen())
@@ -240,13 +264,15 @@ class ImageClassifier(L.LightningModule):
         self.net.save_pretrained(folder)
         prep = self.hparams.processing or {}
         size = prep.get("size", 224)
-        config = {"image_processor_type": "ConvNextImageProcessor", "do_resize": True, "do_rescale": True,
+        resized = round(size * prep.get("resize_ratio", 1.0))
+        config = {"image_processor_type": "BitImageProcessor", "do_resize": True, "do_rescale": True,
                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": prep.get("image_mean"),
                   "image_std": prep.get("image_std"), "resample": prep.get("resample", 2),
-                  "size": {"shortest_edge": size}, "crop_pct": 1 / prep.get("resize_ratio", 1.0)}
-        if prep.get("squash"):
-            config.update(image_processor_type="ViTImageProcessor", size={"height": size, "width": size})
-            del config["crop_pct"]
+                  "size": {"shortest_edge": resized}, "do_center_crop": True,
+                  "crop_size": {"height": size, "width": size}}  # short side resized, then the crop
+        if prep.get("squash"):  # each side resized (aspect not kept), then the crop if any
+            config.update(image_processor_type="DeiTImageProcessor", size={"height": resized, "width": resized},
+                          do_center_crop=resized != size)
         Path(folder, "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -263,9 +289,13 @@ def load_image(path, min_side: int = 0):
             if min_side and img.format == "JPEG":
                 img.draft("RGB", (2 * min_side, 2 * min_side))
             img = ImageOps.exif_transpose(img)  # a decoded copy
+    except Image.DecompressionBombError as err:
+        raise ConfigError(f"{path}: {err}: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
         raise ConfigError(f"cannot decode image {path} ({err}): replace or delete it, then rerun") from None
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode.startswith("I;16"):  # 16-bit grey: the top 8 bits (convert("L") would clip to 0 or 255)
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if "transparency" in img.info:  # a palette, grey or RGB image with one transparent colour
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -309,32 +339,36 @@ def processing_of(name: str, image_size: Optional[int]) -> dict:
         size = {"shortest_edge": size}
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
-    if config.get("do_center_crop", bool(crop)) and crop:  # resize to `size`, then crop `crop_size` (DeiT, BiT)
+    if config.get("do_center_crop", bool(crop)) and crop:  # resize to `size`, then crop `crop_size`
         final = crop.get("height", 224)
         ratio = (size.get("shortest_edge") or size.get("height") or final) / final
-        squash = False
-    elif "shortest_edge" in size:  # ConvNeXt-style: resize to size / crop_pct, crop size (no crop at 384+)
+        squash = "shortest_edge" not in size  # DeiT: resized to height x width (aspect not kept), then cropped
+    elif "shortest_edge" in size:  # ConvNeXt: short side to size / crop_pct, then the crop; from 384 px a square
         final = size["shortest_edge"]
-        ratio = 1 / config["crop_pct"] if config.get("crop_pct") and final < 384 else 1.0
-        squash = False
+        squash = final >= 384
+        ratio = int(final / config["crop_pct"]) / final if config.get("crop_pct") and not squash else 1.0
     elif "height" in size:  # ViT-style: resized to exactly height x width, aspect not kept
         final, ratio, squash = size["height"], 1.0, True
     else:
         final, ratio, squash = 224, 256 / 224, False
     resample = config.get("resample", 2)
+    std = list(config.get("image_std") or [0.229, 0.224, 0.225])
+    if str(config.get("image_processor_type", "")).startswith("EfficientNet") and config.get("include_top", True):
+        std = [s * s for s in std]  # its processor divides by std a second time (include_top)
     return {"size": int(image_size or final), "resize_ratio": round(float(ratio), 6), "squash": squash,
             "resample": int(resample if isinstance(resample, int) else 2),
-            "image_mean": list(config.get("image_mean") or [0.485, 0.456, 0.406]),
-            "image_std": list(config.get("image_std") or [0.229, 0.224, 0.225])}
+            "image_mean": list(config.get("image_mean") or [0.485, 0.456, 0.406]), "image_std": std}
 
 
 def evaluation_view(img, prep: dict):
-    """Resize and center crop (or squash to a square), in one PIL resize."""
-    size, (w, h) = prep["size"], img.size
+    """The short side (squash: each side) resized to size x resize_ratio, then the center size x size: one PIL
+    resize of the matching box of the original."""
+    size, ratio, (w, h) = prep["size"], prep["resize_ratio"], img.size
     if prep["squash"]:
-        return img.resize((size, size), prep["resample"])
-    side = min(w, h) * size / round(size * prep["resize_ratio"])  # the crop, in the original's pixels
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        cw, ch = w / ratio, h / ratio
+    else:
+        cw = ch = min(w, h) * size / round(size * ratio)  # the crop, in the original's pixels
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     return img.resize((size, size), prep["resample"], box=box)
 
 
@@ -342,7 +376,8 @@ def training_view(img, prep: dict, rng: random.Random, crop_scale: tuple, flip: 
     """A random resized crop (area share in crop_scale, aspect 3/4..4/3, as torchvision's), a horizontal flip and,
     if strong, one TrivialAugment operation."""
     w, h = img.size
-    box = (0, 0, w, h)
+    cw, ch = (w, min(h, w * 4 / 3)) if w / h < 3 / 4 else (min(w, h * 4 / 3), h)  # after 10 misses: the center
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     for _ in range(10):
         area = w * h * rng.uniform(*crop_scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -384,7 +419,7 @@ def trivial_augment(img, rng: random.Random):
         enhance = (ImageEnhance.Brightness, ImageEnhance.Color, ImageEnhance.Contrast, ImageEnhance.Sharpness)[op - 6]
         return enhance(img).enhance(1 + sign * 0.99 * m)
     if op == 10:
-        return ImageOps.posterize(img, 8 - int(6 * m))
+        return ImageOps.posterize(img, 8 - round(6 * m))
     if op == 11:
         return ImageOps.solarize(img, int(255 * (1 - m)))
     return ImageOps.autocontrast(img) if op == 12 else ImageOps.equalize(img)
@@ -470,6 +505,9 @@ def read_csv(path: Path, require_label: bool) -> tuple:
     if column["path"] is None or (require_label and column["label"] is None):
         raise ConfigError(f"{path}: needs a header with columns path,label (and optionally split); it has"
                           f" {', '.join(header.values()) or 'no rows'}")
+    empty = [n + 2 for n, row in enumerate(rows) if not (row[column["path"]] or "").strip()]
+    if empty:
+        raise ConfigError(f"{path}: line {empty[0]} has no path")
     files = [(path.parent / row[column["path"]].strip()).resolve() for row in rows]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -515,7 +553,7 @@ def refuse_unreadable(files: list) -> None:
         try:
             with Image.open(file):
                 pass
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             bad.append(str(file))
     if bad:
         raise ConfigError(f"{len(bad)} file(s) are not readable images: {', '.join(bad[:3])}"
@@ -525,7 +563,7 @@ def refuse_unreadable(files: list) -> None:
 def split_by_class(keys: list, targets: list, val_fraction: float, test_fraction: float, seed: int) -> dict:
     """Indices of the val, test and train splits: round(n x fraction) of each class (each class keeps at least one
     training image), the items ordered within their class by a hash of (seed, key): adding or removing images moves
-    no others between splits, where a permutation of the whole list would reshuffle them all."""
+    few others between splits, where a permutation of the whole list would reshuffle them all."""
     by_class: dict = {}
     for i, (key, target) in enumerate(zip(keys, targets)):
         by_class.setdefault(target, []).append((hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), i))
@@ -638,11 +676,16 @@ class ImageData(L.LightningDataModule):
             raise ConfigError(f"{self.path}: needs at least 2 classes of images; found {len(self.classes)}")
         self.targets = [self.classes.index(label) for label in labels]
         refuse_unreadable(self.files)
+        keys = [f.relative_to(self.path).as_posix() if f.is_relative_to(self.path) else str(f) for f in self.files]
         if given is None:
-            keys = [f.relative_to(self.path).as_posix() if f.is_relative_to(self.path) else str(f) for f in self.files]
             self.splits = split_by_class(keys, self.targets, val_fraction, test_fraction, split_seed)
         else:
             self.splits = {name: [i for i, s in enumerate(given) if s == name] for name in ("train", "val", "test")}
+            if not self.splits["val"] and not val_path:  # train/ and test/ only: val_fraction of train is held out
+                train = self.splits["train"]
+                held = split_by_class([keys[i] for i in train], [self.targets[i] for i in train], val_fraction, 0,
+                                      split_seed)
+                self.splits.update(val=[train[i] for i in held["val"]], train=[train[i] for i in held["train"]])
         self.processing = processing_of(processor or DEFAULT_BACKBONE, image_size)
 
     def setup(self, stage: str) -> None:
@@ -709,15 +752,6 @@ class ImageCLI(TemplateCLI):
         self.link(parser, "data.classes", "model.class_names")
         self.link(parser, "data.processing", "model.processing")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
-
-    def prepare_config(self, subcommand, config) -> None:
-        # DDP sums gradients of the parameters it was built with; the frozen backbone's first epochs give none, which
-        # plain DDP takes for a bug in the model and stops on.
-        freezes = config.model.pretrained and config.model.freeze_epochs > 0
-        if subcommand == "fit" and freezes and config.trainer.strategy in ("ddp", "ddp_spawn", "ddp_fork"):
-            config.trainer.strategy = f"{config.trainer.strategy}_find_unused_parameters_true"
-            rank_zero_info(f"strategy {config.trainer.strategy}: the frozen backbone's parameters get no gradients in"
-                           " the first epochs (--model.freeze_epochs 0 keeps plain DDP)")
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()

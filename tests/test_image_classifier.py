@@ -3,6 +3,8 @@ test, predict; transfer beats training from scratch; exact resume across the unf
 processors differ; the layouts and image modes users have; bad input in one line."""
 
 import csv
+import json
+import shutil
 import sys
 
 import pytest
@@ -49,10 +51,10 @@ def test_fit_test_and_predict_on_the_generated_shapes(tmp_path, tiny_resnet):
 @pytest.mark.slow
 def test_a_pretrained_backbone_beats_the_same_backbone_from_scratch(tmp_path, tiny_resnet):
     """Transfer, not only loading: a backbone trained on four shapes and saved with save_pretrained learns four
-    other shapes from 40 images each better than the same network from random values, at equal steps."""
+    other shapes from 20 images each better than the same network from random values, at equal steps."""
     first = ic.make_shapes(tmp_path / "first", ("circle", "square", "cross", "ring"), per_class=150, size=48, seed=1)
-    second = ic.make_shapes(tmp_path / "second", ("triangle", "star", "diamond", "hexagon"), per_class=40, size=48,
-                            seed=2)
+    second = ic.make_shapes(tmp_path / "second", ("triangle", "star", "diamond", "hexagon"), per_class=60, size=48,
+                            seed=2)  # 20 training and 40 validation images a class
     pretrained = fit("--data.data_path", first, "--model.backbone", tiny_resnet, "--model.pretrained", "false",
                      "--model.lr", "3e-3", "--trainer.max_epochs", "15", root="first", cwd=tmp_path)
     assert kept_line(pretrained.stdout)["val_acc"] >= 0.9
@@ -60,15 +62,16 @@ def test_a_pretrained_backbone_beats_the_same_backbone_from_scratch(tmp_path, ti
     model.save_pretrained(tmp_path / "shapes_backbone")
     scores = {}
     for start in ("true", "false"):
-        result = fit("--data.data_path", second, "--data.val_fraction", "0.25", "--data.test_fraction", "0",
+        result = fit("--data.data_path", second, "--data.val_fraction", "0.67", "--data.test_fraction", "0",
                      "--model.backbone", tmp_path / "shapes_backbone", "--model.pretrained", start,
+                     "--model.backbone_lr_scale", "1.0",  # these features are from a task much like this one
                      "--model.lr", "3e-3", "--trainer.max_epochs", "10", "--data.batch_size", "16",
                      "--early_stopping.patience", "10",
                      root=f"second_{start}", cwd=tmp_path)
         scores[start] = kept_line(result.stdout)
-    print(scores)  # measured: val_acc 0.85 pretrained, 0.625 from scratch (70 steps, 40 validation images)
-    assert scores["true"]["val_acc"] >= scores["false"]["val_acc"] + 0.15, scores
-    assert scores["true"]["val_loss"] < scores["false"]["val_loss"], scores
+    print(scores)  # measured: val_acc 0.74 against 0.55, val_loss 0.66 against 1.08 (50 steps, 160 images)
+    assert scores["true"]["val_acc"] >= scores["false"]["val_acc"] + 0.08, scores
+    assert scores["true"]["val_loss"] <= scores["false"]["val_loss"] - 0.15, scores
     head = load_ckpt(tmp_path / "second_true" / "checkpoints" / "best.ckpt")["hyper_parameters"]
     assert head["class_names"] == ["diamond", "hexagon", "star", "triangle"]
 
@@ -102,7 +105,7 @@ def test_two_backbones_whose_processors_differ_both_train(tmp_path, tiny_resnet,
     """Input size, resizing and normalization come from each backbone's own processor config: a ViT accepts only
     its own 24 x 24 inputs, so its run training at all proves the size was read."""
     assert ic.processing_of(str(tiny_resnet), None) == {
-        "size": 32, "resize_ratio": round(1 / 0.875, 6), "squash": False, "resample": 3,
+        "size": 32, "resize_ratio": 36 / 32, "squash": False, "resample": 3,  # int(32 / 0.875), as transformers
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     assert ic.processing_of(str(tiny_vit), None)["size"] == 24 and ic.processing_of(str(tiny_vit), 20)["size"] == 20
     shapes = ic.make_shapes(tmp_path / "shapes", per_class=20, size=40)
@@ -111,9 +114,28 @@ def test_two_backbones_whose_processors_differ_both_train(tmp_path, tiny_resnet,
             cwd=tmp_path)
         processing = load_ckpt(tmp_path / name / "checkpoints" / "last.ckpt")["hyper_parameters"]["processing"]
         assert processing == ic.processing_of(str(backbone), None)
-    model = ic.ImageClassifier.load_from_checkpoint(tmp_path / "vit" / "checkpoints" / "last.ckpt").eval()
-    model.save_pretrained(tmp_path / "exported")  # and back: the exported folder's processor is the same
-    assert ic.processing_of(str(tmp_path / "exported"), None) == processing | ic.processing_of(str(tiny_vit), None)
+    for name in ("vit", "resnet"):  # and back: an exported folder's processor config reads as the same processing
+        model = ic.ImageClassifier.load_from_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt").eval()
+        model.save_pretrained(tmp_path / f"exported_{name}")
+        assert ic.processing_of(str(tmp_path / f"exported_{name}"), None) == model.hparams.processing
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 384}, "crop_pct": 0.875},
+     {"size": 384, "resize_ratio": 1.0, "squash": True}),  # from 384 px ConvNeXt resizes to a square, no crop
+    ({"image_processor_type": "DeiTImageProcessor", "size": {"height": 256, "width": 256}, "do_center_crop": True,
+      "crop_size": {"height": 224, "width": 224}}, {"size": 224, "resize_ratio": round(256 / 224, 6), "squash": True}),
+    ({"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 256}, "do_center_crop": True,
+      "crop_size": {"height": 224, "width": 224}}, {"size": 224, "resize_ratio": round(256 / 224, 6), "squash": False}),
+    ({"image_processor_type": "EfficientNetImageProcessor", "size": {"height": 224, "width": 224},
+      "image_std": [0.5, 0.5, 0.5], "include_top": True}, {"size": 224, "image_std": [0.25, 0.25, 0.25]}),
+])
+def test_processor_configs_of_other_families(config, expected, tmp_path):
+    """What each family's own processor does: ConvNeXt from 384 px and DeiT resize without keeping the aspect;
+    EfficientNet (include_top) divides by std twice."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    processing = ic.processing_of(str(tmp_path), None)
+    assert {key: processing[key] for key in expected} == expected
 
 
 def write_exif_rotated_jpeg(path):
@@ -138,6 +160,10 @@ def test_the_layouts_and_image_modes_users_have(tmp_path):
     assert ic.load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # transparency over white
     assert ic.load_image(tmp_path / "palette.gif").mode == "RGB"
     assert ic.load_image(tmp_path / "turned.jpg").size == (10, 20)
+    Image.new("I;16", (8, 8), 40000).save(tmp_path / "deep.png")
+    assert ic.load_image(tmp_path / "deep.png").getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "keyed.png", transparency=(1, 2, 3))
+    assert ic.load_image(tmp_path / "keyed.png").getpixel((0, 0)) == (255, 255, 255)
 
     shapes = ic.make_shapes(tmp_path / "shapes", ("circle", "square"), per_class=12, size=32)
     with open(tmp_path / "labels.csv", "w", newline="") as f:
@@ -154,6 +180,11 @@ def test_the_layouts_and_image_modes_users_have(tmp_path):
                 (tmp_path / "split" / split / shape / image.name).write_bytes(image.read_bytes())
     files, labels, splits = ic.read_images(tmp_path / "split")
     assert sorted(set(splits)) == ["test", "train", "val"] and splits.count("val") == 6
+    for image in (tmp_path / "split" / "valid").rglob("*.png"):  # train/ and test/ only: val comes from train
+        (tmp_path / "split" / "train" / image.parent.name / f"v{image.name}").write_bytes(image.read_bytes())
+    shutil.rmtree(tmp_path / "split" / "valid")
+    no_val = ic.ImageData(data_path=str(tmp_path / "split"), processor="imagenet", val_fraction=0.25)
+    assert {name: len(idx) for name, idx in no_val.splits.items()} == {"train": 8, "val": 4, "test": 6}
     data = ic.ImageData(data_path=str(tmp_path / "labels.csv"), processor=str(tmp_path), image_size=16)
     assert {name: len(idx) for name, idx in data.splits.items()} == {"train": 12, "val": 6, "test": 6}
 
@@ -169,8 +200,9 @@ def truncate(path):
     ("empty class folder", "hold no images"),
     ("mistyped backbone", "did you mean: microsoft/resnet-18"),
     ("weights of another architecture", "do not fit its config"),
+    ("a text model", "is not an image classifier"),
 ])
-def test_bad_input_is_one_line_and_writes_no_checkpoint(tmp_path, tiny_resnet, tiny_vit, case, expected):
+def test_bad_input_is_one_line_and_writes_no_checkpoint(tmp_path, tiny_resnet, tiny_bert, case, expected):
     shapes = ic.make_shapes(tmp_path / "shapes", ("circle", "square"), per_class=10, size=32)
     backbone = tiny_resnet
     if case == "not an image":
@@ -182,6 +214,8 @@ def test_bad_input_is_one_line_and_writes_no_checkpoint(tmp_path, tiny_resnet, t
         (shapes / "triangle").mkdir()
     elif case == "mistyped backbone":
         backbone = "microsoft/resnet18"
+    elif case == "a text model":
+        backbone = tiny_bert
     else:  # a ViT's weights beside a ResNet's config
         backbone = tmp_path / "mixed"
         save_tiny_backbone(backbone, "vit")
@@ -195,15 +229,14 @@ def test_bad_input_is_one_line_and_writes_no_checkpoint(tmp_path, tiny_resnet, t
 
 @pytest.mark.slow
 def test_ddp_trains_with_a_frozen_backbone(tmp_path, tiny_resnet):
-    """Two CPU processes: plain DDP would stop at the frozen epoch's second step (parameters without gradients);
-    the template switches on find_unused_parameters for a fit that freezes, and both ranks end with one model."""
+    """Two CPU processes, DDP chosen by Lightning: plain DDP would stop at the frozen epoch's second step
+    (parameters without gradients); the template switches on find_unused_parameters for a fit that freezes."""
     shapes = ic.make_shapes(tmp_path / "shapes", per_class=20, size=32)  # 28 training images per process
     result = run_template("image_classifier.py", "fit", *FAST, "--data.batch_size", "8", "--data.data_path", shapes,
-                          "--model.backbone",
-                          tiny_resnet, "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
-                          "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
+                          "--model.backbone", tiny_resnet, "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+                          "--trainer.devices", "2", cwd=tmp_path)  # strategy auto: Lightning picks DDP
     assert_ok(result)
-    assert "ddp_find_unused_parameters_true" in result.stdout + result.stderr
+    assert "DDP with find_unused_parameters" in result.stdout + result.stderr
     last = load_ckpt(tmp_path / "runs" / "image_classifier" / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 1
 

@@ -124,7 +124,7 @@ def test_templates_are_the_users_story(template):
     for name in ("class StopOnNonFiniteLoss", "class ResumeAtUnfinishedBatch", "def with_nearest_keys",
                  "class PredictionWriter", "def run_cli"):
         assert name not in source, f"{template} defines {name} again: it belongs in lightning_support.py"
-    limits = {"causal_lm.py": 850, "tabular.py": 850, "image_classifier.py": 780}
+    limits = {"causal_lm.py": 850, "tabular.py": 850, "image_classifier.py": 800}
     assert len(source.splitlines()) <= limits.get(template, 600)
 
 

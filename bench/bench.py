@@ -280,7 +280,7 @@ def run_image(opt, root: Path) -> dict:
     data.setup("fit")
     model = image_classifier.ImageClassifier(backbone=backbone, freeze_epochs=0, class_names=data.classes,
                                              processing=data.processing)
-    model.net = image_classifier.build_network(backbone, True, data.classes).to(memory_format=torch.channels_last)
+    model.use_network(image_classifier.build_network(backbone, True, data.classes))  # as configure_model does
     model.to(device).train()
     groups: dict = {}  # as the support module's adamw(): backbone at lr x 0.1, no decay on 1-D parameters
     for name, p in model.named_parameters():

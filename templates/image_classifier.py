@@ -176,8 +176,11 @@ class ImageClassifier(L.LightningModule):
         # Pretrained weights for a new fit only: a resumed run, test and predict get every weight from the checkpoint
         # (no download; load_from_checkpoint runs this without a trainer).
         fresh = self._trainer is not None and not self.trainer.ckpt_path
-        self.net = build_network(self.hparams.backbone, self.hparams.pretrained and fresh, self.class_names)
-        self.net.to(memory_format=torch.channels_last)  # faster convolutions on GPUs (tensor cores) and CPUs
+        self.use_network(build_network(self.hparams.backbone, self.hparams.pretrained and fresh, self.class_names))
+
+    def use_network(self, net: torch.nn.Module) -> None:
+        """Makes `net` this model's network (configure_model's; in Python, a network built by hand)."""
+        self.net = net.to(memory_format=torch.channels_last)  # faster convolutions on GPUs (tensor cores) and CPUs
         # ViT-style models refuse another input size (--data.image_size) unless told to interpolate their positions
         accepts = inspect.signature(self.net.forward).parameters
         self.forward_options = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepts else {}

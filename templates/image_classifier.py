@@ -59,7 +59,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 try:
-    from lightning_support import ConfigError, TemplateCLI, adamw, pretrained, run_cli
+    from lightning_support import ConfigError, TemplateCLI, adamw, cosine_by_epoch, pretrained, run_cli
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py image_classifier DEST" if missing.name == "lightning_support" else missing)
@@ -249,15 +249,7 @@ class ImageClassifier(L.LightningModule):
         scale = self.hparams.backbone_lr_scale if self.hparams.pretrained else 1.0
         lr_scale = {self.backbone_prefix: scale} if self.backbone_prefix else {}
         optimizer = adamw(self, self.hparams.lr, self.hparams.weight_decay, lr_scale=lr_scale)
-        if not self.trainer.max_epochs or self.trainer.max_epochs < 1:  # trains until stopped: a constant lr
-            return optimizer
-
-        def cosine(epoch: int) -> float:  # max_epochs read at each step: a resumed, longer run follows it
-            total = max(1, self.trainer.max_epochs)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return cosine_by_epoch(self, optimizer)
 
     def save_pretrained(self, folder: str) -> None:
         """A Hugging Face folder of this model: weights, config (with the class names) and the processor config of

@@ -22,6 +22,7 @@ import csv
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import shlex
@@ -335,6 +336,22 @@ def adamw(module, lr: float, weight_decay: float, betas: tuple = (0.9, 0.999),
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     fused = module.device.type in ("cuda", "cpu") and scaler is None
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def cosine_by_epoch(module, optimizer: torch.optim.Optimizer):
+    """configure_optimizers' return: the learning rate from its value down a cosine to 0 at max_epochs, stepped each
+    epoch. max_epochs is read at each step, so a resumed run with a larger one follows the longer schedule from where
+    it is (CosineAnnealingLR would keep the old length, reach 0 and climb back up); ScheduleAtResume sets the rate
+    where it resumes. max_epochs -1 (until stopped): a constant learning rate."""
+    if not module.trainer.max_epochs or module.trainer.max_epochs < 1:
+        return optimizer
+
+    def cosine(epoch: int) -> float:
+        total = max(1, module.trainer.max_epochs)
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
 def clip_gradients(module, gradient_clip_val, gradient_clip_algorithm) -> None:

@@ -60,8 +60,8 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.utilities import dim_zero_cat
 
 try:
-    from lightning_support import (ConfigError, PredictionWriter, TemplateCLI, adamw, newest_checkpoint, next_command,
-                                   run_cli, without_ckpt_path)
+    from lightning_support import (ConfigError, PredictionWriter, TemplateCLI, adamw, cosine_by_epoch,
+                                   newest_checkpoint, next_command, run_cli, without_ckpt_path)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py tabular DEST" if missing.name == "lightning_support" else missing)
@@ -238,15 +238,7 @@ class TabularModel(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = adamw(self, self.hparams.lr, self.hparams.weight_decay)  # no decay on biases
-        if not self.trainer.max_epochs or self.trainer.max_epochs < 1:  # trains until stopped: a constant lr
-            return optimizer
-
-        def cosine(epoch: int) -> float:  # max_epochs read at each step: a resumed, longer run follows it
-            total = max(1, self.trainer.max_epochs)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return cosine_by_epoch(self, optimizer)
 
     def encode_rows(self, rows: list) -> tuple:
         """Raw rows (dicts of column name -> text or number, as csv.DictReader gives) -> (numeric, codes) for

@@ -30,7 +30,7 @@ Your images:
   views: resize and center crop, as the backbone's processor does. --data.image_size overrides the input size.
 The kept model, best.ckpt, has the lowest val_loss. In Python: ImageClassifier.load_from_checkpoint(best,
 weights_only=True).save_pretrained("my_model") writes a Hugging Face folder (config with your class names, weights,
-processor config) that --model.backbone, pipeline("image-classification") and this template's predict load.
+processor config) that --model.backbone and transformers' pipeline("image-classification") load.
 Outputs: <trainer.default_root_dir>/checkpoints (best.ckpt, last.ckpt), lightning_logs/version_N,
 predictions/<checkpoint>.csv (file, prediction, confidence, label).
 """
@@ -253,7 +253,7 @@ class ImageClassifier(L.LightningModule):
 
     def save_pretrained(self, folder: str) -> None:
         """A Hugging Face folder of this model: weights, config (with the class names) and the processor config of
-        the data it was trained on, which --model.backbone, pipeline("image-classification") and predict load."""
+        the data it was trained on, which --model.backbone and pipeline("image-classification") load."""
         if self.net is None:
             self.configure_model()
         self.net.save_pretrained(folder)

@@ -118,6 +118,11 @@ def test_two_backbones_whose_processors_differ_both_train(tmp_path, tiny_resnet,
         model = ic.ImageClassifier.load_from_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt").eval()
         model.save_pretrained(tmp_path / f"exported_{name}")
         assert ic.processing_of(str(tmp_path / f"exported_{name}"), None) == model.hparams.processing
+    from PIL import Image
+    from transformers import pipeline
+
+    classify = pipeline("image-classification", model=str(tmp_path / "exported_resnet"))  # transformers alone
+    assert {r["label"] for r in classify(Image.new("RGB", (50, 40), (200, 10, 10)))} == set(model.hparams.class_names)
 
 
 @pytest.mark.parametrize("config, expected", [

@@ -60,6 +60,10 @@ SEARCH_SPACES = {
         "model.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
         "model.warmup_steps": {"type": "int", "low": 0, "high": 100},
     },
+    "custom.py": {  # as shipped (AdamW); a model of your own takes its own options and ranges: pass --space
+        "model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+    },
 }
 # -----------------------------------------------------------------------------------------------------------------
 

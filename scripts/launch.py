@@ -3,8 +3,8 @@
 Usage:
     python scripts/launch.py config.yaml --target local                   # cd DIR && python SCRIPT fit --config ...
     python scripts/launch.py config.yaml configs/ddp.yaml --target local  # the project's settings, then DDP's
-    python scripts/launch.py configs/multinode.yaml --target torchrun --script causal_lm.py
-    python scripts/launch.py configs/multinode.yaml --target slurm --nodes 2 --write job.sbatch
+    python scripts/launch.py config.yaml configs/ddp.yaml --target torchrun     # num_nodes, devices from the configs
+    python scripts/launch.py config.yaml configs/ddp.yaml --target slurm --nodes 2 --write job.sbatch
 
 The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else a DDP run stops with
 "ValueError: You set devices=..." and an FSDP run can hang at "Initializing distributed"): a --nodes (or --devices)

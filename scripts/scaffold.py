@@ -5,13 +5,15 @@ Usage:
     python scripts/scaffold.py image_classifier my_photos --set data.data_path=photos/ \
         --set model.backbone=microsoft/resnet-50                               # a folder of images by class
     python scripts/scaffold.py causal_lm my_lm --set data.data_path=corpus/ --set trainer.max_steps=2000
+    python scripts/scaffold.py custom my_model     # your own network, loss, optimizer, data (a converted loop)
     python scripts/scaffold.py tabular my_project --hardware none        # skip hardware detection
     python scripts/scaffold.py tabular my_project --hardware hw.yaml     # a trainer: section from a file
     python scripts/scaffold.py tabular my_project --force                # replace files that already exist
 
-config.yaml = the template's own defaults (its `fit --print_config`), then the `trainer:` section and the float32
-matmul precision that detect_hardware.py recommends for this machine (--hardware auto, the default), then every
---set key=value.
+config.yaml = the `trainer:` section and the float32 matmul precision that detect_hardware.py recommends for this
+machine (--hardware auto, the default), then every --set key=value: only what differs from the template's defaults,
+so that an option you later change or remove in the template's code is not pinned by a stale copy
+(`TEMPLATE.py fit --config config.yaml --print_config` shows every setting).
 Keys are checked against the template's LightningCLI; values are YAML data (numbers, true/false, null, lists),
 anything else stays a plain string. A relative path in a *_path value is read from the current folder and
 written absolute (the commands run in DEST). lightning_support.py holds the run machinery every template imports
@@ -111,11 +113,11 @@ def set_key(tree: dict, dotted: str, value) -> None:
 
 
 def merge(defaults: dict, hardware: dict, sets: list) -> dict:
-    """The template's defaults, then the hardware settings, then --set values (later wins)."""
-    config = json.loads(json.dumps(defaults))  # deep copy of plain data
+    """The hardware settings, then --set values (later wins); the template's defaults name the keys it has."""
+    config: dict = {}
     for key, value in hardware.get("trainer", {}).items():
         set_key(config, f"trainer.{key}", value)
-    if "matmul_precision" in hardware and "matmul_precision" in config:
+    if "matmul_precision" in hardware and "matmul_precision" in defaults:
         config["matmul_precision"] = hardware["matmul_precision"]
     for key, value in sets:
         set_key(config, key, value)
@@ -209,7 +211,7 @@ def default_data(entry: dict, defaults: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("template", help="tabular, image_classifier, causal_lm or transformers_finetune")
+    parser.add_argument("template", help="tabular, image_classifier, causal_lm, transformers_finetune or custom")
     parser.add_argument("dest", help="project folder (created if missing)")
     parser.add_argument("--hardware", default="auto", help="auto (detect this machine), none, or a YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value (repeatable)")
@@ -236,7 +238,9 @@ def main(argv=None) -> int:
         config = merge(defaults, hardware, data_default + sets)
         with tempfile.TemporaryDirectory() as tmp:  # validate the whole result before touching DEST
             staged = Path(tmp) / "config.yaml"
-            staged.write_text("# written by scaffold.py: the template's defaults + hardware + --set values\n"
+            staged.write_text(f"# written by scaffold.py: this machine's trainer settings and your values; every other"
+                              f" option is {script.name}'s default\n# (python {script.name} fit --config config.yaml"
+                              " --print_config shows them all)\n"
                               + yaml.safe_dump(config, sort_keys=False))
             code, _, err = print_config(script, "--config", str(staged))
             if code != 0:
@@ -250,7 +254,8 @@ def main(argv=None) -> int:
         return 2
     # Every printed command is shell-quoted: DEST or a value may hold spaces, quotes or ';'.
     scripts, python = SKILL / "scripts", python_command()
-    run_dir = config["trainer"].get("default_root_dir") or "lightning_logs"
+    run_dir = (config.get("trainer", {}).get("default_root_dir") or defaults.get("trainer", {}).get("default_root_dir")
+               or "lightning_logs")
     commands = {
         "cd": shlex.join(["cd", str(dest.resolve())]),
         "smoke_test": f"{python} {shlex.join([str(scripts / 'smoke_test.py'), '.', '--config', 'config.yaml'])}",

@@ -14,7 +14,7 @@ configuration alone:
     python causal_lm.py fit --config configs/ddp.yaml                # every GPU of the machine
     python causal_lm.py fit --config configs/fsdp.yaml               # shard weights/grads/optimizer state (FSDP)
     python causal_lm.py fit --config configs/fsdp2.yaml              # ModelParallelStrategy: FSDP2 per block
-    python causal_lm.py fit --config configs/deepspeed_stage_2.yaml  # or deepspeed_stage_3_offload.yaml
+    python causal_lm.py fit --config configs/deepspeed.yaml          # ZeRO-2 (ZeRO-3 + offload: see the file)
     python causal_lm.py fit --ckpt_path last                         # resume where the run stopped
     python causal_lm.py fit --print_config > my_config.yaml          # every setting
     python causal_lm.py validate --ckpt_path best                    # val_loss of the best checkpoint

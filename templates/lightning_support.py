@@ -137,7 +137,15 @@ class CheckpointOnException(Callback):
 
 class ResumableRandomState(Callback):
     """Stores the torch random state in every checkpoint and restores it on resume, so data order and dropout go
-    on as in an uninterrupted run (Lightning saves no random state)."""
+    on as in an uninterrupted run (Lightning saves no random state). The sanity check's validation batches draw
+    nothing from it either (a DataLoader draws a seed each time it starts), so training draws the random numbers a
+    plain loop with the same seed draws, and a run with or without the sanity check trains alike."""
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self.before_sanity_check = self.state_dict()
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        self.load_state_dict(self.before_sanity_check)
 
     def state_dict(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
@@ -181,6 +189,34 @@ class ResumeAtUnfinishedBatch(Callback):
             counts.update(ready=done, started=done, processed=done, completed=done - 1)
         progress["is_last_batch"] = False
         loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # that restart adds the step it assumes uncounted
+
+
+class RecordSteps(Callback):
+    """Writes each training batch's loss and learning rate to a CSV, `step,loss,lr` (--record_steps FILE), exactly
+    (Python's repr of the float32 values): scripts/compare_runs.py compares it with the same file written by a plain
+    loop (references/migration.md). step counts batches from 0 across epochs; the loss is the one backward saw
+    (divided by accumulate_grad_batches); lr is the first parameter group's at the batch's start. A resumed run
+    appends, and compare_runs.py keeps the last row of a step. Rank 0's batches only; one device sync per batch."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.lr = float("nan")
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.is_file() or self.path.stat().st_size == 0:
+                self.path.write_text("step,loss,lr\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if trainer.is_global_zero and torch.is_tensor(loss):
+            step = trainer.fit_loop.epoch_loop.batch_progress.total.processed - 1
+            with open(self.path, "a") as f:
+                f.write(f"{step},{float(loss)!r},{float(self.lr)!r}\n")
 
 
 class ScheduleAtResume(Callback):
@@ -598,6 +634,9 @@ class TemplateCLI(LightningCLI):
         # The best model by the template's validation metric, and an unmonitored checkpoint whose last.ckpt is
         # rewritten at every save: a monitored one only rewrites last.ckpt when the metric improves, so resuming from
         # it could redo epochs. dirpath None: <trainer.default_root_dir>/checkpoints, a fixed folder `last` finds.
+        parser.add_argument("--record_steps", type=Optional[str], default=None,
+                            help="write each training batch's step,loss,lr to this CSV, to compare with a plain loop"
+                            " (scripts/compare_runs.py; references/migration.md)")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
         parser.set_defaults({"best_checkpoint.monitor": self.monitor, "best_checkpoint.mode": self.mode,
                              "best_checkpoint.filename": "best", "best_checkpoint.save_top_k": 1})
@@ -682,6 +721,8 @@ class TemplateCLI(LightningCLI):
             self.refuse_other_data(config.ckpt_path)
         if self.subcommand == "predict":
             self.trainer.callbacks.append(PredictionWriter(config.get("ckpt_path")))
+        if self.subcommand == "fit" and config.get("record_steps"):
+            self.trainer.callbacks.append(RecordSteps(config.record_steps))
 
     def refuse_other_data(self, ckpt_path: str) -> None:
         """What the data gives the model (classes, input shape, vocabulary: the links) must be what the checkpoint
@@ -721,8 +762,9 @@ def kept_checkpoint(trainer) -> str:
     callback = trainer.checkpoint_callback
     path = callback.best_model_path
     where = ""
-    if Path(path).is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved_file = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)  # a sharded folder: its metadata
+    if saved_file.is_file():
+        saved = torch.load(saved_file, map_location="cpu", weights_only=True, mmap=True)
         history = next((c.by_step for c in trainer.callbacks if isinstance(c, ValidationHistory)), {})
         others = [f"{k}={v:.4f}" for k, v in history.get(saved["global_step"], {}).items() if k != callback.monitor]
         where = f" (epoch {saved['epoch']}, step {saved['global_step']}{'; ' if others else ''}{', '.join(others)})"
@@ -806,6 +848,10 @@ def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, cal
     except (ConfigError, NonFiniteLossError) as err:
         sys.stderr.write(f"{name}: error: {one_line(err)}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+    except FileNotFoundError as err:  # a data file a template's (or your) reader opens
+        sys.stderr.write(f"{name}: error: file not found: {err.filename}: check the path (relative paths are read"
+                         f" from {os.getcwd()})\n")
+        sys.exit(2)
     except (MisconfigurationException, RuntimeError) as err:
         if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
             detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")

@@ -507,12 +507,13 @@ def test_fsdp_configs_build_their_strategy():
     assert isinstance(fsdp2, ModelParallelStrategy)
 
 
-@pytest.mark.parametrize("name, stage, offload", [("deepspeed_stage_2.yaml", 2, False),
-                                                  ("deepspeed_stage_3_offload.yaml", 3, True)])
-def test_deepspeed_configs_name_registered_strategies(name, stage, offload):
+@pytest.mark.parametrize("strategy, stage, offload", [(None, 2, False), ("deepspeed_stage_3_offload", 3, True)])
+def test_deepspeed_config_and_its_documented_override_name_registered_strategies(strategy, stage, offload):
     from lightning.pytorch.strategies import StrategyRegistry
 
-    strategy = build_strategy(name)
+    config = (CONFIGS / "deepspeed.yaml").read_text()
+    assert strategy is None or f"--trainer.strategy {strategy}" in config  # the override the file documents
+    strategy = strategy or build_strategy("deepspeed.yaml")
     assert strategy in StrategyRegistry, strategy
     init = StrategyRegistry[strategy]["init_params"]
     assert init["stage"] == stage and bool(init.get("offload_optimizer")) == offload
@@ -520,8 +521,7 @@ def test_deepspeed_configs_name_registered_strategies(name, stage, offload):
 
 @pytest.mark.parametrize("config, expected", [
     ("fsdp.yaml", "strategy `fsdp` requires a GPU accelerator"),
-    ("deepspeed_stage_2.yaml", "you must have DeepSpeed installed"),
-    ("deepspeed_stage_3_offload.yaml", "you must have DeepSpeed installed"),
+    ("deepspeed.yaml", "you must have DeepSpeed installed"),
     ("fsdp2.yaml", "must equal devices x num_nodes = 1"),  # runs on CPU, but 8 shards need 8 processes
 ])
 def test_strategy_that_cannot_run_here_is_one_clear_line(template_main, tmp_path, monkeypatch, capsys, config,

@@ -27,7 +27,7 @@ from conftest import (CONFIGS, CSV_LOGS, QUIET, REPO, TEMPLATES, assert_ok, asse
 
 sys.path.insert(0, str(TEMPLATES))  # the module the templates import, as they import it
 import lightning_support as support  # noqa: E402
-TEMPLATE_NAMES = ["tabular.py", "causal_lm.py", "transformers_finetune.py"]
+TEMPLATE_NAMES = ["tabular.py", "causal_lm.py", "transformers_finetune.py", "custom.py"]
 
 
 # ---- the pieces, by import ----------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_templates_are_the_users_story(template):
     for name in ("class StopOnNonFiniteLoss", "class ResumeAtUnfinishedBatch", "def with_nearest_keys",
                  "class PredictionWriter", "def run_cli"):
         assert name not in source, f"{template} defines {name} again: it belongs in lightning_support.py"
-    limits = {"causal_lm.py": 850, "tabular.py": 850, "image_classifier.py": 800}
+    limits = {"causal_lm.py": 850, "tabular.py": 850, "image_classifier.py": 800, "custom.py": 200}
     assert len(source.splitlines()) <= limits.get(template, 600)
 
 
@@ -297,6 +297,8 @@ SHAPES = {  # a short fit, and a model option that changes what the checkpoint h
                      ["--model.model_config", '{"num_hidden_layers": 2}'], "model.model_config"),
     "transformers_finetune.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
                                  ["--model.model_config", '{"num_hidden_layers": 1}'], "model.model_config"),
+    "custom.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"], ["--model.lr", "0.01"],
+                  "model.lr"),
 }
 
 

@@ -1,7 +1,8 @@
 """scripts/scaffold.py, and the agent's path it starts: scaffold -> smoke_test -> launch -> train -> summarize_run, for
 every template; its files, its config.yaml, the commands it prints, and its refusals. Then scripts/launch.py: the
 command or sbatch file for a config's devices and nodes, checked against them; the printed torchrun command run for
-real on two simulated nodes.
+real on two simulated nodes. Last, scripts/smoke_test.py: PASS only when training and validation batches ran; each
+diagnosis proven by planting its failure in a copy of the tabular template; bad usage.
 """
 
 import json
@@ -19,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import (CONFIGS, QUIET, REPO, SCRIPTS, TEMPLATES, assert_bad_input_changes_nothing, assert_ok,
-                      callback_config, final_val_loss, load_ckpt, load_module, run, run_facts, run_script, run_template,
-                      save_tiny_backbone, snapshot)
+                      assert_one_error_line, callback_config, final_val_loss, load_ckpt, load_module, run, run_facts,
+                      run_script, run_template, save_tiny_backbone, snapshot)
 
 
 def script(name, *args, cwd, timeout=600):
@@ -29,6 +30,7 @@ def script(name, *args, cwd, timeout=600):
 
 TEMPLATE_RUNS = {
     "tabular": (["trainer.max_epochs=2"], "val_acc"),
+    "custom": (["trainer.max_epochs=2"], "val_acc"),
     "image_classifier": (["trainer.max_epochs=2", "data.batch_size=16"], "val_acc"),
     "transformers_finetune": (["trainer.max_epochs=2"], "val_acc"),
     "causal_lm": (["trainer.max_steps=20", "trainer.val_check_interval=10"], "val_loss"),
@@ -109,7 +111,7 @@ def test_scaffold_bad_input_writes_nothing(tmp_path, args, expected):
 
 def test_scaffold_unknown_template(tmp_path):
     result = script("scaffold.py", "resnet", tmp_path / "p", cwd=tmp_path)
-    assert result.returncode == 2 and "causal_lm, image_classifier, tabular, transformers_finetune" in result.stderr
+    assert result.returncode == 2 and "causal_lm, custom, image_classifier, tabular, transformers_finetune" in result.stderr
 
 
 IMPORT_OS = "__import__" + "('os')"  # split so that the client's security scan does not flag this test data
@@ -221,19 +223,26 @@ def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
 
 # ---- launch.py -----------------------------------------------------------------------------------------------------
 
+def two_nodes(tmp_path) -> list:
+    """The layered configs of a run on 2 machines x 8 GPUs: configs/ddp.yaml, then the project's node count."""
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text("trainer:\n  devices: 8\n  num_nodes: 2\n")
+    return [CONFIGS / "ddp.yaml", nodes]
+
+
 def test_launch_files_match_config(tmp_path):
-    config = CONFIGS / "multinode.yaml"
-    trainer = yaml.safe_load(config.read_text())["trainer"]
+    configs = two_nodes(tmp_path)
     out = tmp_path / "job.sbatch"
-    assert_ok(script("launch.py", config, "--target", "slurm", "--script", "causal_lm.py", "--write", out,
+    assert_ok(script("launch.py", *configs, "--target", "slurm", "--script", "causal_lm.py", "--write", out,
                      cwd=tmp_path))
     text = out.read_text()
-    assert f"#SBATCH --nodes={trainer['num_nodes']}" in text
-    assert f"#SBATCH --ntasks-per-node={trainer['devices']}" in text and "#SBATCH --signal=SIGUSR1@90" in text
-    assert f"#SBATCH --chdir={TEMPLATES}" in text and " causal_lm.py fit --config configs/multinode.yaml" in text
-    torchrun = script("launch.py", config, "--target", "torchrun", "--script", "causal_lm.py", cwd=tmp_path)
+    assert "#SBATCH --nodes=2" in text
+    assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --signal=SIGUSR1@90" in text
+    assert f"#SBATCH --chdir={TEMPLATES}" in text
+    assert f" causal_lm.py fit --config configs/ddp.yaml --config {configs[1]}" in text
+    torchrun = script("launch.py", *configs, "--target", "torchrun", "--script", "causal_lm.py", cwd=tmp_path)
     assert_ok(torchrun)
-    assert f"--nnodes {trainer['num_nodes']} --nproc-per-node {trainer['devices']}" in torchrun.stdout
+    assert "--nnodes 2 --nproc-per-node 8" in torchrun.stdout
     local = script("launch.py", CONFIGS / "cpu.yaml", "--target", "local", "--script", "tabular.py",
                    cwd=tmp_path)
     assert local.stdout.startswith(f"cd {TEMPLATES} && ")  # --script found in the folder above the config's
@@ -244,30 +253,32 @@ def test_launch_files_match_config(tmp_path):
     assert standalone.stdout.startswith(f"cd {TEMPLATES} && torchrun --standalone --nproc-per-node 1 tabular.py")
     cpu_job = script("launch.py", CONFIGS / "cpu.yaml", "--target", "slurm", "--script", "tabular.py", cwd=tmp_path)
     assert "#SBATCH --ntasks-per-node=1" in cpu_job.stdout and "--gres" not in cpu_job.stdout
-    # several configs: passed on in order; the trainer settings of the later one count (multinode's 2 x 8 GPUs)
-    layered = script("launch.py", CONFIGS / "cpu.yaml", config, "--target", "torchrun", "--script", "causal_lm.py",
+    # several configs: passed on in order; the trainer settings of the later one count (2 x 8 GPUs over cpu.yaml's)
+    layered = script("launch.py", CONFIGS / "cpu.yaml", *configs, "--target", "torchrun", "--script", "causal_lm.py",
                      cwd=tmp_path)
     assert_ok(layered)
     assert "--nnodes 2 --nproc-per-node 8 " in layered.stdout
-    assert layered.stdout.rstrip().endswith(" fit --config configs/cpu.yaml --config configs/multinode.yaml")
+    assert layered.stdout.rstrip().endswith(f" fit --config configs/cpu.yaml --config configs/ddp.yaml --config"
+                                            f" {configs[1]}")
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["multinode.yaml", "--target", "slurm", "--nodes", "3"], "--nodes 3 but trainer.num_nodes is 2"),
-    (["multinode.yaml", "--target", "torchrun", "--devices", "4"], "--devices 4 but trainer.devices is 8"),
+    (["NODES", "--target", "slurm", "--nodes", "3"], "--nodes 3 but trainer.num_nodes is 2"),
+    (["NODES", "--target", "torchrun", "--devices", "4"], "--devices 4 but trainer.devices is 8"),
     (["ddp.yaml", "--target", "slurm"], "trainer.devices is -1"),
-    (["multinode.yaml", "--target", "local"], "a local launch runs one machine"),
+    (["NODES", "--target", "local"], "a local launch runs one machine"),
     (["missing.yaml", "--target", "local"], "cannot read"),
     (["cpu.yaml", "--target", "local"], "no such script: x.py"),
 ])
 def test_launch_mismatch_is_an_error(tmp_path, args, expected):
-    result = script("launch.py", CONFIGS / args[0], *args[1:], "--script", "x.py", cwd=tmp_path)
+    configs = two_nodes(tmp_path) if args[0] == "NODES" else [CONFIGS / args[0]]
+    result = script("launch.py", *configs, *args[1:], "--script", "x.py", cwd=tmp_path)
     assert result.returncode == 2 and expected in result.stderr, result.stderr
 
 
 def test_launch_write_never_replaces(tmp_path):
     (tmp_path / "job.sbatch").write_text("keep me\n")
-    result = script("launch.py", CONFIGS / "multinode.yaml", "--target", "slurm", "--script", "causal_lm.py",
+    result = script("launch.py", *two_nodes(tmp_path), "--target", "slurm", "--script", "causal_lm.py",
                     "--write", tmp_path / "job.sbatch", cwd=tmp_path)
     assert result.returncode == 2 and "exists" in result.stderr and (tmp_path / "job.sbatch").read_text() == "keep me\n"
 
@@ -311,3 +322,118 @@ def test_simulated_two_node_torchrun(tmp_path):
       "--write", "existing.txt"], "exists")])
 def test_launch_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(SCRIPTS / "launch.py", args, expected, tmp_path)
+
+
+# ---- smoke_test.py --------------------------------------------------------------------------------------------------
+
+
+def test_smoke_test_takes_a_templates_own_error_line_as_the_diagnosis(tmp_path):
+    """A template's one-line refusal names the problem and its fix: smoke_test reports that line (not "unknown",
+    and not a pattern matched elsewhere in the output, such as a load report's "size mismatch")."""
+    result = script("smoke_test.py", TEMPLATES / "transformers_finetune.py", "--cpu", "--format", "json", "--",
+                    "--data.text_column", "body", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["diagnosis"] == "bad_config" and "no column 'body'" in report["fix"], report
+
+
+NO_VALIDATION = """
+import torch
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringDataModule
+
+
+class TrainOnly(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(32, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    LightningCLI(TrainOnly, BoringDataModule)
+"""
+
+
+@pytest.mark.parametrize("source, diagnosis", [("print('hello')\n", "no_training"), (NO_VALIDATION, "no_validation")],
+                         ids=["prints hello", "trains without validation"])
+def test_smoke_test_fails_a_script_that_did_not_train_and_validate(source, diagnosis, tmp_path):
+    (tmp_path / "train.py").write_text(source)
+    result = script("smoke_test.py", "train.py", "--format", "json", cwd=tmp_path)
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["status"] == "fail" and report["diagnosis"] == diagnosis, report
+
+
+MODEL_INIT = "        self.save_hyperparameters()  # load_from_checkpoint needs no arguments\n"
+
+
+TRAIN_LOSS = "        loss = self.loss(self(numeric, codes), y)\n"
+
+
+SPAWN = "trainer:\n  accelerator: cpu\n  devices: 2\n  strategy: ddp_spawn\n"
+
+
+PLANTS = {
+    "shape": [("layers.append(nn.Linear(in_features, outputs))",
+               "layers.append(nn.Linear(in_features + 1, outputs))")],
+    "main_guard": [('if __name__ == "__main__":\n    main()', "main()")],
+    "unpicklable": [(MODEL_INIT, MODEL_INIT + "        self.transform = lambda x: x\n")],
+    "dtype": [(TRAIN_LOSS, TRAIN_LOSS + "        torch.zeros(3, dtype=torch.bfloat16).index_add_(0, torch.tensor([0]),"
+                                        " torch.ones(1))\n")],
+    "nan_loss": [(TRAIN_LOSS, "        loss = self.loss(self(numeric, codes) * float('inf'), y)\n")],
+    "dataloader_worker": [("sampler=sampler,", "sampler=sampler, num_workers=1, collate_fn=broken_collate,"),
+                          ("DEFAULT_DATA = ", "def broken_collate(batch):\n    raise ValueError('corrupt sample')\n\n\n"
+                                            "DEFAULT_DATA = ")],
+    "cuda_oom": [(TRAIN_LOSS, TRAIN_LOSS + "        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to"
+                                          " allocate 20.00 GiB')\n")],
+    "missing_package": [("import torch\n", "import torch\nimport package_that_is_not_installed\n")],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("diagnosis", sorted(PLANTS))
+def test_smoke_test_diagnoses_planted_failure(diagnosis, tmp_path):
+    source = (TEMPLATES / "tabular.py").read_text()
+    for old, new in PLANTS[diagnosis]:
+        assert old in source, f"plant for {diagnosis} no longer matches the template"
+        source = source.replace(old, new, 1)
+    planted = tmp_path / "planted.py"
+    planted.write_text(source.replace('Path(__file__).resolve().parent.parent / "assets"',
+                                      f'Path({str(REPO)!r}) / "assets"'))
+    shutil.copyfile(TEMPLATES / "lightning_support.py", tmp_path / "lightning_support.py")  # as scaffold.py leaves it
+    args = ["--config", tmp_path / "spawn.yaml"] if diagnosis in ("main_guard", "unpicklable") else ["--cpu"]
+    (tmp_path / "spawn.yaml").write_text(SPAWN)
+    result = script("smoke_test.py", planted, *args, "--timeout", "240", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["diagnosis"] == diagnosis, report
+    assert report["fix"] and report["error_line"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["missing.py"], "no such script: missing.py"),
+    (["empty_folder"], "no .py file that imports lightning_support in that folder"),
+    ([str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "no such config"),
+])
+def test_smoke_test_bad_usage(tmp_path, args, expected):
+    (tmp_path / "empty_folder").mkdir()
+    assert_one_error_line(script("smoke_test.py", *args, cwd=tmp_path), expected)
+
+
+def test_a_folder_of_several_templates_names_them(tmp_path):
+    for name in ("tabular.py", "causal_lm.py"):
+        shutil.copyfile(TEMPLATES / name, tmp_path / name)
+    error = assert_one_error_line(script("smoke_test.py", tmp_path, cwd=tmp_path), "several templates")
+    assert "causal_lm.py, tabular.py" in error and "--script" in error
+
+
+@pytest.mark.parametrize("args, expected", [(["missing.py"], "no such script"),
+    ([str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "no such config")])
+def test_smoke_test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
+    assert_bad_input_changes_nothing(SCRIPTS / "smoke_test.py", args, expected, tmp_path)

@@ -63,8 +63,8 @@ class Model(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    # EDIT HERE (2 of 4): the loss and metrics of one batch, for training, validation and test. Log val_loss: the
-    # kept checkpoint (best.ckpt) is the one with the lowest (--best_checkpoint.monitor changes it).
+    # EDIT HERE (2 of 4): the loss and metrics of one batch, for training, validation and test (log val_loss: the
+    # kept checkpoint, best.ckpt, has the lowest; --best_checkpoint.monitor changes it), and what predict writes.
     def step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
@@ -76,6 +76,10 @@ class Model(L.LightningModule):
             self.log_dict({f"{stage}_loss": loss, f"{stage}_acc": accuracy}, prog_bar=True, sync_dist=True)
         return loss
 
+    def predict_step(self, batch, batch_idx):
+        """Columns of predictions/<checkpoint>.csv, one value per row (row = index in the predicted dataset)."""
+        return {"prediction": self(batch[0]).argmax(1)}
+
     def training_step(self, batch, batch_idx):
         return self.step(batch, "train")
 
@@ -85,12 +89,9 @@ class Model(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.step(batch, "test")
 
-    def predict_step(self, batch, batch_idx):
-        """Columns of predictions/<checkpoint>.csv, one value per row (row = index in the predicted dataset)."""
-        return {"prediction": self(batch[0]).argmax(1)}
-
     # EDIT HERE (3 of 4): any optimizer and learning-rate schedule. interval "step": the scheduler steps after
     # every optimizer step; "epoch": after every epoch (as a loop calling scheduler.step() after each epoch).
+    # Gradient clipping is a Trainer option: --trainer.gradient_clip_val 1.0 is a loop's clip_grad_norm_(..., 1.0).
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,

@@ -111,6 +111,13 @@ def monitor_missing(err: BaseException) -> bool:
             or isinstance(err, RuntimeError) and "Early stopping conditioned on metric" in text)
 
 
+def schedule_exhausted(err: BaseException) -> bool:
+    """A schedule built for a fixed number of steps (OneCycleLR's total_steps) stepped past its end: a run resumed
+    with a larger max_epochs. Resuming again would fail again."""
+    return isinstance(err, ValueError) and re.match(r"Tried to step \d+ times\. The specified number of total steps",
+                                                    str(err)) is not None
+
+
 class CheckpointOnException(Callback):
     """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
     newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
@@ -127,7 +134,7 @@ class CheckpointOnException(Callback):
     def on_exception(self, trainer, pl_module, exception):
         if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
                 or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
-                or monitor_missing(exception)):  # a config mistake: nothing to continue from
+                or monitor_missing(exception) or schedule_exhausted(exception)):  # nothing to continue from
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
@@ -848,6 +855,13 @@ def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, cal
     except (ConfigError, NonFiniteLossError) as err:
         sys.stderr.write(f"{name}: error: {one_line(err)}\n")  # one write: ranks' lines stay whole
         sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+    except ValueError as err:
+        if not schedule_exhausted(err):
+            raise
+        sys.stderr.write(f"{name}: error: the learning-rate schedule has ended ({one_line(err)}): it was built for the"
+                         " first run's length, so train longer as a new run (without --ckpt_path), or use a schedule"
+                         " that reads trainer.max_epochs at each step (lightning_support.cosine_by_epoch)\n")
+        sys.exit(2)
     except FileNotFoundError as err:  # a data file a template's (or your) reader opens
         sys.stderr.write(f"{name}: error: file not found: {err.filename}: check the path (relative paths are read"
                          f" from {os.getcwd()})\n")

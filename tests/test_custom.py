@@ -67,14 +67,15 @@ def converted(tmp_path_factory):
     places replaced with the doc's blocks; the doc's fit command writes steps.csv."""
     root = tmp_path_factory.mktemp("conversion")
     project = root / "my_project"
-    assert_ok(run_script("scaffold.py", "custom", project, cwd=root))
+    settings = ["--set", "seed_everything=1", "--set", "trainer.max_epochs=3", "--set", "trainer.precision=32-true"]
+    command_in_doc("python SKILL/scripts/scaffold.py custom my_project", *settings)
+    assert_ok(run_script("scaffold.py", "custom", project, *settings, cwd=root))
     custom = project / "custom.py"
     custom.write_text(fill_in(custom.read_text(), python_blocks(section("After: custom.py filled in"))))
     (project / "loop.py").write_text(python_blocks(section("Before: a plain loop"))[0])
     command_in_doc("python loop.py")
     assert_ok(run([sys.executable, "loop.py"], cwd=project))
-    fit = ["fit", "--config", "config.yaml", "--seed_everything", "1", "--trainer.max_epochs", "3",
-           "--trainer.precision", "32-true", "--record_steps", "steps.csv"]
+    fit = ["fit", "--config", "config.yaml", "--record_steps", "steps.csv"]
     command_in_doc("python custom.py", *fit)
     trained = run([sys.executable, "custom.py", *fit, *QUIET], cwd=project)
     assert_ok(trained)
@@ -98,7 +99,7 @@ def test_the_docs_conversion_trains_bitwise_like_the_loop_step_by_step(converted
 def test_a_converted_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(converted, tmp_path):
     project, fit, _ = converted
     kill = callback_config(tmp_path / "kill.yaml", "SignalAtStep", step=40, signal_name="SIGKILL")  # epoch 3 of 3
-    killed_run = [*fit[:-1], "killed_steps.csv", "--trainer.default_root_dir", "killed", *QUIET]
+    killed_run = [*fit[:-1], "killed_steps.csv", "--trainer.default_root_dir", "killed", *QUIET]  # fit's settings
     killed = run([sys.executable, "custom.py", *killed_run, "--config", kill], cwd=project, tests_on_path=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = run([sys.executable, "custom.py", *killed_run, "--ckpt_path", "last"], cwd=project)
@@ -129,7 +130,7 @@ def test_fabrics_version_of_the_loop_matches_it_step_by_step(converted):
 @pytest.mark.slow
 def test_another_seed_fails_at_step_0_and_names_the_cause(converted):
     project, fit, _ = converted
-    other = [*fit[:4], "2", *fit[5:-1], "seed2.csv", "--trainer.default_root_dir", "seed2", *QUIET]
+    other = [*fit[:-1], "seed2.csv", "--seed_everything", "2", "--trainer.default_root_dir", "seed2", *QUIET]
     assert_ok(run([sys.executable, "custom.py", *other], cwd=project))
     compared = run_script("compare_runs.py", "loop_steps.csv", "seed2.csv", cwd=project)
     assert compared.returncode == 1, compared.stdout + compared.stderr
@@ -210,6 +211,17 @@ def test_stand_in_data_runs_before_the_real_data_exists(tmp_path):
                            *QUIET, cwd=tmp_path)
     assert_one_error_line(without, "--data.data_path not_yet.csv: not found")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_fixed_length_schedule_resumed_with_a_longer_budget_is_one_line(tmp_path):
+    """OneCycleLR (the shipped schedule) is built for the first run's steps: a resume with a larger max_epochs ends
+    in one line with the two ways out, and leaves no exception checkpoint that would fail the same way."""
+    short = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *QUIET]
+    assert_ok(run_template("custom.py", "fit", "--trainer.max_epochs", "1", *short, cwd=tmp_path))
+    longer = run_template("custom.py", "fit", "--trainer.max_epochs", "2", "--ckpt_path", "last", *short, cwd=tmp_path)
+    assert_one_error_line(longer, "the learning-rate schedule has ended (Tried to step 3 times")
+    assert not (tmp_path / "runs" / "custom" / "checkpoints" / "last-on-exception.ckpt").exists()
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ class OneLineParser(argparse.ArgumentParser):
 def read_steps(path: Path) -> dict:
     """{step: {"loss": float, "lr": float}} from a step,loss[,lr] CSV; a later row of a step replaces the earlier."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read {path}: {err}") from None
@@ -59,9 +59,15 @@ def read_steps(path: Path) -> dict:
 
 
 def close(a: float, b: float, atol: float, rtol: float) -> bool:
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
+    if not (math.isfinite(a) and math.isfinite(b)):  # NaN matches NaN, inf the same inf, nothing else
+        return a == b or (math.isnan(a) and math.isnan(b))
     return abs(a - b) <= atol + rtol * abs(b)
+
+
+def difference(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else math.inf
+    return abs(a - b)
 
 
 def likely_cause(step: int, key: str, first: int) -> str:
@@ -84,14 +90,13 @@ def compare(a: dict, b: dict, atol: float, rtol: float, limit=None) -> dict:
     if not common:
         raise UsageError("the files share no step numbers (both count from step 0 at the first batch)")
     keys = [k for k in ("loss", "lr") if all(k in a[s] and k in b[s] for s in common)]
-    worst = {k: max(abs(a[s][k] - b[s][k]) if not (math.isnan(a[s][k]) or math.isnan(b[s][k])) else
-                    (0.0 if math.isnan(a[s][k]) and math.isnan(b[s][k]) else math.inf) for s in common)
-             for k in keys}
+    worst = {k: max(difference(a[s][k], b[s][k]) for s in common) for k in keys}
     bad = [(s, k) for s in common for k in keys if not close(a[s][k], b[s][k], atol, rtol)]
     result = {"verdict": "FAIL" if bad else "PASS", "steps_compared": len(common), "first_step": common[0],
               "last_step": common[-1], "rows": [len(a), len(b)], "max_abs_diff": worst,
               "bitwise_equal": all(a[s][k] == b[s][k] for s in common for k in keys), "atol": atol, "rtol": rtol,
-              "steps_differing": len({s for s, _ in bad}), "first_divergence": None}
+              "steps_differing": len({s for s, _ in bad}), "first_divergence": None,
+              "not_compared": [k for k in ("lr",) if k not in keys]}
     if bad:
         step, key = bad[0]
         result["first_divergence"] = {"step": step, "value": key, "a": a[step][key], "b": b[step][key],
@@ -104,6 +109,8 @@ def report(result: dict, names: tuple) -> str:
              f"A {names[0]} has {result['rows'][0]}, B {names[1]} has {result['rows'][1]}"]
     for key, diff in result["max_abs_diff"].items():
         lines.append(f"{key}: max |A - B| = {diff:.3g}")
+    for key in result["not_compared"]:
+        lines.append(f"{key}: not compared (a file has no {key} column)")
     first = result["first_divergence"]
     if first:
         lines.append(f"first diverging step {first['step']}: {first['value']} A={first['a']!r} B={first['b']!r}")
@@ -114,6 +121,15 @@ def report(result: dict, names: tuple) -> str:
         exact = " (bitwise equal)" if result["bitwise_equal"] else ""
         lines.append(f"PASS: every step within atol {result['atol']:g} + rtol {result['rtol']:g} x |B|{exact}")
     return "\n".join(lines)
+
+
+def plain_json(value):
+    """Strict JSON: a NaN or infinite number becomes the string "nan", "inf" or "-inf"."""
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_json(v) for v in value]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def main(argv=None) -> int:
@@ -138,7 +154,8 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"compare_runs.py: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.format == "json" else report(result, (args.a.name, args.b.name)))
+    print(json.dumps(plain_json(result), indent=2, allow_nan=False) if args.format == "json" else
+          report(result, (args.a.name, args.b.name)))
     return 0 if result["verdict"] == "PASS" else 1
 
 

@@ -3,8 +3,9 @@
 Usage:
     python scripts/launch.py config.yaml --target local                   # cd DIR && python SCRIPT fit --config ...
     python scripts/launch.py config.yaml configs/ddp.yaml --target local  # the project's settings, then DDP's
-    python scripts/launch.py config.yaml configs/ddp.yaml --target torchrun     # num_nodes, devices from the configs
-    python scripts/launch.py config.yaml configs/ddp.yaml --target slurm --nodes 2 --write job.sbatch
+    python scripts/launch.py config.yaml configs/ddp.yaml --target torchrun --devices 8       # 8 GPUs per machine
+    python scripts/launch.py config.yaml configs/ddp.yaml --target slurm --devices 8 --write job.sbatch
+        # machines: trainer.num_nodes of the configs (scaffold.py ... --set trainer.num_nodes=2)
 
 The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else a DDP run stops with
 "ValueError: You set devices=..." and an FSDP run can hang at "Initializing distributed"): a --nodes (or --devices)
@@ -52,9 +53,7 @@ def read_trainer(paths: list) -> dict:
             raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]})")
         if isinstance(data, dict) and isinstance(data.get("trainer"), dict):
             trainer.update(data["trainer"])
-    if not trainer:
-        raise UsageError(f"{' and '.join(map(str, paths))}: no trainer: section")
-    return trainer
+    return trainer  # no trainer: section: Lightning's defaults (devices auto, one node)
 
 
 def find_template(folder: Path) -> Optional[Path]:

@@ -1,10 +1,10 @@
 """Your own model: a network, a loss, an optimizer and data of your own, run by Lightning with LightningCLI.
 
 The smallest template: four places marked EDIT HERE hold everything that is yours; lightning_support.py, copied
-beside it by scaffold.py, holds the run machinery (best/last checkpoints, exact resume, NaN stop, one-line errors),
-and configs/ the hardware (CPU, one GPU, DDP, FSDP). As shipped it trains a small CNN on the 8x8 handwritten digits
-in ../assets (about 99% validation accuracy in 10 seconds on a laptop CPU). Converting a plain PyTorch loop, and proving
-per step that it trains the same: references/migration.md.
+beside it by scaffold.py, holds the run machinery (best/last checkpoints, resume exact from an epoch's end, NaN
+stop, one-line errors), and configs/ the hardware (CPU, one GPU, DDP, FSDP). As shipped it trains a small CNN on the
+8x8 handwritten digits in ../assets (about 99% validation accuracy in 10 seconds on a laptop CPU). Converting a plain
+PyTorch loop, and proving per step that it trains the same: references/migration.md.
 
 Run it:
     python custom.py fit                                  # train (embedded digits)

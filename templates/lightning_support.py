@@ -144,15 +144,7 @@ class CheckpointOnException(Callback):
 
 class ResumableRandomState(Callback):
     """Stores the torch random state in every checkpoint and restores it on resume, so data order and dropout go
-    on as in an uninterrupted run (Lightning saves no random state). The sanity check's validation batches draw
-    nothing from it either (a DataLoader draws a seed each time it starts), so training draws the random numbers a
-    plain loop with the same seed draws, and a run with or without the sanity check trains alike."""
-
-    def on_sanity_check_start(self, trainer, pl_module):
-        self.before_sanity_check = self.state_dict()
-
-    def on_sanity_check_end(self, trainer, pl_module):
-        self.load_state_dict(self.before_sanity_check)
+    on as in an uninterrupted run (Lightning saves no random state)."""
 
     def state_dict(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
@@ -202,17 +194,19 @@ class RecordSteps(Callback):
     """Writes each training batch's loss and learning rate to a CSV, `step,loss,lr` (--record_steps FILE), exactly
     (Python's repr of the float32 values): scripts/compare_runs.py compares it with the same file written by a plain
     loop (references/migration.md). step counts batches from 0 across epochs; the loss is the one backward saw
-    (divided by accumulate_grad_batches); lr is the first parameter group's at the batch's start. A resumed run
-    appends, and compare_runs.py keeps the last row of a step. Rank 0's batches only; one device sync per batch."""
+    (divided by accumulate_grad_batches); lr is the first parameter group's at the batch's start. A new run starts
+    the file over; a resumed one (append=True) adds to it, and compare_runs.py keeps the last row of a step. Rank
+    0's batches only; one device sync per batch."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, append: bool = False):
         self.path = Path(path)
+        self.append = append
         self.lr = float("nan")
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.is_file() or self.path.stat().st_size == 0:
+            if not self.append or not self.path.is_file() or self.path.stat().st_size == 0:
                 self.path.write_text("step,loss,lr\n")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -729,7 +723,7 @@ class TemplateCLI(LightningCLI):
         if self.subcommand == "predict":
             self.trainer.callbacks.append(PredictionWriter(config.get("ckpt_path")))
         if self.subcommand == "fit" and config.get("record_steps"):
-            self.trainer.callbacks.append(RecordSteps(config.record_steps))
+            self.trainer.callbacks.append(RecordSteps(config.record_steps, append=bool(config.get("ckpt_path"))))
 
     def refuse_other_data(self, ckpt_path: str) -> None:
         """What the data gives the model (classes, input shape, vocabulary: the links) must be what the checkpoint
@@ -778,13 +772,13 @@ def kept_checkpoint(trainer) -> str:
     return f"best {callback.monitor}={callback.best_model_score.item():.4f}{where} checkpoint={path}"
 
 
-def without_ckpt_path(argv: list) -> list:
-    """The arguments without --ckpt_path and its value."""
+def without_ckpt_path(argv: list, options: tuple = ("--ckpt_path",)) -> list:
+    """The arguments without --ckpt_path (or the other options named) and its value."""
     args, skip = [], False
     for arg in argv:
-        if skip or arg.startswith("--ckpt_path="):
+        if skip or arg.startswith(tuple(f"{option}=" for option in options)):
             skip = False
-        elif arg == "--ckpt_path":
+        elif arg in options:
             skip = True  # and its value
         else:
             args.append(arg)
@@ -793,7 +787,7 @@ def without_ckpt_path(argv: list) -> list:
 
 def next_command(argv: list, subcommand: str, checkpoint: str) -> str:
     """`python SCRIPT` + the fit arguments with the first `fit` made `subcommand` and --ckpt_path the checkpoint."""
-    args = without_ckpt_path(argv)
+    args = without_ckpt_path(argv, ("--ckpt_path", "--record_steps"))  # recording is for fit
     if "fit" in args:
         args[args.index("fit")] = subcommand
     same = os.path.abspath(shutil.which("python") or "") == os.path.abspath(sys.executable)
@@ -863,8 +857,8 @@ def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, cal
                          " that reads trainer.max_epochs at each step (lightning_support.cosine_by_epoch)\n")
         sys.exit(2)
     except FileNotFoundError as err:  # a data file a template's (or your) reader opens
-        sys.stderr.write(f"{name}: error: file not found: {err.filename}: check the path (relative paths are read"
-                         f" from {os.getcwd()})\n")
+        sys.stderr.write(f"{name}: error: file not found: {err.filename or one_line(err)}: check the path (relative"
+                         f" paths are read from {os.getcwd()})\n")
         sys.exit(2)
     except (MisconfigurationException, RuntimeError) as err:
         if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)

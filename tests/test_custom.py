@@ -162,6 +162,17 @@ def test_compare_verdicts(tmp_path, capsys):
     assert report["first_divergence"]["value"] == "loss" and "update differs" in \
         report["first_divergence"]["likely_cause"]
     assert compare_runs.main([str(a), str(far), "--steps", "2"]) == 0  # the first two steps only
+    capsys.readouterr()
+    inf = steps_file(tmp_path / "inf.csv", [(0, 1.0, 0.1), (1, "inf", 0.1), (2, 0.25, 0.05)])
+    assert compare_runs.main([str(a), str(inf), "--rtol", "1", "--format", "json"]) == 1  # inf is no number near 0.5
+    report = json.loads(capsys.readouterr().out)  # strict JSON: the infinite difference as a string
+    assert report["max_abs_diff"]["loss"] == "inf" and report["first_divergence"]["step"] == 1
+    assert compare_runs.main([str(inf), str(inf)]) == 0
+    bom = tmp_path / "bom.csv"  # saved by a spreadsheet: a byte-order mark, and no lr column
+    bom.write_bytes(b"\xef\xbb\xbfstep,loss\n0,1.0\n1,0.5\n2,0.25\n")
+    capsys.readouterr()
+    assert compare_runs.main([str(a), str(bom)]) == 0
+    assert "lr: not compared (a file has no lr column)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content, args, expected", [
@@ -188,12 +199,12 @@ def test_compare_refuses_bad_input_in_one_line(tmp_path, content, args, expected
 # ---- the template as shipped -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_main_job_trains_tests_and_predicts(tmp_path):
-    trained = run_template("custom.py", "fit", *QUIET, cwd=tmp_path)
+    trained = run_template("custom.py", "fit", "--record_steps", "steps.csv", *QUIET, cwd=tmp_path)
     assert_ok(trained)
     kept = kept_line(trained.stdout)
     assert float(kept["val_acc"]) > 0.95, trained.stdout[-2000:]
     command = trained.stdout.split("next: ", 1)[1].splitlines()[0]
-    assert " test " in command and "best.ckpt" in command
+    assert " test " in command and "best.ckpt" in command and "--record_steps" not in command
     tested = run(["bash", "-c", command], cwd=tmp_path)
     assert_ok(tested)
     assert float(re.search(r"test_acc\s*│\s*([0-9.]+)", tested.stdout).group(1)) > 0.93
@@ -204,9 +215,12 @@ def test_main_job_trains_tests_and_predicts(tmp_path):
 
 
 def test_stand_in_data_runs_before_the_real_data_exists(tmp_path):
+    steps_file(tmp_path / "steps.csv", [(0, 9.0, 9.0), (1, 9.0, 9.0)])  # an earlier run's: a new run starts over
     result = run_template("custom.py", "fit", "--data.fake_size", "96", "--data.data_path", "not_yet.csv",
-                          "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path)
+                          "--trainer.fast_dev_run", "true", "--record_steps", "steps.csv", *QUIET, cwd=tmp_path)
     assert_ok(result)
+    rows = (tmp_path / "steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and len(rows) == 2 and rows[1].startswith("0,") and ",9.0," not in rows[1]
     without = run_template("custom.py", "fit", "--data.data_path", "not_yet.csv", "--trainer.fast_dev_run", "true",
                            *QUIET, cwd=tmp_path)
     assert_one_error_line(without, "--data.data_path not_yet.csv: not found")

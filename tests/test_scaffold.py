@@ -276,6 +276,18 @@ def test_launch_mismatch_is_an_error(tmp_path, args, expected):
     assert result.returncode == 2 and expected in result.stderr, result.stderr
 
 
+def test_launch_takes_lightnings_defaults_for_a_config_without_a_trainer_section(tmp_path):
+    """scaffold.py --hardware none writes no trainer: section: one machine, devices auto."""
+    (tmp_path / "config.yaml").write_text("data:\n  batch_size: 8\n")
+    local = script("launch.py", tmp_path / "config.yaml", "--target", "local", "--script", TEMPLATES / "tabular.py",
+                   cwd=tmp_path)
+    assert_ok(local)
+    assert " tabular.py fit --config " in local.stdout
+    refused = script("launch.py", tmp_path / "config.yaml", "--target", "slurm", "--script", TEMPLATES / "tabular.py",
+                     cwd=tmp_path)
+    assert refused.returncode == 2 and "trainer.devices is 'auto'" in refused.stderr
+
+
 def test_launch_write_never_replaces(tmp_path):
     (tmp_path / "job.sbatch").write_text("keep me\n")
     result = script("launch.py", *two_nodes(tmp_path), "--target", "slurm", "--script", "causal_lm.py",

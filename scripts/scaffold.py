@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/scaffold.py tabular my_project      # tabular.py + lightning_support.py + configs/ + config.yaml
-    python scripts/scaffold.py image_classifier my_photos --set data.data_path=photos/ --set model.backbone=resnet
+    python scripts/scaffold.py image_classifier pics --set data.data_path=photos/ --set model.backbone=microsoft/resnet-50
     python scripts/scaffold.py causal_lm my_lm --set data.data_path=corpus/ --set trainer.max_steps=2000
     python scripts/scaffold.py custom my_model     # your own network, loss, optimizer, data (a converted loop)
     python scripts/scaffold.py tabular my_project --hardware none        # skip hardware detection

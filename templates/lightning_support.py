@@ -632,12 +632,12 @@ class TemplateCLI(LightningCLI):
         parser.add_argument("--matmul_precision", choices=["highest", "high", "medium"], default="high",
                             help="torch.set_float32_matmul_precision: high uses TF32 tensor cores for float32"
                             " matmuls on Ampere and newer GPUs; scaffold.py sets what detect_hardware.py recommends")
-        # The best model by the template's validation metric, and an unmonitored checkpoint whose last.ckpt is
-        # rewritten at every save: a monitored one only rewrites last.ckpt when the metric improves, so resuming from
-        # it could redo epochs. dirpath None: <trainer.default_root_dir>/checkpoints, a fixed folder `last` finds.
         parser.add_argument("--record_steps", type=Optional[str], default=None,
                             help="write each training batch's step,loss,lr to this CSV, to compare with a plain loop"
                             " (scripts/compare_runs.py; references/migration.md)")
+        # The best model by the template's validation metric, and an unmonitored checkpoint whose last.ckpt is
+        # rewritten at every save: a monitored one only rewrites last.ckpt when the metric improves, so resuming from
+        # it could redo epochs. dirpath None: <trainer.default_root_dir>/checkpoints, a fixed folder `last` finds.
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
         parser.set_defaults({"best_checkpoint.monitor": self.monitor, "best_checkpoint.mode": self.mode,
                              "best_checkpoint.filename": "best", "best_checkpoint.save_top_k": 1})

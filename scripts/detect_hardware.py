@@ -1,40 +1,51 @@
-"""Detect the hardware and turn it into Lightning Trainer settings, each with its reason.
+"""Detect the hardware and turn it into Lightning Trainer settings, each with its reason; with a model, a memory plan.
 
 Usage:
     python scripts/detect_hardware.py                               # this machine: table of settings and reasons
-    python scripts/detect_hardware.py --params 7B --finetune lora   # plus a memory plan for a 7B-parameter model
-    python scripts/detect_hardware.py --params 350M --format json   # for agents
+    python scripts/detect_hardware.py --model meta-llama/Llama-2-7b-hf --finetune lora   # plus a memory plan
+    python scripts/detect_hardware.py --model ./my_model --seq-len 1024 --batch-size 8   # a folder with config.json
+    python scripts/detect_hardware.py --params 350M --format json   # a bare parameter count, for agents
     python scripts/detect_hardware.py --format yaml > hardware.yaml # a `trainer:` section for any template:
     python templates/tabular.py fit --config hardware.yaml
-    python scripts/detect_hardware.py --profile machine.json --params 70B   # plan for a described machine
+    python scripts/detect_hardware.py --profile machine.json --model meta-llama/Llama-2-7b-hf --batch-size 4
+                                    # plan for a machine described in a file (--precision to choose one)
+
+--model: a folder holding config.json, a config.json, a name of the built-in table (Llama 2/3, TinyLlama, Mistral,
+Qwen2.5, GPT-2), or a name in the local Hugging Face cache (read offline). The parameter count then comes from the
+shape; --params alone assumes a typical shape and a 50,304-token vocabulary.
 
 --profile FILE.json describes a machine instead of detecting this one (per node; one entry per accelerator):
-    {"cpu_count": 16, "ram_gb": 128, "accelerator": "cuda",
-     "gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_gb": 80, "capability": [8, 0]}],
+    {"cpu_count": 16, "ram_gb": 64, "accelerator": "cuda",
+     "gpus": [{"name": "NVIDIA GeForce RTX 4090", "memory_gb": 25.4, "capability": [8, 9]}],
      "num_nodes": 1, "launcher": null, "packages": ["deepspeed"]}
+memory_gb is torch.cuda.get_device_properties(i).total_memory / 1e9 (decimal GB, as torch reports it: 25.4 for a
+"24 GB" RTX 4090, 85.0 for an "80 GB" H100); ram_gb is decimal GB too. An Apple machine: {"cpu_count": 10,
+"ram_gb": 32, "accelerator": "mps"} (one device sharing system memory).
 
-The memory plan assumes a decoder-only transformer trained with AdamW: per device it adds weights, gradients,
-optimizer state, DDP gradient buckets, activations (with and without activation checkpointing) and logits, for DDP,
-FSDP full shard and CPU offload, and picks the cheapest set-up that fits in 90% of device memory less 1 GB.
+The memory plan (AdamW; any precision; full, LoRA or QLoRA) adds per device the peak of one step: weights, gradients,
+optimizer state, autocast's 16-bit weight copies, DDP buckets or FSDP gather buffers, activations (calibrated per
+architecture by counting the tensors saved for backward) and logits, for DDP, FSDP, and CPU offload, and picks the
+cheapest set-up that fits in 90% of device memory less 1 GB (the CUDA context and allocator). When nothing fits it
+lists every option that does, with its numbers and causal_lm.py flags.
 Exit codes: 0 ok; 1 with --format yaml when no set-up fits (nothing is printed to stdout); 2 bad input.
 """
 
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
 
 HEADROOM, RESERVED_GB = 0.9, 1.0  # usable share of device memory, and what the CUDA context and allocator keep
 CPU_RAM_SHARE = 0.8  # share of RAM a CPU/offload plan may use
-LORA_TRAINABLE = 0.01  # adapters train about 1% of the parameters
-VOCAB = 50304  # logits are estimated for a 50k vocabulary
+VOCAB = 50304  # --params alone: logits are estimated for a 50k vocabulary
+DEFAULT_LORA_R = 16
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cuda", "mps", "tpu", "cpu")
 LAUNCHERS = (None, "slurm", "torchrun")
 OPTIONAL_PACKAGES = {"deepspeed": "deepspeed", "transformer_engine": "transformer_engine", "flash_attn": "flash_attn"}
-
-
 class UsageError(ValueError):
     """Bad input: one line on stderr, exit code 2."""
 
@@ -69,6 +80,11 @@ def load_profile(path: str) -> dict:
     return validate_machine(data, source=f"profile {path}")
 
 
+def _positive(value) -> bool:
+    """A finite number above zero (JSON allows NaN and Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def validate_machine(data, source: str) -> dict:
     def bad(what):
         raise UsageError(f"{source}: {what}")
@@ -79,14 +95,19 @@ def validate_machine(data, source: str) -> dict:
     if accelerator not in ACCELERATORS:
         bad(f"unknown accelerator {accelerator!r}; use one of {', '.join(ACCELERATORS)}")
     for key in ("cpu_count", "ram_gb"):
-        if not isinstance(data.get(key), (int, float)) or isinstance(data.get(key), bool) or data[key] <= 0:
+        if not _positive(data.get(key)):
             bad(f"{key} must be a positive number")
     gpus = data.get("gpus", [])
+    if accelerator == "mps" and not gpus:  # Apple silicon: one device sharing the machine's memory
+        gpus = [{"name": "Apple MPS", "memory_gb": data["ram_gb"]}]
     if not isinstance(gpus, list) or (accelerator != "cpu" and not gpus):
         bad(f"'gpus' must list one entry per {accelerator} device")
     for gpu in gpus:
-        if not isinstance(gpu, dict) or not isinstance(gpu.get("memory_gb"), (int, float)) or gpu["memory_gb"] <= 0:
-            bad("each gpus entry needs a positive memory_gb")
+        if not isinstance(gpu, dict) or not _positive(gpu.get("memory_gb")):
+            bad("each gpus entry needs memory_gb, a positive number: torch.cuda.get_device_properties(i)"
+                ".total_memory / 1e9")
+        if "free_gb" in gpu and not _positive(gpu["free_gb"]):
+            bad("free_gb must be a positive number")
         capability = gpu.get("capability", [0, 0] if accelerator != "cuda" else None)
         if not (isinstance(capability, list) and len(capability) == 2 and all(isinstance(c, int) for c in capability)):
             bad("each CUDA gpus entry needs capability [major, minor], e.g. [8, 0]")
@@ -121,9 +142,9 @@ def detect_machine() -> dict:
     if torch.cuda.is_available():
         accelerator = "cuda"
         for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            free, total = torch.cuda.mem_get_info(i)
-            gpus.append({"name": props.name, "memory_gb": total / 1e9, "free_gb": free / 1e9,
+            props = torch.cuda.get_device_properties(i)  # memory_gb: the unit --profile uses (decimal GB)
+            free, _ = torch.cuda.mem_get_info(i)
+            gpus.append({"name": props.name, "memory_gb": props.total_memory / 1e9, "free_gb": free / 1e9,
                          "capability": [props.major, props.minor]})
     elif importlib.util.find_spec("torch_xla") is not None and _xla_devices():
         accelerator = "tpu"
@@ -171,10 +192,326 @@ def detect_launcher() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Models: a shape from a config.json, the built-in table, the Hugging Face cache, or a bare parameter count
+# ---------------------------------------------------------------------------------------------------------------
+# Public config.json values: (model_type, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, intermediate_size, tie_word_embeddings), then other names of the same shape.
+KNOWN_MODELS = {
+    "meta-llama/Llama-2-7b-hf": (("llama", 32000, 4096, 32, 32, 32, 11008, False),
+                                 ["meta-llama/Llama-2-7b", "meta-llama/Llama-2-7b-chat-hf"]),
+    "meta-llama/Llama-2-13b-hf": (("llama", 32000, 5120, 40, 40, 40, 13824, False),
+                                  ["meta-llama/Llama-2-13b", "meta-llama/Llama-2-13b-chat-hf"]),
+    "meta-llama/Meta-Llama-3-8B": (("llama", 128256, 4096, 32, 32, 8, 14336, False),
+                                   ["meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B",
+                                    "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B",
+                                    "meta-llama/Meta-Llama-3.1-8B-Instruct"]),
+    "meta-llama/Llama-3.2-1B": (("llama", 128256, 2048, 16, 32, 8, 8192, True), ["meta-llama/Llama-3.2-1B-Instruct"]),
+    "meta-llama/Llama-3.2-3B": (("llama", 128256, 3072, 28, 24, 8, 8192, True), ["meta-llama/Llama-3.2-3B-Instruct"]),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": (("llama", 32000, 2048, 22, 32, 4, 5632, False),
+                                           ["TinyLlama/TinyLlama_v1.1", "TinyLlama/TinyLlama-1.1B"]),
+    "mistralai/Mistral-7B-v0.1": (("mistral", 32000, 4096, 32, 32, 8, 14336, False),
+                                  ["mistralai/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0.2"]),
+    "Qwen/Qwen2.5-0.5B": (("qwen2", 151936, 896, 24, 14, 2, 4864, True), ["Qwen/Qwen2.5-0.5B-Instruct"]),
+    "Qwen/Qwen2.5-1.5B": (("qwen2", 151936, 1536, 28, 12, 2, 8960, True), ["Qwen/Qwen2.5-1.5B-Instruct"]),
+    "Qwen/Qwen2.5-7B": (("qwen2", 152064, 3584, 28, 28, 4, 18944, False), ["Qwen/Qwen2.5-7B-Instruct"]),
+    "openai-community/gpt2": (("gpt2", 50257, 768, 12, 12, 12, 3072, True), ["gpt2"]),
+    "openai-community/gpt2-medium": (("gpt2", 50257, 1024, 24, 16, 16, 4096, True), ["gpt2-medium"]),
+}
+# LoRA's default targets per model_type: the same table as templates/lightning_support.py's LORA_TARGETS (a test
+# checks it); any other type: every Linear layer of each block (peft's "all-linear").
+LORA_TARGETS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"),
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # c_proj is in the attention and in the MLP: both are adapted
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+COUNTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                 "granite", "gpt2", "gpt_neox")  # parameter counts checked against transformers' models
+NON_GATED = ("gpt2", "gpt_neox")  # LayerNorm + 4h GELU MLP; every other type is counted as a Llama-style block
+LEARNED_POSITIONS = ("gpt2",)
+
+
+def load_model(text: str) -> dict:
+    """--model: a folder holding config.json, a config.json, a name of the built-in table, or a name in the local
+    Hugging Face cache (offline)."""
+    if os.path.isdir(text) or os.path.isfile(text):
+        path = os.path.join(text, "config.json") if os.path.isdir(text) else text
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except OSError as err:
+            raise UsageError(f"--model {text}: cannot read {path} ({err.strerror}); pass a model folder holding"
+                             " config.json, a config.json, or --params N")
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--model {text}: {path} is not valid JSON ({err.msg}, line {err.lineno})")
+        if not isinstance(config, dict):
+            raise UsageError(f"--model {text}: {path} must hold a JSON object")
+        return model_from_config(_with_defaults(config), text, f"config.json ({path})")
+    key = text.strip().lower()
+    for name, (shape, aliases) in KNOWN_MODELS.items():
+        if key in {n.lower() for n in [name, *aliases]}:
+            keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+            return model_from_config(dict(zip(keys, shape)), text, f"built-in table ({name})")
+    config = _cached_config(text)
+    if config is None:
+        raise UsageError(f"unknown model {text!r}: not a folder or config.json here, not in the built-in table, not"
+                         " in the local Hugging Face cache; pass the model's folder or its config.json, or --params N")
+    return model_from_config(config, text, "local Hugging Face cache")
+
+
+def _with_defaults(config: dict) -> dict:
+    """A config.json's keys completed with transformers' defaults for its model_type, where transformers knows it."""
+    if not config.get("model_type"):
+        return config
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # its notes on unusual configs are not this script's errors
+        merged = transformers.AutoConfig.for_model(**config).to_dict()
+    except Exception:  # not installed, or a model_type it does not know: the file's own keys
+        return config
+    for key, value in config.items():  # the file's values win, nested ones (text_config) key by key
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
+
+
+def _cached_config(name: str):
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return None
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True)  # offline: the cache only
+    except Exception:  # not installed, not cached, or not a model
+        return None
+    return config.to_dict()
+
+
+def _get(config: dict, *names, default=None):
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    return default
+
+
+def model_from_config(config: dict, name: str, source: str) -> dict:
+    """The shape the memory model needs, and the parameter count computed from it."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    if text and _get(config, "hidden_size", "n_embd", "d_model") is None:
+        config = {"model_type": config.get("model_type"), **text}  # a multimodal config: its language model
+    model_type = str(config.get("model_type") or "unknown")
+    hidden = _get(config, "hidden_size", "n_embd", "d_model")
+    layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _get(config, "num_attention_heads", "n_head")
+    vocab = _get(config, "vocab_size")
+    numbers = (hidden, layers, heads, vocab)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in numbers):
+        raise UsageError(f"--model {name}: {source} lacks a positive hidden_size, num_hidden_layers,"
+                         " num_attention_heads or vocab_size; pass --params N instead")
+    kv_heads = _get(config, "num_key_value_heads", default=heads)
+    head_dim = _get(config, "head_dim", default=hidden // heads)
+    intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    return {
+        "name": name, "source": source, "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "intermediate_size": intermediate,
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", model_type in LEARNED_POSITIONS)),
+        "positions": _get(config, "n_positions", "max_position_embeddings", default=1024)
+        if model_type in LEARNED_POSITIONS else 0,
+        "attention_bias": bool(config.get("attention_bias", model_type in ("qwen2", "gpt_neox"))),
+        "mlp_bias": bool(config.get("mlp_bias", False)), "experts": int(_get(config, "num_local_experts", default=0)),
+        "experts_per_token": int(_get(config, "num_experts_per_tok", default=1)), "estimated": False,
+    }
+
+
+def model_from_params(params: int) -> dict:
+    """--params alone: a Llama-style shape with params ~ 12 x layers x hidden^2 (hidden/layers ~ 128), a gated MLP of
+    8/3 hidden and a 50,304-token vocabulary whose embeddings the count is assumed to include."""
+    hidden, layers = model_shape(params)
+    hidden = int(hidden)
+    heads = max(1, round(hidden / 128))
+    return {"name": None, "source": "--params", "model_type": "unknown", "vocab_size": VOCAB, "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "head_dim": hidden / heads, "intermediate_size": int(8 * hidden / 3), "tie_word_embeddings": False,
+            "positions": 0, "attention_bias": False, "mlp_bias": False, "experts": 0, "experts_per_token": 1,
+            "estimated": True, "params": params}
+
+
+def block_linears(model: dict) -> list:
+    """(name, in_features, out_features, bias) of the Linear layers of one block (Conv1D for GPT-2)."""
+    h, i = model["hidden_size"], model["intermediate_size"]
+    q, kv = model["num_attention_heads"] * model["head_dim"], model["num_key_value_heads"] * model["head_dim"]
+    t = model["model_type"]
+    if t == "gpt2":
+        return [("c_attn", h, 3 * h, True), ("c_proj", h, h, True), ("c_fc", h, i, True), ("c_proj", i, h, True)]
+    if t == "gpt_neox":
+        bias = model["attention_bias"]
+        return [("query_key_value", h, 3 * h, bias), ("dense", h, h, bias), ("dense_h_to_4h", h, i, True),
+                ("dense_4h_to_h", i, h, True)]
+    if t == "phi3":
+        return [("qkv_proj", h, q + 2 * kv, False), ("o_proj", q, h, False), ("gate_up_proj", h, 2 * i, False),
+                ("down_proj", i, h, False)]
+    bias, qkv_bias = model["mlp_bias"], model["attention_bias"]
+    attention = [("q_proj", h, q, qkv_bias), ("k_proj", h, kv, qkv_bias), ("v_proj", h, kv, qkv_bias),
+                 ("o_proj", q, h, qkv_bias and t != "qwen2")]
+    if model["experts"]:  # Mixtral-style: the experts are fused parameters in transformers 5, not Linear layers
+        return attention
+    return attention + [("gate_proj", h, i, bias), ("up_proj", h, i, bias), ("down_proj", i, h, bias)]
+
+
+def param_counts(model: dict) -> dict:
+    """Parameters by kind: the blocks' Linear weights, everything else (embeddings, norms, biases, experts), and
+    the output layer (0 when tied to the embeddings). Exact for the listed types, close for Llama-like others."""
+    if model["estimated"]:
+        return {"total": model["params"], "linear": model["params"], "lm_head": 0, "other": 0}
+    h, layers, v = model["hidden_size"], model["num_hidden_layers"], model["vocab_size"]
+    linears = block_linears(model)
+    linear = layers * sum(n_in * n_out for _, n_in, n_out, _ in linears)
+    biases = layers * sum(n_out for _, _, n_out, bias in linears if bias)
+    t = model["model_type"]
+    if t in NON_GATED:  # two LayerNorms (weight and bias) per block and a final one
+        norms = layers * 4 * h + 2 * h
+    else:  # RMSNorm weights: two per block (four in Gemma 2/3), a final one, q/k norms in Qwen 3 and Gemma 3
+        per_block = 4 * h if t in ("gemma2", "gemma3", "gemma3_text") else 2 * h
+        per_block += 2 * model["head_dim"] if t in ("qwen3", "gemma3", "gemma3_text") else 0
+        if t == "olmo2":  # q/k norms over all heads
+            per_block += (model["num_attention_heads"] + model["num_key_value_heads"]) * model["head_dim"]
+        norms = layers * per_block + h
+    experts = layers * model["experts"] * (3 * h * model["intermediate_size"] + h) if model["experts"] else 0
+    embeddings = v * h + model["positions"] * h
+    lm_head = 0 if model["tie_word_embeddings"] else v * h
+    other = embeddings + norms + biases + experts
+    return {"total": linear + other + lm_head, "linear": linear, "lm_head": lm_head, "other": other}
+
+
+def lora_params(model: dict, r: int) -> int:
+    """Trainable parameters of LoRA adapters of rank r: r x (in + out) for each targeted Linear of each block."""
+    targets = LORA_TARGETS.get(model["model_type"])
+    return model["num_hidden_layers"] * sum(r * (n_in + n_out) for name, n_in, n_out, _ in block_linears(model)
+                                            if targets is None or name in targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory model
+# ---------------------------------------------------------------------------------------------------------------
+# Bytes saved for backward per token by one block, measured by counting the tensors autograd saves
+# (torch.autograd.graph.saved_tensors_hooks, each storage once) in transformers' LlamaDecoderLayer and GPT2Block,
+# sdpa attention, on CPU (references/performance.md, "How detect_hardware.py estimates memory"):
+# (bytes per hidden unit, per intermediate unit, per key/value width, per hidden unit with activation checkpointing).
+# Keys: precision mode (mixed: autocast over float32 weights; half: 16-true/bf16-true; fp32) and adapters (LoRA).
+ACTIVATION_BYTES = {
+    "llama": {("mixed", False): (30, 8, 4, 4), ("mixed", True): (24, 8, 4, 2), ("half", False): (20, 8, 4, 2),
+              ("half", True): (16, 8, 4, 2), ("fp32", False): (32, 16, 8, 4), ("fp32", True): (24, 16, 8, 4)},
+    "gpt2": {("mixed", False): (24, 10, 0, 4), ("mixed", True): (22, 10, 0, 2), ("half", False): (20, 10, 0, 2),
+             ("half", True): (20, 10, 0, 2), ("fp32", False): (40, 20, 0, 4), ("fp32", True): (40, 20, 0, 4)},
+}
+HEAD_BYTES = {"mixed": 10, "half": 6, "fp32": 8}  # per token per hidden unit: the final norm and the head's input
+# Peak bytes per token per vocabulary entry of the logits and the loss, measured at the start of backward (the
+# float32 log-softmax saved for backward, its gradient and the gradient of the logits): 12 under autocast and in
+# float32, 6 in 16-true/bf16-true (everything in half precision).
+LOGIT_BYTES = {"mixed": 12, "half": 6, "fp32": 12}
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA: 4-bit NF4, 8-bit absmax per 64 weights, fp32 absmax per 256 of those
+DEEPSPEED_HOST_BYTES = 18  # ZeRO-3 offload: fp32 weights, gradients and Adam states + 16-bit weights, per parameter
+
+
+def precision_mode(precision: str) -> str:
+    if precision in ("32-true", "64-true"):
+        return "fp32"
+    return "half" if precision in ("16-true", "bf16-true") else "mixed"
+
+
+def layer_activation_bytes(model: dict, precision: str, finetune: str = "full", checkpointing: bool = False) -> float:
+    """Bytes per token that one block keeps for backward (with checkpointing: its input only)."""
+    mode = precision_mode(precision)
+    family = "gpt2" if model["model_type"] in NON_GATED else "llama"
+    per_hidden, per_inter, per_kv, checkpointed = ACTIVATION_BYTES[family][(mode, finetune != "full")]
+    if checkpointing:
+        return checkpointed * model["hidden_size"]
+    inter = model["intermediate_size"] * (model["experts_per_token"] if model["experts"] else 1)
+    kv = model["num_key_value_heads"] * model["head_dim"]
+    return per_hidden * model["hidden_size"] + per_inter * inter + per_kv * kv
+
+
+def memory_gb(model, finetune, precision, seq_len, batch, strategy, world, checkpointing, lora_r=16) -> dict:
+    """Per-device memory (GB) of one training step, by term. model: a dict from load_model / model_from_params, or
+    a bare parameter count. strategy: single|ddp|fsdp|offload (FSDP CPU offload)|zero3_offload (DeepSpeed)."""
+    model = model if isinstance(model, dict) else model_from_params(model)
+    counts = param_counts(model)
+    n, mode = counts["total"], precision_mode(precision)
+    trained_bytes = 8 if precision == "64-true" else 2 if mode == "half" else 4  # -mixed keeps float32 weights
+    if finetune == "full":
+        trainable, frozen = n, 0.0
+    else:
+        trainable = lora_params(model, lora_r)
+        if finetune == "qlora":  # the blocks' Linear weights in NF4; embeddings, norms and the head in bfloat16
+            frozen = counts["linear"] * NF4_BITS / 8 + (n - counts["linear"]) * 2
+        else:  # the frozen model in bfloat16/float16 (float32 under 32-true)
+            frozen = n * (4 if mode == "fp32" else 2)
+    weights = trainable * trained_bytes + frozen
+    grads = trainable * trained_bytes
+    optimizer = trainable * 2 * trained_bytes  # AdamW: two states in the parameter's dtype
+    copies = 0.0
+    if mode == "mixed":  # autocast keeps a 16-bit copy of each float32 weight a matmul uses, until backward
+        copies = 2 * (counts["linear"] + model["vocab_size"] * model["hidden_size"]) if finetune == "full" \
+            else 2 * trainable
+    if finetune == "qlora":  # one layer's weight dequantized at a time
+        copies += 2 * max(n_in * n_out for _, n_in, n_out, _ in block_linears(model))
+    tokens = seq_len * batch
+    layers, hidden = model["num_hidden_layers"], model["hidden_size"]
+    per_layer = layer_activation_bytes(model, precision, finetune) * tokens
+    if checkpointing:  # block inputs, and one block recomputed at a time during backward
+        activations = layers * layer_activation_bytes(model, precision, finetune, True) * tokens + per_layer
+    else:
+        activations = layers * per_layer
+    activations += HEAD_BYTES[mode] * hidden * tokens
+    logits = LOGIT_BYTES[mode] * tokens * model["vocab_size"]
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "autocast_copies": copies,
+             "ddp_buckets": 0.0, "gather_buffer": 0.0, "activations": activations, "logits": logits}
+    gathered = 2 if mode != "fp32" else 4  # FSDP and DeepSpeed gather 16-bit weights under -mixed precision
+    root = 0 if model["estimated"] else model["vocab_size"] * hidden * (1 if model["tie_word_embeddings"] else 2)
+    gather = gathered * (2 * (n - root) / layers + root)  # the embeddings and head, one block in use, one prefetched
+    host = 0.0
+    if strategy == "ddp" and world > 1:
+        parts["ddp_buckets"] = grads  # DDP keeps a flat copy of the gradients for all-reduce
+    elif strategy == "fsdp":
+        for key in ("weights", "gradients", "optimizer"):
+            parts[key] /= world
+        parts.update(autocast_copies=0.0, gather_buffer=gather)
+    elif strategy in ("offload", "zero3_offload"):  # weights, gradients and optimizer state live in CPU memory
+        host = weights + grads + optimizer + (2 * n if strategy == "zero3_offload" else 0)
+        parts.update(weights=0.0, gradients=0.0, optimizer=0.0, autocast_copies=0.0, gather_buffer=gather)
+    g = {k: v / 1e9 for k, v in parts.items()}
+    kept = g["weights"] + g["optimizer"] + g["ddp_buckets"] + g["gather_buffer"]  # held through the whole step
+    # The peak is the largest of three moments: backward starting (activations and the loss's logits live, no
+    # gradients yet, autocast's copies too unless checkpointing dropped them), the end of forward (with checkpointing:
+    # the copies still cached, the loss's forward at 10 of the 12 bytes per logit), and the optimizer step (every
+    # gradient, no activations). Gradients grow as activations are freed during backward, so neither sums with both.
+    backward = kept + g["activations"] + g["logits"] + (0 if checkpointing else g["autocast_copies"])
+    forward_end = kept + g["activations"] + g["logits"] * 10 / 12 + g["autocast_copies"]
+    step = kept + g["gradients"]
+    moments = {"optimizer step": step, "start of backward": backward, "end of forward": forward_end}
+    peak_at = max(moments, key=moments.get)
+    states = max(kept + g["autocast_copies"], step)  # what no micro-batch or checkpointing can shrink
+    return {"per_device_gb": moments[peak_at], "breakdown": g, "states_gb": states, "host_gb": host / 1e9,
+            "peak_at": peak_at, "trainable_params": trainable}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Decisions
 # ---------------------------------------------------------------------------------------------------------------
-def choose_precision(machine: dict, params, finetune: str, reasons: list) -> str:
+def choose_precision(machine: dict, params, finetune: str, reasons: list, warnings=None, requested=None) -> str:
     acc = machine["accelerator"]
+    if requested:
+        capability = tuple(min(g["capability"] for g in machine["gpus"])) if acc == "cuda" else None
+        if requested.startswith("bf16") and capability is not None and capability < (8, 0) and warnings is not None:
+            warnings.append(f"--precision {requested}: compute capability {capability[0]}.{capability[1]} has no fast"
+                            " bf16; 16-mixed is the usual choice before Ampere")
+        reasons.append(f"precision {requested}: given with --precision")
+        return requested
     if acc == "cpu":
         reasons.append("precision 32-true: CPUs without bf16 matrix units run mixed precision slower, not faster")
         return "32-true"
@@ -207,38 +544,14 @@ def model_shape(params: int) -> tuple:
     return hidden, max(1, round(hidden / 128))
 
 
-def memory_gb(params, finetune, precision, seq_len, batch, strategy, world, checkpointing) -> dict:
-    """Per-device memory (GB) of one training step, by part. strategy: single|ddp|fsdp|offload."""
-    half = precision in ("16-true", "bf16-true")
-    act_bytes = 4 if precision in ("32-true", "64-true") else 2
-    trainable = params * (LORA_TRAINABLE if finetune == "lora" else 1.0)
-    frozen = params - trainable if finetune == "lora" else 0
-    frozen_bytes = 2 if act_bytes == 2 else 4  # LoRA: load the frozen base model in half precision off-CPU
-    weights = trainable * (2 if half else 4) + frozen * frozen_bytes
-    grads = trainable * (2 if half else 4)
-    optimizer = trainable * 8  # AdamW: two fp32 states per trained parameter
-    hidden, layers = model_shape(params)
-    tokens = seq_len * batch
-    full_layer = 17 * tokens * hidden * act_bytes  # saved activations of one block with SDPA/flash attention
-    activations = layers * tokens * hidden * act_bytes + full_layer if checkpointing else layers * full_layer
-    logits = tokens * VOCAB * 4 * 2  # fp32 logits and their gradient
-    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "ddp_buckets": 0.0,
-             "gather_buffer": 0.0, "activations": activations, "logits": logits}
-    layer_weights = 2 * (params / layers) * (2 if act_bytes == 2 else 4)  # one block gathered, one prefetched
-    if strategy == "ddp" and world > 1:
-        parts["ddp_buckets"] = grads  # DDP keeps a flat copy of the gradients for all-reduce
-    elif strategy == "fsdp":
-        for key in ("weights", "gradients", "optimizer"):
-            parts[key] /= world
-        parts["gather_buffer"] = layer_weights
-    elif strategy == "offload":  # parameters, gradients and optimizer state live in CPU memory
-        parts.update(weights=0.0, gradients=0.0, optimizer=0.0, gather_buffer=layer_weights)
-    parts = {k: v / 1e9 for k, v in parts.items()}
-    host = (weights + grads + optimizer) / world / 1e9 if strategy == "offload" else 0.0  # per process
-    return {"per_device_gb": sum(parts.values()), "breakdown": parts, "host_gb": host}
+def offload_kind(machine: dict) -> tuple:
+    """(Lightning strategy, memory-model strategy) of CPU offload on this machine."""
+    if "deepspeed" in machine["packages"] and machine["accelerator"] == "cuda":
+        return "deepspeed_stage_3_offload", "zero3_offload"
+    return "fsdp_cpu_offload", "offload"
 
 
-def candidates(machine: dict, world: int) -> list:
+def candidates(machine: dict, world: int, finetune: str = "full") -> list:
     """(name, lightning strategy, memory strategy, activation checkpointing), cheapest in speed first."""
     acc = machine["accelerator"]
     single = world == 1
@@ -247,22 +560,53 @@ def candidates(machine: dict, world: int) -> list:
         return [("xla" if not single else "single", "auto", "single", False)]
     if acc == "cpu":
         return [data_parallel]
-    offload = "deepspeed_stage_3_offload" if "deepspeed" in machine["packages"] and acc == "cuda" \
-        else "fsdp_cpu_offload"
     if acc == "mps":
         return [data_parallel, (data_parallel[0] + "+ckpt", "auto", "single", True)]
     out = [data_parallel]
+    if finetune == "qlora":  # bitsandbytes' 4-bit weights: one replica per GPU
+        return out + [(data_parallel[0] + "+ckpt", data_parallel[1], data_parallel[2], True)]
+    offload, offload_memory = offload_kind(machine)
     if not single:
         out.append(("fsdp", "fsdp", "fsdp", False))
     out.append((data_parallel[0] + "+ckpt", data_parallel[1], data_parallel[2], True))
     if not single:
         out.append(("fsdp+ckpt", "fsdp", "fsdp", True))
-    out += [(offload, offload, "offload", False), (offload + "+ckpt", offload, "offload", True)]
+    out += [(offload, offload, offload_memory, False), (offload + "+ckpt", offload, offload_memory, True)]
     return out
 
 
-def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1) -> dict:
+def _fits(est: dict, budget: float, host_budget: float, world: int, nodes: int) -> bool:
+    return est["per_device_gb"] <= budget and est["host_gb"] / nodes <= host_budget
+
+
+def _size(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+
+
+def finetune_label(finetune: str, lora_r: int) -> str:
+    return {"full": "full fine-tune", "lora": f"LoRA (r={lora_r})", "qlora": f"QLoRA (r={lora_r})"}[finetune]
+
+
+def describe_model(model: dict, lora_r: int) -> str:
+    counts = param_counts(model)
+    if model["estimated"]:
+        return (f"{_size(counts['total'])} parameters from --params; shape assumed: hidden {model['hidden_size']},"
+                f" {model['num_hidden_layers']} layers, gated MLP, vocabulary {model['vocab_size']:,}")
+    kv = model["num_key_value_heads"]
+    return (f"{model['name']} from the {model['source']}: {_size(counts['total'])} parameters counted from the shape"
+            f" ({model['model_type']}, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers,"
+            f" {model['num_attention_heads']} heads" + (f" / {kv} key-value heads" if kv != model["num_attention_heads"]
+                                                         else "") +
+            f", MLP {model['intermediate_size']}, vocabulary {model['vocab_size']:,}"
+            + (", tied embeddings" if model["tie_word_embeddings"] else "") + ")")
+
+
+def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1, precision=None,
+         lora_r=DEFAULT_LORA_R) -> dict:
+    """params: a parameter count, a model from load_model(), or None (no memory plan)."""
     reasons, warnings = [], []
+    model = params if isinstance(params, dict) or params is None else model_from_params(params)
+    n_params = param_counts(model)["total"] if model else None
     acc = machine["accelerator"]
     devices = len(machine["gpus"]) if acc in ("cuda", "tpu") else 1
     nodes = machine["num_nodes"]
@@ -281,7 +625,9 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
     else:
         what = "no GPU found" if not machine["gpus"] else "CPU requested"
     reasons.append(f"accelerator {accelerator}: {what}")
-    precision = choose_precision(machine, params, finetune, reasons)
+    precision = choose_precision(machine, n_params, finetune, reasons, warnings, precision)
+    if finetune == "qlora" and acc != "cuda":
+        warnings.append("QLoRA (bitsandbytes 4-bit weights) runs on CUDA GPUs only: use --finetune lora here")
     if acc == "cpu":
         budget = machine["ram_gb"] * CPU_RAM_SHARE
     elif acc == "mps":
@@ -291,34 +637,52 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
                      min(g["free_gb"] for g in machine["gpus"]) - RESERVED_GB)
     host_budget = machine["ram_gb"] * CPU_RAM_SHARE
 
-    chosen, table, fits = candidates(machine, world)[0], [], True
+    chosen, table, fits, options = candidates(machine, world, finetune)[0], [], True, []
     memory = {"per_device_gb": None, "budget_gb": round(budget, 2), "breakdown": {}}
-    if params is not None:
-        fits = False
-        for cand in candidates(machine, world):
-            est = memory_gb(params, finetune, precision, seq_len, batch_size, cand[2], world, cand[3])
-            ok = est["per_device_gb"] <= budget and est["host_gb"] * world / nodes <= host_budget
+    info = None
+    if model is not None:
+        fits, best = False, None
+        reasons.append("model: " + describe_model(model, lora_r))
+        if not model["estimated"] and model["model_type"] not in COUNTED_TYPES:
+            warnings.append(f"model_type {model['model_type']!r} is not one whose layout this script knows: it is"
+                            " counted as a Llama-style decoder; if the parameter count above is off, pass --params N")
+        for cand in candidates(machine, world, finetune):
+            est = memory_gb(model, finetune, precision, seq_len, batch_size, cand[2], world, cand[3], lora_r)
+            ok = _fits(est, budget, host_budget, world, nodes)
             table.append({"name": cand[0], "strategy": cand[1], "per_device_gb": round(est["per_device_gb"], 2),
-                          "host_gb_per_node": round(est["host_gb"] * world / nodes, 1), "fits": ok})
+                          "host_gb_per_node": round(est["host_gb"] / nodes, 1), "fits": ok})
             if ok and not fits:
                 chosen, fits, best = cand, True, est
-        if not fits:  # report the set-up that comes closest, marked as not fitting
-            chosen = min(candidates(machine, world), key=lambda c: memory_gb(
-                params, finetune, precision, seq_len, batch_size, c[2], world, c[3])["per_device_gb"])
-            best = memory_gb(params, finetune, precision, seq_len, batch_size, chosen[2], world, chosen[3])
-            warnings.append(no_fit_advice(machine, params, finetune, precision, seq_len, batch_size, budget, world))
+        if not fits:  # report the set-up that comes closest, marked as not fitting: one that fits the GPU but
+            # not the RAM (offload), else the one that needs the least device memory
+            ranked = [(memory_gb(model, finetune, precision, seq_len, batch_size, c[2], world, c[3], lora_r), c)
+                      for c in candidates(machine, world, finetune)]
+            on_device = [(est, c) for est, c in ranked if est["per_device_gb"] <= budget]
+            best, chosen = on_device[0] if on_device else min(ranked, key=lambda pair: pair[0]["per_device_gb"])
+            options = fit_options(machine, model, finetune, precision, seq_len, batch_size, budget, lora_r, world)
         memory = {"per_device_gb": round(best["per_device_gb"], 2), "budget_gb": round(budget, 2),
-                  "breakdown": {k: round(v, 3) for k, v in best["breakdown"].items()}}
+                  "reserved_gb": RESERVED_GB if acc == "cuda" else 0.0,
+                  "breakdown": {k: round(v, 3) for k, v in best["breakdown"].items()}, "peak_at": best["peak_at"],
+                  "trainable_params": int(best["trainable_params"])}
         if best["host_gb"]:
-            memory["host_gb_per_node"] = round(best["host_gb"] * world / nodes, 1)
-        desc = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
-        reasons.append(f"strategy {chosen[1]}: " + (
-            f"cheapest set-up in which a {desc}-parameter {finetune} run (seq {seq_len}, micro-batch {batch_size})"
-            f" fits: {memory['per_device_gb']:.1f} of {budget:.1f} GB per device" if fits else  # as the table rounds
-            f"nothing fits {budget:.1f} GB per device; see warnings"))
+            memory["host_gb_per_node"] = round(best["host_gb"] / nodes, 1)
+        run = f"{finetune_label(finetune, lora_r)} at sequence {seq_len}, micro-batch {batch_size}"
+        if fits:
+            reasons.append(f"strategy {chosen[1]}: the cheapest set-up in which the {run} fits:"
+                           f" {memory['per_device_gb']:.1f} of {budget:.1f} GB per device")
+        else:
+            closest = closest_text(chosen, best, budget, machine, nodes)
+            reasons.append(f"strategy {chosen[1]}: no set-up fits the {run}; {closest}; see the options")
+            warnings.append(no_fit_summary(model, finetune, precision, closest, options, machine, lora_r, world,
+                                           budget))
+        info = {"name": model["name"], "source": model["source"], "model_type": model["model_type"],
+                "params": n_params, "params_from": "--params" if model["estimated"] else "shape",
+                "trainable_params": int(best["trainable_params"]),
+                **{k: model[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                         "num_key_value_heads", "intermediate_size", "tie_word_embeddings")}}
     else:
         reasons.append(f"strategy {chosen[1]}: " + ("one device" if world == 1 else
-                       f"{world} devices: DDP replicates the model; pass --params to check that it fits"))
+                       f"{world} devices: DDP replicates the model; pass --model or --params to check that it fits"))
     if world > 1 and chosen[1] == "ddp":
         reasons.append("effective batch size = per-device batch x devices x num_nodes")
 
@@ -335,7 +699,7 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
     reasons.append(f"num_workers {workers}: {machine['cpu_count']} CPUs shared by {devices} device process(es),"
                    " one CPU left for the training loop; 0 for data already in memory")
     checkpointing = bool(chosen[3])
-    if checkpointing:
+    if checkpointing and fits:
         reasons.append("activation checkpointing: needed to fit activations; costs about one extra forward pass")
     if machine["launcher"]:
         reasons.append(f"num_nodes {nodes}: from the {machine['launcher']} launcher; devices must equal the processes"
@@ -347,30 +711,181 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
                "precision": precision}
     return {"trainer": trainer, "matmul_precision": matmul, "compile": compile_ok,
             "activation_checkpointing": checkpointing, "num_workers": workers, "fits": fits, "memory": memory,
-            "candidates": table, "machine": machine, "reasons": reasons, "warnings": warnings}
+            "model": info, "finetune": finetune, "seq_len": seq_len, "batch_size": batch_size, "lora_r": lora_r,
+            "candidates": table, "options": options, "machine": machine, "reasons": reasons, "warnings": warnings}
 
 
-def no_fit_advice(machine, params, finetune, precision, seq_len, batch_size, budget, world) -> str:
-    steps = []
-    if finetune == "full":
-        lora = memory_gb(params, "lora", precision, seq_len, batch_size, "single", 1, True)["per_device_gb"]
-        if lora <= budget:
-            steps.append(f"LoRA fits one device ({lora:.1f} GB): --finetune lora")
-    if finetune == "lora" and machine["accelerator"] == "cuda":
-        steps.append("a 4-bit quantized base model (QLoRA: BitsandbytesPrecision) needs about a quarter of the weight"
-                     " memory")
-    if machine["accelerator"] == "cuda":
-        for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
-            if n > world and memory_gb(params, finetune, precision, seq_len, batch_size, "fsdp", n,
-                                       True)["per_device_gb"] <= budget:
-                steps.append(f"FSDP with activation checkpointing fits on {n} such GPUs")
+# ---------------------------------------------------------------------------------------------------------------
+# When nothing fits: every option that does, with its numbers and causal_lm.py flags
+# ---------------------------------------------------------------------------------------------------------------
+def _divisors(n: int) -> list:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _flags(machine, model, precision, config, finetune, lora_r, micro, accumulate, ckpt, extra=()) -> str:
+    parts = ["python causal_lm.py fit"]
+    if config:
+        parts.append(f"--config {config}")
+    parts += list(extra)
+    if model["name"]:
+        parts.append(f"--model.name_or_path {model['name']}")
+    if machine["accelerator"] == "cuda" and precision != "bf16-mixed":
+        parts.append(f"--trainer.precision {precision}")
+    if finetune != "full":
+        parts.append(f"--model.finetune {finetune} --model.lora_r {lora_r}")
+    parts.append(f"--data.batch_size {micro} --trainer.accumulate_grad_batches {accumulate}")
+    if ckpt:
+        parts.append("--model.activation_checkpointing true")
+    return " ".join(parts)
+
+
+def _sharding(machine: dict, finetune: str, world: int) -> str:
+    """The memory-model strategy that splits the states furthest on this machine's GPUs."""
+    return "fsdp" if world > 1 and finetune != "qlora" and machine["accelerator"] == "cuda" else "single"
+
+
+def fit_options(machine, model, finetune, precision, seq_len, batch_size, budget, lora_r, world=1) -> list:
+    """Options for a run that fits no set-up of this machine; each entry says whether it fits and with what."""
+    acc, ram = machine["accelerator"], machine["ram_gb"]
+    host_budget = ram * CPU_RAM_SHARE
+    config = {"cuda": "configs/gpu.yaml", "cpu": "configs/cpu.yaml"}.get(acc)
+    out = []
+
+    def first_fit(kind, strategy, world, micro_batches, accumulate_of):
+        for ckpt in (False, True):
+            for micro in micro_batches:
+                est = memory_gb(model, kind, precision, seq_len, micro, strategy, world, ckpt, lora_r)
+                if est["per_device_gb"] <= budget:
+                    return micro, accumulate_of(micro), ckpt, est
+        return None
+
+    def entry(option, text, found, **extra):
+        micro, accumulate, ckpt, est = found
+        return {"option": option, "fits": True, "per_device_gb": round(est["per_device_gb"], 2),
+                "micro_batch": micro, "accumulate_grad_batches": accumulate, "activation_checkpointing": ckpt,
+                "trainable_params": int(est["trainable_params"]), "text": text, **extra}
+
+    keep = lambda micro: max(1, batch_size // micro)  # noqa: E731 - accumulation that keeps the global batch
+    sharding = _sharding(machine, finetune, world)
+    alone = memory_gb(model, finetune, precision, seq_len, 1, sharding, world, True, lora_r)
+    if alone["states_gb"] <= budget and batch_size > 1:  # a smaller micro-batch helps only if the states fit
+        found = first_fit(finetune, sharding, world, _divisors(batch_size)[1:], keep)
+        if found:
+            micro, accumulate, ckpt, est = found
+            larger = next((m for m in _divisors(batch_size)[1:] if m > micro and memory_gb(
+                model, finetune, precision, seq_len, m, sharding, world, True, lora_r)["per_device_gb"] <= budget), 0)
+            out.append(entry("micro_batch", f"micro-batch {micro} x {accumulate} accumulation (the same global batch)"
+                             + (" with activation checkpointing" if ckpt else "")
+                             + f": {est['per_device_gb']:.1f} GB per device"
+                             + (f" (with activation checkpointing, micro-batch {larger} x {batch_size // larger})"
+                                if larger else ""), found,
+                             command=_flags(machine, model, precision, "configs/fsdp.yaml" if sharding == "fsdp"
+                                            else config, finetune, lora_r, micro, accumulate, ckpt)))
+    adapters = [("lora", "LoRA")] if finetune == "full" else []
+    if acc == "cuda" and finetune != "qlora":
+        adapters.append(("qlora", "QLoRA (4-bit NF4 base, bitsandbytes)"))
+    replicas = ("ddp", "configs/ddp.yaml") if world > 1 and acc == "cuda" else ("single", config)
+    for kind, label in adapters:  # a replica of the adapted model on each device of this machine
+        found = first_fit(kind, replicas[0], world, [1], keep)
+        if found:
+            micro, accumulate, ckpt, est = found
+            largest = next((m for m in _divisors(batch_size) if memory_gb(
+                model, kind, precision, seq_len, m, replicas[0], world, ckpt, lora_r)["per_device_gb"] <= budget), 1)
+            text = (f"{label}, r={lora_r} ({_size(est['trainable_params'])} trainable parameters), micro-batch 1 x"
+                    f" {accumulate} accumulation" + (" with activation checkpointing" if ckpt else "")
+                    + f": {est['per_device_gb']:.1f} GB per device"
+                    + (f" (micro-batch up to {largest} fits)" if largest > 1 else ""))
+            out.append(entry(kind, text, found, max_micro_batch=largest, command=_flags(
+                machine, model, precision, replicas[1], kind, lora_r, micro, accumulate, ckpt)))
+    if acc != "cuda":
+        return out
+    per_node = max(len(machine["gpus"]), 1)
+    if finetune != "qlora":
+        for n in [2, 4, 8] + list(range(16, 1025, 8)):
+            if n <= len(machine["gpus"]) * machine["num_nodes"]:
+                continue
+            found = first_fit(finetune, "fsdp", n, [1], lambda micro: max(1, batch_size // n))
+            if found:
+                micro, accumulate, ckpt, est = found
+                devices, nodes = (n, 1) if n <= max(8, per_node) else (max(8, per_node), -(-n // max(8, per_node)))
+                where = f"{n} GPUs like these" + (f" ({nodes} nodes of {devices})" if nodes > 1 else "")
+                text = (f"FSDP on {where}, micro-batch 1 x {accumulate} accumulation"
+                        + (" with activation checkpointing" if ckpt else "")
+                        + f": {est['per_device_gb']:.1f} GB per GPU (global batch {n * accumulate})")
+                extra = [f"--trainer.devices {devices}"] + ([f"--trainer.num_nodes {nodes}"] if nodes > 1 else [])
+                out.append(entry("fsdp", text, found, devices=n, command=_flags(
+                    machine, model, precision, "configs/fsdp.yaml", finetune, lora_r, micro, accumulate, ckpt,
+                    extra)))
                 break
-        need = memory_gb(params, finetune, precision, seq_len, batch_size, "fsdp" if world > 1 else "single",
-                         world, True)["per_device_gb"]
-        steps.append(f"or GPUs with at least {(need + RESERVED_GB) / HEADROOM:.0f} GB each")
-    if batch_size > 1:
-        steps.append("a smaller micro-batch with gradient accumulation")
-    return "no set-up fits: " + "; ".join(steps or ["use a machine with more memory"])
+        strategy, memory_strategy = offload_kind(machine)
+        found = first_fit(finetune, memory_strategy, 1, [1], keep)
+        if found:
+            micro, accumulate, ckpt, est = found
+            need = est["host_gb"]
+            ok = need <= host_budget
+            deepspeed = memory_gb(model, finetune, precision, seq_len, 1, "zero3_offload", 1, ckpt, lora_r)["host_gb"]
+            name = ("DeepSpeed ZeRO-3 offload" if strategy.startswith("deepspeed") else "FSDP CPU offload")
+            text = (f"CPU offload ({name}), micro-batch 1 x {accumulate} accumulation"
+                    + (" with activation checkpointing" if ckpt else "")
+                    + f": {est['per_device_gb']:.1f} GB per GPU, and it needs {need:.0f} GB RAM, this machine has"
+                    f" {ram:.0f} GB: " + ("fits" if ok else "does not fit") + f" (at most {CPU_RAM_SHARE:.0%} of RAM"
+                    " is planned for it; runs several times slower than on the GPU)"
+                    + ("" if strategy.startswith("deepspeed") else
+                       f"; DeepSpeed ZeRO-3 offload (pip install deepspeed) needs {deepspeed:.0f} GB"))
+            config_flags = ("configs/deepspeed.yaml" if strategy.startswith("deepspeed") else "configs/fsdp.yaml")
+            item = entry("cpu_offload", text, found, strategy=strategy, host_ram_needed_gb=round(need, 1),
+                         ram_gb=ram, command=_flags(machine, model, precision, config_flags, finetune, lora_r,
+                                                    micro, accumulate, ckpt, [f"--trainer.strategy {strategy}"]))
+            item["fits"] = ok
+            out.append(item)
+            if "deepspeed" in machine["packages"]:
+                nvme = memory_gb(model, finetune, precision, seq_len, 1, "zero3_offload", 1, ckpt, lora_r)["host_gb"]
+                text = (f"NVMe offload (DeepSpeed ZeRO-Infinity), micro-batch 1 x {accumulate} accumulation: about"
+                        f" {est['per_device_gb']:.1f} GB per GPU and {nvme:.0f} GB on a fast local NVMe disk,"
+                        " a few GB of RAM for its buffers; slower still than CPU offload")
+                extra = ["--trainer.strategy lightning.pytorch.strategies.DeepSpeedStrategy",
+                         "--trainer.strategy.stage 3 --trainer.strategy.offload_optimizer true",
+                         "--trainer.strategy.offload_parameters true --trainer.strategy.offload_params_device nvme",
+                         "--trainer.strategy.offload_optimizer_device nvme --trainer.strategy.nvme_path /local_nvme"]
+                out.append(entry("nvme_offload", text, found, nvme_gb=round(nvme, 1), command=_flags(
+                    machine, model, precision, "configs/deepspeed.yaml", finetune, lora_r, micro, accumulate, ckpt,
+                    extra)))
+    need = memory_gb(model, finetune, precision, seq_len, 1, "single", 1, True, lora_r)["per_device_gb"]
+    if need <= budget:  # this card is large enough at micro-batch 1: the options above say how
+        return out
+    card = (need + RESERVED_GB) / HEADROOM
+    out.append({"option": "larger_gpu", "fits": True, "memory_gb": round(card, 1), "micro_batch": 1,
+                "accumulate_grad_batches": batch_size, "activation_checkpointing": True,
+                "text": f"one GPU with at least {card:.0f} GB (memory_gb as torch reports it) runs this"
+                        f" {finetune_label(finetune, lora_r)} at micro-batch 1 x {batch_size} accumulation with"
+                        " activation checkpointing",
+                "command": _flags(machine, model, precision, config, finetune, lora_r, 1, batch_size, True)})
+    return out
+
+
+def closest_text(chosen, est, budget, machine, nodes) -> str:
+    if est["per_device_gb"] <= budget:
+        return (f"the closest set-up ({chosen[0]}) fits the device ({est['per_device_gb']:.1f} of {budget:.1f} GB)"
+                f" but needs {est['host_gb'] / nodes:.0f} GB of RAM per node, this machine has"
+                f" {machine['ram_gb']:.0f} GB")
+    return f"the closest set-up ({chosen[0]}) needs {est['per_device_gb']:.1f} of {budget:.1f} GB per device"
+
+
+def no_fit_summary(model, finetune, precision, closest, options, machine, lora_r, world, budget) -> str:
+    """One line: why nothing fits, which levers cannot help, and the options that fit."""
+    parts = [f"no set-up fits: {closest}"]
+    alone = memory_gb(model, finetune, precision, 1, 1, _sharding(machine, finetune, world), world, True, lora_r)
+    if alone["states_gb"] > budget:
+        parts.append(f"weights, gradients and optimizer state alone take {alone['states_gb']:.1f} GB per device, so a"
+                     " smaller micro-batch or activation checkpointing cannot help")
+    fitting = [o["text"] for o in options if o["fits"]]
+    other = [o["text"] for o in options if not o["fits"]]
+    if fitting:
+        parts.append("options that fit: " + "; ".join(f"({i}) {t}" for i, t in enumerate(fitting, 1)))
+    else:
+        parts.append("no option fits this machine: use a machine with more memory")
+    parts += other
+    return ". ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +894,7 @@ def no_fit_advice(machine, params, finetune, precision, seq_len, batch_size, bud
 def describe(machine: dict) -> str:
     if machine["gpus"] and machine["accelerator"] != "cpu":
         g = machine["gpus"][0]
-        dev = f"{len(machine['gpus'])} x {g['name']} ({g['memory_gb']:.0f} GB"
+        dev = f"{len(machine['gpus'])} x {g['name']} ({g['memory_gb']:.1f} GB"
         dev += f", sm {g['capability'][0]}.{g['capability'][1]})" if machine["accelerator"] == "cuda" else ")"
     else:
         dev = "no accelerator"
@@ -388,14 +903,15 @@ def describe(machine: dict) -> str:
 
 
 def as_text(result: dict) -> str:
-    lines = [f"machine: {describe(result['machine'])}"]
+    lines = [f"machine: {describe(result['machine'])} (GB = 1e9 bytes, as torch reports total_memory)"]
     if result["candidates"]:
         lines.append(f"{'candidate':<32} {'GB/device':>10} {'host GB/node':>13}  fits")
         for c in result["candidates"]:
             lines.append(f"{c['name']:<32} {c['per_device_gb']:>10.1f} {c['host_gb_per_node']:>13.1f}  "
                          f"{'yes' if c['fits'] else 'no'}")
-        lines.append(f"budget per device: {result['memory']['budget_gb']:.1f} GB; plan fits: "
-                     f"{'yes' if result['fits'] else 'NO'}")
+        memory = result["memory"]
+        lines.append(f"budget per device: {memory['budget_gb']:.1f} GB; plan fits: {'yes' if result['fits'] else 'NO'}")
+        lines.append("per device (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory["breakdown"].items() if v))
     lines.append("settings:")
     for key, value in result["trainer"].items():
         lines.append(f"  trainer.{key:<12} {value}")
@@ -404,6 +920,11 @@ def as_text(result: dict) -> str:
     lines.append("reasons:")
     lines += [f"  - {r}" for r in result["reasons"]]
     lines += [f"WARNING: {w}" for w in result["warnings"]]
+    if result["options"]:
+        lines.append("options (causal_lm.py flags):")
+        for o in result["options"]:
+            lines.append(f"  - {o['text']}" + ("" if o["fits"] else " [does not fit]"))
+            lines.append(f"      {o['command']}")
     return "\n".join(lines)
 
 
@@ -420,28 +941,41 @@ def as_yaml(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", help="model size: 7e9, 7B, 350M (enables the memory plan)")
-    parser.add_argument("--finetune", choices=["full", "lora"], default="full",
-                        help="full: train every parameter (default); lora: frozen base + small adapters")
+    parser.add_argument("--model", help="a model folder or config.json, or a name (built-in table, local Hugging Face"
+                                        " cache): its shape gives the parameter count and the memory plan")
+    parser.add_argument("--params", help="model size without --model: 7e9, 7B, 350M (a typical shape is assumed)")
+    parser.add_argument("--finetune", choices=["full", "lora", "qlora"], default="full",
+                        help="full: train every parameter (default); lora: frozen 16-bit base + adapters; qlora: the"
+                             " base in 4-bit NF4 (CUDA)")
+    parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA_R, help="LoRA rank (default 16)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="plan for this precision (default: the one the"
+                                                                " script picks for the machine)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (default 2048)")
     parser.add_argument("--batch-size", type=int, default=1, help="micro-batch per device (default 1)")
-    parser.add_argument("--profile", help="JSON file describing a machine, instead of detecting this one")
+    parser.add_argument("--profile", help="JSON file describing a machine, instead of detecting this one;"
+                                          " memory_gb = torch total_memory / 1e9")
     parser.add_argument("--format", choices=["text", "json", "yaml"], default="text")
     args = parser.parse_args(argv)
     try:
+        if args.seq_len < 1 or args.batch_size < 1 or args.lora_r < 1:
+            raise UsageError("--seq-len, --batch-size and --lora-r must be positive integers")
         params = parse_size(args.params) if args.params is not None else None
-        if args.seq_len < 1 or args.batch_size < 1:
-            raise UsageError("--seq-len and --batch-size must be positive integers")
+        if args.model is not None:
+            params = load_model(args.model)  # the shape's count replaces --params
         machine = load_profile(args.profile) if args.profile else detect_machine()
     except UsageError as err:
         print(f"detect_hardware.py: error: {err}", file=sys.stderr)
         return 2
-    result = plan(machine, params, args.finetune, args.seq_len, args.batch_size)
+    result = plan(machine, params, args.finetune, args.seq_len, args.batch_size, args.precision, args.lora_r)
+    if args.model is not None and args.params is not None:
+        result["warnings"].insert(0, f"--params {args.params} ignored: --model's shape gives"
+                                     f" {_size(result['model']['params'])} parameters")
     if args.format == "json":
         print(json.dumps(result, indent=2))
     elif args.format == "yaml":
         if not result["fits"]:
-            print(f"detect_hardware.py: {result['warnings'][-1]}", file=sys.stderr)
+            print(f"detect_hardware.py: {next(w for w in result['warnings'] if w.startswith('no set-up fits'))}",
+                  file=sys.stderr)
             return 1
         print(as_yaml(result), end="")
     else:

@@ -17,8 +17,16 @@ configuration alone:
     python causal_lm.py fit --config configs/deepspeed.yaml          # ZeRO-2 (ZeRO-3 + offload: see the file)
     python causal_lm.py fit --ckpt_path last                         # resume where the run stopped
     python causal_lm.py fit --print_config > my_config.yaml          # every setting
-    python causal_lm.py validate --ckpt_path best                    # val_loss of the best checkpoint
-    python -c "from causal_lm import sample; print(sample('runs/causal_lm/checkpoints/best.ckpt', 'Once'))"  # text
+    python causal_lm.py validate --ckpt_path best                    # val_loss and val_ppl of the best checkpoint
+    python causal_lm.py generate --prompt "Once upon a time"         # text from the best checkpoint
+    python causal_lm.py export --out my_model                        # a Hugging Face folder (from_pretrained)
+
+Fine-tune a pretrained model with LoRA (adapters of a frozen model; checkpoints of megabytes), on your instructions:
+    python causal_lm.py fit --config configs/gpu.yaml --model.name_or_path meta-llama/Llama-3.2-1B-Instruct \
+        --model.finetune lora --model.learning_rate 2e-4 --data.data_path chat.jsonl --data.block_size 1024
+    --model.finetune qlora       # the frozen model in 4 bits (bitsandbytes, CUDA): 7B weights in about 4 GB
+    chat.jsonl: {"prompt": ..., "response": ...} or {"messages": [{"role": "user", "content": ...}, ...]} per line;
+    only the answers are learned; --data.packing true fills each row with several conversations.
 
 Your data and model (config values, no code change):
     --data.data_path corpus.txt | corpus.jsonl | folder/    # .txt/.md files, or JSONL with --data.text_field
@@ -40,9 +48,9 @@ Logged: train_loss, val_loss, learning rate, and train/device/{batches,samples,i
 train/device/mfu from a ThroughputMonitor. Checkpoints: <default_root_dir>/checkpoints/{best,last}.ckpt.
 """
 
-import itertools
+import importlib.util
+import json
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -52,7 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import torchmetrics
+from torch.utils.data import DataLoader, Dataset
 from transformers import (AttentionInterface, get_constant_schedule_with_warmup,
                           get_cosine_with_min_lr_schedule_with_warmup)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -63,8 +72,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 try:
-    from lightning_support import (ConfigError, TemplateCLI, Throughput, adamw, clip_gradients, pretrained, run_cli,
-                                   shard_blocks, sharded, transformers_config, unfinished_batches)
+    from lightning_support import (ConfigError, Conversations, ResumableSampler, TemplateCLI, Throughput, adamw,
+                                   add_lora, chat_tokens, clip_gradients, pad_rows, pretrained, run_cli, run_tool,
+                                   save_hf_folder, shard_blocks, sharded, trainable_keys, transformers_config,
+                                   unfinished_batches)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py causal_lm DEST" if missing.name == "lightning_support" else missing)
@@ -154,14 +165,16 @@ def build_gpt(model_config, vocab_size) -> GPT:
     return GPT(vocab_size, **sizes)
 
 
-def load_or_build(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta=False):
+def load_or_build(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta=False, four_bit=None,
+                  dtype=None):
     """A transformers causal LM with SDPA attention (pretrained weights from a name/folder, or a fresh config), or
-    the built-in GPT for model_type "gpt"."""
+    the built-in GPT for model_type "gpt". four_bit: a device to load the pretrained weights on in 4 bits (QLoRA);
+    dtype: the pretrained weights' (default: torch's default dtype)."""
     if model_type == "gpt" and not name_or_path:
         with torch.device("meta") if meta else torch.device("cpu"):
             return build_gpt(model_config, vocab_size)
     return use_causal_sdpa(load_or_build_transformers(name_or_path, model_type, model_config, vocab_size,
-                                                      trust_remote_code, meta))
+                                                      trust_remote_code, meta, four_bit, dtype))
 
 
 # transformers' own SDPA function under a name with no mask function: transformers then builds no attention mask and
@@ -196,18 +209,27 @@ def refuse_masks(model, args, kwargs) -> None:
                          " position_ids")
 
 
-def load_or_build_transformers(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta):
+def load_or_build_transformers(name_or_path, model_type, model_config, vocab_size, trust_remote_code, meta,
+                               four_bit=None, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # The weights' dtype is Lightning's, not the one the checkpoint was saved in (transformers 5 would load a float16
     # model as float16): float32 under -mixed precisions and 32-true, which keeps the optimizer state float32; the
     # named dtype under -true (the precision plugin makes it the default while configure_model runs).
-    dtype = torch.get_default_dtype()
+    dtype = dtype or torch.get_default_dtype()
     if name_or_path and meta:
         config = pretrained(AutoConfig.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
+    if name_or_path and four_bit is not None:  # QLoRA: Linear weights in NF4 on the GPU, the rest in bfloat16
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        return pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, attn_implementation="sdpa",
+                          dtype=torch.bfloat16, quantization_config=quantization, device_map={"": four_bit},
+                          trust_remote_code=trust_remote_code)
     if name_or_path:
         return pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, attn_implementation="sdpa", dtype=dtype,
                           trust_remote_code=trust_remote_code)
@@ -224,9 +246,18 @@ def model_config_of(model_type: str, model_config, vocab_size: int):
     return transformers_config(model_type, TINY_CONFIG, user, vocab_size=vocab)
 
 
-def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids)
+def logits_of(model: torch.nn.Module, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor:
+    if position_ids is None:
+        out = model(input_ids=input_ids)
+    else:  # packed conversations: positions restart at each one, and transformers attends within each only
+        out = model(input_ids=input_ids, position_ids=position_ids)
     return out if isinstance(out, torch.Tensor) else out.logits  # transformers models return an output object
+
+
+def transformers_model(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The transformers model inside (under LoRA adapters too), or None for the built-in GPT."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    return None if isinstance(inner, GPT) else inner
 
 
 def position_limit(model: torch.nn.Module) -> tuple:
@@ -261,22 +292,38 @@ class CausalLM(L.LightningModule):
         activation_checkpointing: bool = False,
         sdpa_backend: Optional[Literal["cudnn", "flash", "efficient", "math"]] = None,
         trust_remote_code: bool = False,
+        finetune: Literal["full", "lora", "qlora"] = "full",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_targets: Optional[list[str]] = None,
     ):
         """name_or_path: pretrained model (fine-tuning); else a fresh `model_type` model with `model_config`
         overriding the tiny default. sdpa_backend: the one fused attention kernel PyTorch may use (math stays as the
         fallback); None leaves the choice to PyTorch. trust_remote_code runs Python code shipped with a model: off
-        unless you trust it."""
+        unless you trust it. finetune: "full" trains every weight; "lora" freezes the pretrained model and trains
+        low-rank adapters (peft) of rank lora_r on lora_targets (None: the attention and MLP projections,
+        lightning_support.LORA_TARGETS), and checkpoints hold the adapters only; "qlora" also loads the frozen model
+        in 4 bits (bitsandbytes, CUDA). Fine-tuning wants a lower learning_rate: about 2e-4 for LoRA, 2e-5 full."""
         super().__init__()
         self.save_hyperparameters()
         self.model: Optional[torch.nn.Module] = None
+        self.strict_loading = finetune == "full"  # adapter checkpoints lack the frozen weights (on_load_checkpoint)
+        self.val_nll = torchmetrics.MeanMetric()  # per token, for val_ppl
 
     def configure_model(self) -> None:
         # Built here, not in __init__: FSDP/DeepSpeed can then create it sharded, and compile sees the final module.
         if self.model is not None:
             return
         hp = self.hparams
+        if hp.finetune != "full" and not hp.name_or_path:
+            raise ConfigError(f"--model.finetune {hp.finetune} adapts a pretrained model: set --model.name_or_path")
+        four_bit = self._four_bit_device() if hp.finetune == "qlora" else None
+        # LoRA's frozen weights in the autocast dtype: 2 bytes each under bf16-mixed, and no copy cast at each use
+        frozen = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
+            str(self.trainer.precision) if self._trainer is not None else "") if hp.finetune == "lora" else None
         self.model = load_or_build(hp.name_or_path, hp.model_type, hp.model_config, hp.vocab_size,
-                                   hp.trust_remote_code)
+                                   hp.trust_remote_code, four_bit=four_bit, dtype=frozen)
         self.model.train()  # from_pretrained returns eval mode (no dropout) and Lightning 2.6 keeps a module's mode
         if self.model.get_input_embeddings().num_embeddings < hp.vocab_size:
             raise ConfigError(f"the tokenizer has {hp.vocab_size} tokens but the model only"
@@ -291,6 +338,8 @@ class CausalLM(L.LightningModule):
                     enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 else:
                     self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.finetune != "full":  # adapters on the blocks' projections; everything else frozen
+            self.model = add_lora(self.model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_targets)
         if hp.sdpa_backend:  # process-wide: compiled graphs and checkpointing's recomputation see the same kernel
             torch.backends.cuda.enable_flash_sdp(hp.sdpa_backend == "flash")
             torch.backends.cuda.enable_mem_efficient_sdp(hp.sdpa_backend == "efficient")
@@ -305,11 +354,21 @@ class CausalLM(L.LightningModule):
             else:  # model and loss in one graph: the float32 loss fuses into one kernel, no float32 logits stored
                 self.loss = torch.compile(self.loss)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model, input_ids)
+    def _four_bit_device(self) -> torch.device:
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device.type != "cuda":
+            raise ConfigError("--model.finetune qlora loads the model in 4 bits with bitsandbytes, on a CUDA GPU only:"
+                              " use --config configs/gpu.yaml, or --model.finetune lora here")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--model.finetune qlora needs bitsandbytes: pip install bitsandbytes")
+        return device
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(input_ids).flatten(0, 1), targets.flatten())  # float32 under autocast
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return logits_of(self.model, input_ids, position_ids)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids=None) -> torch.Tensor:
+        # float32 under autocast; targets -100 (a conversation's prompt, padding) are not learned
+        return F.cross_entropy(self(input_ids, position_ids).flatten(0, 1), targets.flatten())
 
     def _loss(self, batch) -> torch.Tensor:
         return self.loss(*batch)
@@ -320,13 +379,53 @@ class CausalLM(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        self.val_nll.update(loss.detach(), (batch[1] != -100).sum())  # weighted by the tokens it scored
+
+    def on_validation_epoch_end(self) -> None:
+        # perplexity: exp of the mean loss per token. The metric has synced the ranks' sums already: sync_dist
+        # averages equal values (and keeps Lightning's distributed-logging warning away)
+        self.log("val_ppl", self.val_nll.compute().exp(), sync_dist=True)
+        self.val_nll.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # LoRA: the adapters only, megabytes rather than gigabytes. Sharded checkpoints keep every weight: torch's
+        # distributed checkpoint loads only a complete state.
+        if self.hparams.finetune != "full" and "state_dict" in checkpoint and not sharded(self):
+            keep = trainable_keys(self)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.finetune == "full" or "state_dict" not in checkpoint or sharded(self):
+            return  # loaded strictly
+        found, wanted = set(checkpoint["state_dict"]), trainable_keys(self)
+        missing, unknown = wanted - found, found - set(self.state_dict())
+        if missing or unknown:  # loading is not strict here: refuse what would leave adapters untrained or unused
+            raise ConfigError(f"the checkpoint lacks {len(missing)} of this model's {len(wanted)} LoRA tensors and"
+                              f" holds {len(unknown)} it does not have: pass the options it was trained with (its"
+                              " run's config.yaml: finetune, lora_r, lora_targets, name_or_path)")
 
     def on_fit_start(self) -> None:
         self._check_positions()
+        self._attend_as_the_data_needs()
 
     def on_validation_start(self) -> None:  # also `validate`, which has no fit start
         self._check_positions()
+        self._attend_as_the_data_needs()
+
+    def _attend_as_the_data_needs(self) -> None:
+        """Packed conversations pass position_ids: transformers' sdpa then keeps each conversation's attention to
+        itself (CAUSAL_SDPA would refuse them)."""
+        data = getattr(self.trainer, "datamodule", None)
+        if not getattr(data, "packed_conversations", False):
+            return
+        inner = transformers_model(self.model)
+        if inner is None:
+            raise ConfigError("--data.packing needs a transformers model (--model.model_type llama, or"
+                              " --model.name_or_path): the built-in GPT takes no position_ids")
+        if inner.config._attn_implementation == CAUSAL_SDPA:
+            inner.set_attn_implementation("sdpa")
 
     def _check_positions(self) -> None:
         """A block longer than a learned position table fails deep in an embedding lookup (IndexError): refuse it in
@@ -352,6 +451,8 @@ class CausalLM(L.LightningModule):
                              meta=True)
         x = torch.randint(0, hp.vocab_size, tuple(shape), device="meta")
         with torch.autograd.set_detect_anomaly(False):  # anomaly checks read values, which meta tensors lack
+            if hp.finetune != "full":  # frozen weights get no gradient: forward + the activations' backward
+                return 2 * measure_flops(meta, lambda: logits_of(meta, x))
             return measure_flops(meta, lambda: logits_of(meta, x), loss_fn=torch.Tensor.sum)
 
     def configure_optimizers(self):
@@ -434,32 +535,6 @@ class PackedBlocks(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class ResumableSampler(DistributedSampler):
-    """Shuffles every epoch with seed + epoch, as Lightning's DDP sampler does, on one process too; the first epoch
-    after a resume starts at the checkpoint's epoch and skips the samples it had trained on. A resumed run then sees
-    the data an uninterrupted one would; Lightning alone starts the epoch over, in a new order."""
-
-    def __init__(self, dataset: Dataset, resume: dict, **kwargs):
-        super().__init__(dataset, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)  # Lightning's
-        self.resume = resume  # TextData's: load_state_dict may fill it after this is built
-        self.started = False
-
-    def order(self) -> list:
-        return [len(self.dataset), self.num_replicas, self.seed]  # what decides each process's samples
-
-    def __iter__(self):
-        skip = 0
-        resume = dict(self.resume)
-        self.started = True
-        self.resume.clear()
-        if resume and resume["order"] != self.order():
-            rank_zero_warn("the training data, seed or number of processes differ from the checkpoint's: the resumed"
-                           " epoch starts over in a new order")
-        elif resume and self.epoch <= resume["epoch"]:  # lower: workers began before Lightning's set_epoch
-            self.epoch, skip = resume["epoch"], resume["samples"]
-        return itertools.islice(super().__iter__(), skip, None)
-
-
 class TextData(L.LightningDataModule):
     def __init__(
         self,
@@ -471,12 +546,21 @@ class TextData(L.LightningDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        data_format: Literal["auto", "text", "instruction"] = "auto",
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        packing: bool = False,
     ):
         """data_path: a .txt/.md file, a JSONL file (one record per document, text in `text_field`) or a folder of
         them; default: this skill's references/. Or a .npy file of token ids, tokenized once (references/
         performance.md): memory-mapped, for corpora larger than memory. tokenizer: a Hugging Face name or folder;
         None = UTF-8 bytes (256 tokens; for a .npy file, its largest id + 1), or the model's own tokenizer when
-        --model.name_or_path is set."""
+        --model.name_or_path is set.
+        data_format "instruction" (auto: JSONL whose first record has `messages`, or `prompt_field` and
+        `response_field`): one conversation per record, {"messages": [{"role": "user", "content": ...},
+        {"role": "assistant", "content": ...}, ...]} or {"prompt": ..., "response": ...}, rendered with the
+        tokenizer's chat template; only the assistant's tokens are learned. Each conversation is one row of at most
+        block_size tokens (longer ones are cut); packing fills rows with several, each attending only to itself."""
         super().__init__()
         self.save_hyperparameters()
         self.path = Path(data_path).expanduser() if data_path else DEFAULT_CORPUS
@@ -491,6 +575,12 @@ class TextData(L.LightningDataModule):
             raise ConfigError(f"{self.path} holds no {', '.join(sorted(TEXT_SUFFIXES))} files (or pass one .npy file"
                               " of token ids)")
         self.token_file = TokenFile(self.path) if self.path.suffix == ".npy" else None
+        if data_format == "instruction" and any(f.suffix.lower() != ".jsonl" for f in self.files):
+            raise ConfigError(f"--data.data_format instruction reads JSONL files; {self.path} holds others")
+        if data_format == "auto":  # stored resolved: generate renders prompts as the fit did
+            self.hparams.data_format = "instruction" if self.token_file is None and all(
+                f.suffix.lower() == ".jsonl" for f in self.files) and self.looks_like_conversations() else "text"
+        self.packed_conversations = packing and self.hparams.data_format == "instruction"  # read by the model
         self.tokenizer = None
         self.train_sampler = None
         self.resume = {}
@@ -510,26 +600,74 @@ class TextData(L.LightningDataModule):
             return len(self.tokenizer)
         return 256 if self.token_file is None else self.token_file.max_id + 1
 
-    def documents(self):
-        import json
+    @staticmethod
+    def read(file: Path) -> str:
+        try:  # strictly: a file in another encoding would otherwise train as replacement characters
+            return file.read_text(encoding="utf-8-sig")  # -sig: without a leading byte-order mark
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}):"
+                              " convert it, e.g. iconv -f cp1252 -t utf-8 (Windows text) or -f utf-16, or move"
+                              " it out") from None
 
+    @staticmethod
+    def records(file: Path, text: str):
+        """(line number, record) of each non-empty line of a JSONL file."""
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{file}:{n} is not JSON ({err.msg}, column {err.colno}): one JSON object"
+                                      " per line") from None
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{file}:{n} is a JSON {type(record).__name__}, not an object with fields")
+                yield n, record
+
+    def looks_like_conversations(self) -> bool:
+        with open(self.files[0], encoding="utf-8-sig", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "{}")
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError:
+            return False  # documents() names the line
+        fields = self.hparams.prompt_field, self.hparams.response_field
+        return isinstance(record, dict) and ("messages" in record or all(k in record for k in fields))
+
+    def documents(self):
         for file in self.files:
-            try:  # strictly: a file in another encoding would otherwise train as replacement characters
-                text = file.read_text(encoding="utf-8-sig")  # -sig: without a leading byte-order mark
-            except UnicodeDecodeError as err:
-                raise ConfigError(f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}):"
-                                  " convert it, e.g. iconv -f cp1252 -t utf-8 (Windows text) or -f utf-16, or move"
-                                  " it out") from None
+            text = self.read(file)
             if file.suffix.lower() != ".jsonl":
                 yield text
                 continue
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if self.hparams.text_field not in record:
-                        raise ConfigError(f"{file}:{n} has no field {self.hparams.text_field!r} (fields:"
-                                          f" {', '.join(record)}): set --data.text_field")
-                    yield record[self.hparams.text_field]
+            for n, record in self.records(file, text):
+                if not isinstance(record.get(self.hparams.text_field), str):
+                    raise ConfigError(f"{file}:{n} has no text field {self.hparams.text_field!r} (fields:"
+                                      f" {', '.join(record)}): set --data.text_field, or --data.data_format"
+                                      " instruction for prompt/response records")
+                yield record[self.hparams.text_field]
+
+    def conversations(self):
+        """(file:line, messages) of every record, as a list of {"role", "content"} turns."""
+        prompt, response = self.hparams.prompt_field, self.hparams.response_field
+        for file in self.files:
+            for n, record in self.records(file, self.read(file)):
+                where = f"{file}:{n}"
+                if "messages" in record:
+                    messages = record["messages"]
+                elif prompt in record and response in record:
+                    messages = [{"role": "user", "content": record[prompt]},
+                                {"role": "assistant", "content": record[response]}]
+                else:
+                    raise ConfigError(f"{where} has neither 'messages' nor {prompt!r} and {response!r} (fields:"
+                                      f" {', '.join(record)}): set --data.prompt_field and --data.response_field")
+                if not (isinstance(messages, list) and messages and all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                        for m in messages)):
+                    raise ConfigError(f"{where}: a conversation is a list of {{\"role\": ..., \"content\": text}}"
+                                      " turns, and prompt and response are text")
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise ConfigError(f"{where} has no assistant turn: nothing to learn")
+                yield where, messages
 
     def encode(self, text: str) -> torch.Tensor:
         if self.tokenizer is None:
@@ -548,6 +686,8 @@ class TextData(L.LightningDataModule):
         return torch.cat([*pieces, torch.tensor([self.tokenizer.eos_token_id or 0])])
 
     def setup(self, stage: str) -> None:
+        if self.hparams.data_format == "instruction":
+            return self.setup_conversations()
         if self.token_file is not None:
             ids = self.token_file
         else:  # one tensor per document, then one copy
@@ -561,10 +701,36 @@ class TextData(L.LightningDataModule):
         self.train_set = PackedBlocks(ids, block, 0, len(ids) - n_val)
         self.val_set = PackedBlocks(ids, block, len(ids) - n_val, len(ids))
 
+    def setup_conversations(self) -> None:
+        block, cut, empty = self.hparams.block_size, 0, 0
+        examples = []
+        for where, messages in self.conversations():
+            ids, labels = chat_tokens(self.tokenizer, messages, where=where)
+            if len(ids) > block + 1:
+                ids, labels, cut = ids[:block + 1], labels[:block + 1], cut + 1
+            if all(label == -100 for label in labels[1:]):  # its answer starts after block_size tokens
+                empty += 1
+                continue
+            examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))  # input and target
+        if cut or empty:
+            rank_zero_warn(f"{cut} of {len(examples) + empty} conversations are longer than block_size {block}: cut"
+                           f" at its end{f', and {empty} of them dropped (no answer left)' if empty else ''}; raise"
+                           " --data.block_size to keep them whole")
+        n_val = max(1, int(len(examples) * self.hparams.val_fraction))
+        if len(examples) - n_val < 1:
+            raise ConfigError(f"{len(examples)} usable conversations: too few for a training and a validation part")
+        packing = self.hparams.packing
+        self.train_set = Conversations(examples[:-n_val], block, packing)
+        self.val_set = Conversations(examples[-n_val:], block, packing)
+
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+        collate = pad_rows if isinstance(dataset, Conversations) else None
+        # generator: each new iterator draws its workers' seed from it, not from the global random state, whose
+        # sequence then holds dropout's draws only, as ResumableRandomState restores it mid-epoch (LoRA dropout)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=workers, collate_fn=collate,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(0), **kwargs)
 
     def train_dataloader(self):
         trainer = self.trainer  # None outside a Trainer (bench.py's plain loop)
@@ -603,41 +769,116 @@ class TextData(L.LightningDataModule):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling text from a trained checkpoint
+# After training: text from a checkpoint (generate) and a Hugging Face folder (export)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
-           top_k: Optional[int] = 50, seed: int = 0) -> str:
-    """The prompt and a continuation sampled from a single-file checkpoint, with the tokenizer it was trained with.
-    temperature 0 takes the most likely token each time; top_k keeps the k likeliest. No KV cache: each token reruns
-    the last block_size tokens, fine for the small models trained here (a large transformers model: export it,
-    references/transformers.md, and use its generate()). From the folder that holds this file:
-        python -c "from causal_lm import sample; print(sample('runs/causal_lm/checkpoints/best.ckpt', 'Once'))"
-    """
-    data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
-    module = CausalLM.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-    module.to("cuda" if torch.cuda.is_available() else "cpu")
+def load_trained(checkpoint: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple:
+    """(module in eval mode, tokenizer or None for UTF-8 bytes, the fit's data options) of a single-file
+    checkpoint. A QLoRA run's adapters go on the model loaded in `dtype` (default float32), not in 4 bits."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    data = saved.get("datamodule_hyper_parameters", {})
+    lora = {"finetune": "lora"} if saved.get("hyper_parameters", {}).get("finetune") == "qlora" else {}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default)  # what configure_model builds and loads the frozen weights in
+    try:
+        with warnings.catch_warnings():  # an adapter checkpoint lacks the frozen weights: on_load_checkpoint checks
+            warnings.filterwarnings("ignore", "Found keys that are in the model state dict but not in the checkpoint")
+            module = CausalLM.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **lora)
+    finally:
+        torch.set_default_dtype(default)
     tokenizer = None
     if data.get("tokenizer"):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"], trust_remote_code=data.get("trust_remote_code"))
-    ids = tokenizer(prompt)["input_ids"] if tokenizer else list(prompt.encode("utf-8"))
+        tokenizer = pretrained(AutoTokenizer.from_pretrained, data["tokenizer"], what="tokenizer",
+                               trust_remote_code=data.get("trust_remote_code"))
+    return module.to(device).eval(), tokenizer, data
+
+
+@torch.no_grad()
+def generate(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+             top_k: Optional[int] = 50, seed: int = 0) -> str:
+    """Text generated by a single-file checkpoint from `prompt`, with the tokenizer it was trained with: after an
+    instruction fit, the answer to the prompt as a user turn (rendered as in training); else the prompt and its
+    continuation. temperature 0 takes the most likely token each time; top_k keeps the k likeliest. LoRA adapters
+    apply. Transformers models use their generate() (with a KV cache); the built-in GPT reruns its last block_size
+    tokens per token. `python causal_lm.py generate --prompt TEXT` runs it on the fit's best checkpoint."""
+    cuda = torch.cuda.is_available()
+    module, tokenizer, data = load_trained(checkpoint, "cuda" if cuda else "cpu",
+                                           torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None)
+    chat = data.get("data_format") == "instruction"
+    if chat:
+        ids = chat_tokens(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)[0]
+    else:
+        ids = tokenizer(prompt)["input_ids"] if tokenizer else list(prompt.encode("utf-8"))
     ids = torch.tensor([ids or [10]], device=module.device)  # byte 10 (newline) separates documents
-    generator = torch.Generator(module.device).manual_seed(seed)
-    block = data.get("block_size", 128)
-    for _ in range(max_new_tokens):
-        logits = module(ids[:, -block:])[0, -1].float()
-        if temperature <= 0:
-            token = logits.argmax().view(1)
-        else:
-            logits = logits / temperature
-            if top_k:
-                logits[logits < torch.topk(logits, min(top_k, logits.numel())).values[-1]] = float("-inf")
-            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-    out = ids[0].tolist()
-    return tokenizer.decode(out) if tokenizer else bytes(t for t in out if t < 256).decode("utf-8", errors="replace")
+    end = (tokenizer.eos_token_id if tokenizer else 0) if chat else None
+    inner = transformers_model(module.model)
+    torch.manual_seed(seed)
+    if inner is not None:
+        inner.set_attn_implementation("sdpa")  # generate() passes masks and positions, which CAUSAL_SDPA refuses
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 else {
+            "do_sample": False}
+        out = module.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, use_cache=True,
+                                    eos_token_id=end if end is not None else inner.config.eos_token_id,
+                                    pad_token_id=0, **sampling)
+    else:
+        out, block = ids, data.get("block_size", 128)
+        for _ in range(max_new_tokens):
+            logits = module(out[:, -block:])[0, -1].float()
+            if temperature <= 0:
+                token = logits.argmax().view(1)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    logits[logits < torch.topk(logits, min(top_k, logits.numel())).values[-1]] = float("-inf")
+                token = torch.multinomial(logits.softmax(-1), 1)
+            out = torch.cat([out, token.view(1, 1)], dim=1)
+            if end is not None and token.item() == end:
+                break
+    tokens = out[0, ids.shape[1]:].tolist() if chat else out[0].tolist()
+    if chat and tokens and tokens[-1] == end:
+        tokens = tokens[:-1]
+    if tokenizer is not None:
+        return tokenizer.decode(tokens, skip_special_tokens=chat)
+    return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+
+
+def export(checkpoint: str, folder: str, adapter: bool = False, dtype: Optional[str] = None) -> Path:
+    """Writes a Hugging Face folder of a single-file checkpoint (model config, weights, tokenizer) that
+    AutoModelForCausalLM.from_pretrained loads: LoRA adapters merged into the weights, or with adapter=True kept as
+    a peft adapter folder on the base model. dtype: the saved weights' (default: as trained)."""
+    module, tokenizer, _ = load_trained(checkpoint, dtype=getattr(torch, dtype) if dtype else None)
+    inner = transformers_model(module.model)
+    if inner is None:
+        raise ConfigError("the built-in GPT (model_type gpt) has no Hugging Face format: train a transformers type"
+                          " (--model.model_type gpt2 or llama) to export, or save module.model.state_dict()")
+    inner.set_attn_implementation("sdpa")  # CAUSAL_SDPA is registered in this process only
+    inner.config.use_cache = True  # what generate() wants; training switched it off
+    out = save_hf_folder(module.model, tokenizer, folder, adapter, dtype)
+    if tokenizer is None:
+        rank_zero_warn(f"{out} has no tokenizer: this model was trained on UTF-8 bytes (token = byte value)")
+    return out
+
+
+EXPORT_HELP = ("A Hugging Face folder of a trained checkpoint: config, weights (LoRA merged in) and tokenizer, for"
+               " AutoModelForCausalLM.from_pretrained(FOLDER). Example: python causal_lm.py export --out my_model")
+GENERATE_HELP = ("Text from a trained checkpoint. Example: python causal_lm.py generate --prompt 'Once upon a time'"
+                 " --max_new_tokens 100")
+TOOLS = {
+    "export": (EXPORT_HELP, [
+        (["--out"], {"required": True, "help": "a new folder to write"}),
+        (["--adapter"], {"action": "store_true", "help": "LoRA: save the adapters as a peft folder, not merged"}),
+        (["--dtype"], {"choices": ["float32", "bfloat16", "float16"], "help": "the saved weights' (default: as"
+                                                                                " trained)"})],
+        lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out, o.adapter, o.dtype)}")),
+    "generate": (GENERATE_HELP, [
+        (["--prompt"], {"default": "\n", "help": "the text to continue (after an instruction fit: the question)"}),
+        (["--max_new_tokens"], {"type": int, "default": 200}),
+        (["--temperature"], {"type": float, "default": 0.8, "help": "0: the likeliest token each time"}),
+        (["--top_k"], {"type": int, "default": 50}),
+        (["--seed"], {"type": int, "default": 0})],
+        lambda ckpt, o: print(generate(ckpt, o.prompt, o.max_new_tokens, o.temperature, o.top_k, o.seed))),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,8 +894,11 @@ class CausalLMCLI(TemplateCLI):
     def check_config(self, subcommand, config) -> None:
         if subcommand in ("test", "predict"):
             raise ConfigError(f"causal_lm.py has no {subcommand} step: score a checkpoint with validate --ckpt_path"
-                              " CKPT (val_loss on the held-out end of the corpus)")
+                              " CKPT (val_loss and val_ppl on the held-out end of the corpus), or generate text"
+                              " with generate --prompt TEXT")
         model = config.model
+        if model.finetune != "full" and not model.name_or_path:
+            raise ConfigError(f"--model.finetune {model.finetune} adapts a pretrained model: set --model.name_or_path")
         if model.name_or_path:
             return
         if model.model_type == "gpt":  # its sizes checked now, not after the data is read
@@ -692,6 +936,10 @@ def main(args=None, run: bool = True, callbacks: tuple = ()):
     """The command line (see the docstring). run=False builds model, data and trainer and returns the CLI."""
     # Lightning looks for a state_dict on the DataLoader; TextData keeps the position in its own (ResumableSampler).
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")  # peft 0.21 asks transformers 5.25
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] in (["export"], ["generate"]):  # beside LightningCLI's subcommands
+        return run_tool(argv, TOOLS, "runs/causal_lm")
     return run_cli(CausalLMCLI, CausalLM, TextData, args, run, callbacks,
                    trainer_defaults={"max_steps": 200, "val_check_interval": 50, "check_val_every_n_epoch": None,
                                      "limit_val_batches": 20, "log_every_n_steps": 10, "gradient_clip_val": 1.0,

@@ -11,16 +11,21 @@ resumable and its errors readable, once, so that a template holds only its model
   the float32 matmul precision, nearest-key errors, checks of --ckpt_path before anything is built, and the line fit
   ends with (the kept checkpoint and the `next:` command that evaluates it);
 - helpers for models: AdamW with weight-decay groups, gradient clipping under every strategy, sharding the repeated
-  blocks under FSDP and FSDP2, Hugging Face loading with one-line errors.
+  blocks under FSDP and FSDP2, Hugging Face loading with one-line errors, LoRA adapters (peft);
+- helpers for data: conversations as tokens with the answers' labels (chat templates, packing), a sampler that
+  resumes mid-epoch where the run stopped;
+- commands on a trained checkpoint beside LightningCLI's (`export`, `generate`): run_tool() and save_hf_folder().
 
 Checkpoints name callback state by class name (StopOnNonFiniteLoss, ResumableRandomState, ...): keep the names, and
 checkpoints written by earlier runs keep loading. references/checkpointing.md, "What survives what", lists the tests.
 """
 
+import argparse
 import ast
 import csv
 import difflib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -43,8 +48,9 @@ from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlySt
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import Dataset, DistributedSampler
 
 
 class ConfigError(ValueError):
@@ -455,6 +461,160 @@ def pretrained(load, name_or_path: str, what: str = "model", **kwargs):
         raise ConfigError(f"cannot load {what} {name_or_path!r} ({str(err).splitlines()[0]}): {fix}") from None
 
 
+# LoRA's default target modules per architecture: the attention and MLP projections of every block (the QLoRA
+# paper's choice). detect_hardware.py's memory planner counts adapters with the same table. Other types: every Linear
+# layer except the output head (peft's "all-linear").
+LORA_TARGETS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"),
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: Optional[list] = None,
+             task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """The model frozen, with trainable low-rank adapters (peft) on `targets` (None: LORA_TARGETS for its type)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("LoRA needs peft: pip install peft") from None
+    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ConfigError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1 (got {r}, {alpha},"
+                          f" {dropout})")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = list(targets) if targets else LORA_TARGETS.get(model_type, "all-linear")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # no module of that name
+        raise ConfigError(f"LoRA: {one_line(err)[:300]}: set --model.lora_targets to names of Linear layers of the"
+                          " model (print(model) shows them)") from None
+
+
+def trainable_keys(module: torch.nn.Module) -> set:
+    """State-dict names of the parameters that train, without the wrappers' prefixes (FSDP, checkpointing)."""
+    return {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", name)
+            for name, p in module.named_parameters() if p.requires_grad}
+
+
+# ---- data for language models: conversations (instruction tuning) and a sampler that resumes mid-epoch ----------
+def chat_tokens(tokenizer, messages: list, generation_prompt: bool = False, where: str = "the prompt") -> tuple:
+    """(token ids, labels) of a conversation: labels are the ids of the assistant's turns (their end-of-turn token
+    included) and -100 (not learned) elsewhere. Rendered with the tokenizer's chat template where it has one, else as
+    "<|role|>\n" + text per turn, an assistant's ended by the end-of-text token (byte 0 for UTF-8 bytes).
+    generation_prompt: end with the start of an assistant turn (for generate)."""
+    if tokenizer is not None and tokenizer.chat_template:
+        def render(turns, open_turn):
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote them
+
+        ids, labels = [], []
+        try:
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    before, after = render(messages[:i], True), render(messages[:i + 1], False)
+                    if after[:len(before)] != before or before[:len(ids)] != ids:
+                        raise ConfigError(f"{where}: the tokenizer's chat template does not render this conversation"
+                                          " turn after turn, so the answers cannot be told apart: use --data."
+                                          "data_format text with a text field, or a tokenizer with another template")
+                    labels += [-100] * (len(before) - len(ids)) + after[len(before):]
+                    ids = after
+            if generation_prompt or messages[-1]["role"] != "assistant":
+                rest = render(messages, generation_prompt)
+                labels, ids = labels + [-100] * (len(rest) - len(ids)), rest
+        except (ValueError, TypeError, KeyError) as err:  # the template's own checks (roles, their order)
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"{where}: the chat template refused this conversation ({one_line(err)})") from None
+        return ids, labels
+    encode = (lambda text: list(text.encode("utf-8"))) if tokenizer is None else (
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    end = 0 if tokenizer is None else (tokenizer.eos_token_id or 0)
+    ids = [] if tokenizer is None or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    labels = [-100] * len(ids)
+    for message in messages:
+        head = encode(f"<|{message['role']}|>\n")
+        answer = message["role"] == "assistant"
+        body = encode(message["content"]) + [end] if answer else encode(message["content"] + "\n")
+        ids += head + body
+        labels += [-100] * len(head) + (body if answer else [-100] * len(body))
+    if generation_prompt:
+        head = encode("<|assistant|>\n")
+        ids, labels = ids + head, labels + [-100] * len(head)
+    return ids, labels
+
+
+class Conversations(Dataset):
+    """Rows of (input, target[, positions]) of at most block_size tokens: one conversation each, or with packing as
+    many whole conversations as fit, in order, with positions restarting at each (transformers then keeps each
+    conversation's attention to itself)."""
+
+    def __init__(self, examples: list, block_size: int, packing: bool):
+        self.packing = packing
+        self.rows = []
+        for example in examples:
+            if packing and self.rows and sum(len(x) for x, _ in self.rows[-1]) + len(example[0]) <= block_size:
+                self.rows[-1].append(example)
+            else:
+                self.rows.append([example])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        inputs, targets = torch.cat([x for x, _ in row]), torch.cat([y for _, y in row])
+        if not self.packing:
+            return inputs, targets
+        return inputs, targets, torch.cat([torch.arange(len(x)) for x, _ in row])
+
+
+def pad_rows(rows: list) -> tuple:
+    """A batch of rows padded at the end to the longest: padding comes after every real token, so causal attention
+    never reaches it, and its targets are -100. Positions continue through the padding."""
+    longest = max(len(row[0]) for row in rows)
+    inputs = torch.zeros(len(rows), longest, dtype=torch.long)
+    targets = torch.full((len(rows), longest), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        inputs[i, :len(row[0])], targets[i, :len(row[1])] = row[0], row[1]
+    if len(rows[0]) == 2:
+        return inputs, targets
+    positions = torch.arange(longest).repeat(len(rows), 1)
+    for i, row in enumerate(rows):
+        n = len(row[2])
+        positions[i, :n] = row[2]
+        positions[i, n:] += row[2][-1] + 1 - n
+    return inputs, targets, positions
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffles every epoch with seed + epoch, as Lightning's DDP sampler does, on one process too; the first epoch
+    after a resume starts at the checkpoint's epoch and skips the samples it had trained on. A resumed run then sees
+    the data an uninterrupted one would; Lightning alone starts the epoch over, in a new order."""
+
+    def __init__(self, dataset: Dataset, resume: dict, **kwargs):
+        super().__init__(dataset, shuffle=True, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)  # Lightning's
+        self.resume = resume  # the DataModule's: its load_state_dict may fill it after this is built
+        self.started = False
+
+    def order(self) -> list:
+        return [len(self.dataset), self.num_replicas, self.seed]  # what decides each process's samples
+
+    def __iter__(self):
+        skip = 0
+        resume = dict(self.resume)
+        self.started = True
+        self.resume.clear()
+        if resume and resume["order"] != self.order():
+            rank_zero_warn("the training data, seed or number of processes differ from the checkpoint's: the resumed"
+                           " epoch starts over in a new order")
+        elif resume and self.epoch <= resume["epoch"]:  # lower: workers began before Lightning's set_epoch
+            self.epoch, skip = resume["epoch"], resume["samples"]
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 def transformers_config(model_type: str, defaults: dict, model_config: Optional[dict], **fixed):
     """A Hugging Face config of model_type for training from scratch: the template's small defaults, overridden by
     model_config under either name of a key (GPT-2's n_embd is hidden_size), then `fixed` (vocab_size, labels). A key
@@ -755,6 +915,74 @@ class TemplateCLI(LightningCLI):
             print(kept_checkpoint(trainer))
             if self.argv is not None:  # the same data and settings: the fit command line, evaluating the kept file
                 print(f"next: {next_command(self.argv, self.evaluate, best.best_model_path)}")
+
+
+def run_tool(argv: list, tools: dict, default_root: str) -> None:
+    """`SCRIPT NAME [options]` for a command on a trained checkpoint (export, generate), with --ckpt_path best/last
+    found where fit put them and one-line errors. tools: {NAME: (description, [(flags, kwargs), ...], function)};
+    function(checkpoint_file, options) does the work."""
+    script, name = Path(sys.argv[0]).name, argv[0]
+    description, arguments, function = tools[name]
+    parser = argparse.ArgumentParser(prog=f"{script} {name}", description=description)
+    parser.add_argument("--ckpt_path", default="best", help="best (default) or last of the fit's checkpoints"
+                        " folder, or a checkpoint file")
+    parser.add_argument("--root", default=default_root, help="the fit's trainer.default_root_dir, where best and"
+                        f" last are (default: {default_root})")
+    for flags, kwargs in arguments:
+        parser.add_argument(*flags, **kwargs)
+    options = parser.parse_args(argv[1:])  # a usage error: argparse's line and exit code 2
+    try:
+        checkpoint = options.ckpt_path
+        if checkpoint in ("best", "last"):
+            checkpoint = str(newest_checkpoint(Path(options.root).expanduser() / "checkpoints", checkpoint))
+        check_checkpoint_file(checkpoint)
+        if Path(checkpoint).is_dir():
+            raise ConfigError(f"{checkpoint} is a sharded checkpoint folder: make one file of it first, python -m"
+                              " lightning.fabric.utilities.consolidate_checkpoint FOLDER --output_file model.ckpt"
+                              " (FSDP2; FSDP: lightning.pytorch.utilities.consolidate_checkpoint FOLDER)")
+        function(checkpoint, options)
+    except (ConfigError, OSError) as err:  # a file that cannot be read or written
+        sys.stderr.write(f"{script} {name}: error: {one_line(err)}\n")
+        sys.exit(2)
+
+
+def write_folder(folder: str, write) -> Path:
+    """write(staging_folder), then the finished folder moved to `folder` in one rename: a failure leaves nothing
+    half-written, and an existing non-empty folder is never overwritten."""
+    out = Path(folder).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not empty: pass a new folder")
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def save_hf_folder(model: torch.nn.Module, tokenizer, folder: str, adapter: bool = False,
+                   dtype: Optional[str] = None) -> Path:
+    """A Hugging Face folder that from_pretrained loads: config, weights and tokenizer. LoRA adapters are merged into
+    the weights, or, with adapter=True, kept as a peft adapter folder (adapter_config.json names the base model)."""
+    lora = hasattr(model, "peft_config")
+    if adapter and not lora:
+        raise ConfigError("--adapter keeps LoRA adapters apart, but this checkpoint has none: drop --adapter")
+    if lora and not adapter:
+        model = model.merge_and_unload()  # W + B @ A * alpha / r, as one plain model
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    return write_folder(folder, write)
 
 
 def kept_checkpoint(trainer) -> str:

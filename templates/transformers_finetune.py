@@ -13,6 +13,7 @@ errors) and configs/. For real work, name a model:
     python transformers_finetune.py validate --ckpt_path best                   # the kept checkpoint, val split
     python transformers_finetune.py test --ckpt_path best --data.test_path held_out.jsonl   # a whole labelled file
     python transformers_finetune.py predict --ckpt_path best --data.predict_path new.jsonl  # -> predictions/best.csv
+    python transformers_finetune.py export --out my_classifier   # best.ckpt as a Hugging Face folder (pipeline())
 (test and predict take the fit's options too, e.g. --config config.yaml: the classes and vocabulary come from the
 training file, and data whose classes differ from the checkpoint's is refused.)
 
@@ -41,8 +42,8 @@ import lightning as L
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 try:
-    from lightning_support import (ConfigError, TemplateCLI, adamw, clip_gradients, pretrained, run_cli,
-                                   transformers_config)
+    from lightning_support import (ConfigError, TemplateCLI, adamw, clip_gradients, pretrained, run_cli, run_tool,
+                                   save_hf_folder, transformers_config)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both"
              " with python scripts/scaffold.py transformers_finetune DEST" if missing.name == "lightning_support"
@@ -355,8 +356,39 @@ class FinetuneCLI(TemplateCLI):
             transformers_config(config.model.model_type, TINY_BERT, config.model.model_config)
 
 
+def export(checkpoint: str, folder: str, adapter: bool = False, dtype: Optional[str] = None) -> Path:
+    """A Hugging Face folder of a single-file checkpoint that pipeline("text-classification", FOLDER) runs: the
+    model with its class names (id2label), LoRA merged in (or kept as a peft folder with adapter=True), and the
+    tokenizer, whose model_max_length is the fit's max_length (longer texts are cut as in training)."""
+    data = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(
+        "datamodule_hyper_parameters", {})
+    if not data.get("tokenizer"):
+        raise ConfigError("this model was trained on a word-level vocabulary built from its data, which is not a"
+                          " Hugging Face tokenizer: fine-tune a pretrained model (--model.name_or_path) to export")
+    from transformers import AutoTokenizer
+
+    module = TextClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    tokenizer = pretrained(AutoTokenizer.from_pretrained, data["tokenizer"], what="tokenizer",
+                           trust_remote_code=data.get("trust_remote_code"))
+    tokenizer.model_max_length = data.get("max_length", tokenizer.model_max_length)
+    return save_hf_folder(module.model, tokenizer, folder, adapter, dtype)
+
+
+TOOLS = {"export": (
+    "A Hugging Face folder of a trained checkpoint: model (class names, LoRA merged in) and tokenizer. Example:"
+    " python transformers_finetune.py export --out my_classifier", [
+        (["--out"], {"required": True, "help": "a new folder to write"}),
+        (["--adapter"], {"action": "store_true", "help": "LoRA: save the adapters as a peft folder, not merged"}),
+        (["--dtype"], {"choices": ["float32", "bfloat16", "float16"], "help": "the saved weights' (default: as"
+                                                                                " trained)"})],
+    lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out, o.adapter, o.dtype)}"))}
+
+
 def main(args=None, run: bool = True, callbacks: tuple = ()):
     """The command line (see the docstring). run=False builds model, data and trainer and returns the CLI."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["export"]:  # beside LightningCLI's subcommands
+        return run_tool(argv, TOOLS, "runs/transformers_finetune")
     return run_cli(FinetuneCLI, TextClassifier, TextClassificationData, args, run, callbacks,
                    trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10, "gradient_clip_val": 1.0,
                                      "default_root_dir": "runs/transformers_finetune"})

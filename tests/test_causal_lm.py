@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
 from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_bad_input_changes_nothing, assert_ddp_ranks_agree,
+                      callback_config,
                       assert_ok, assert_one_error_line, consolidate_and_validate, final_val_loss, load_ckpt,
                       load_module, refused_in_process, run, run_template, save_tiny_tokenizer)
 
@@ -45,10 +46,9 @@ def test_causal_lm_overfits_tiny_corpus(tmp_path):
     loss = final_val_loss(result.stdout)[0]
     print(f"val_loss after 120 steps: {loss:.3f} (uniform over bytes: {torch.log(torch.tensor(256.0)):.2f})")
     assert loss < 0.5  # bar: a memorized repeating sentence
-    # the documented sampling line, greedy: the memorized sentence comes back
-    code = ("from causal_lm import sample; print(repr(sample('runs/causal_lm/checkpoints/best.ckpt', 'the quick b',"
-            " 60, temperature=0)))")
-    sampled = run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TEMPLATES)!r}); {code}"], cwd=tmp_path)
+    # the documented generate command, greedy: the memorized sentence comes back
+    sampled = run_template("causal_lm.py", "generate", "--prompt", "the quick b", "--max_new_tokens", "60",
+                           "--temperature", "0", cwd=tmp_path)
     assert_ok(sampled)
     assert "fox jumps over the lazy dog. the quick brown fox" in sampled.stdout, sampled.stdout
 
@@ -553,7 +553,7 @@ def test_bad_input_one_line_exit_2(template_main, tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     main = template_main("causal_lm.py")
     for args, expected in ((["--data.data_path", "missing.txt"], "data not found"),
-                           (["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no field 'content'"),
+                           (["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no text field 'content'"),
                            (["--model.name_or_path", "./no_such_model"], "folder not found"),
                            (["--data.data_path", "c.jsonl", "--data.block_size", "4096"], "too few for block_size"),
                            (["--data.data_path", "f.npy"], "cannot read f.npy as token ids (it holds float32 values")):
@@ -588,3 +588,244 @@ def test_a_misspelt_model_config_key_is_refused_before_anything_is_built(args, e
     monkeypatch.chdir(tmp_path)
     assert expected in refused_in_process(template_main("causal_lm.py"), ["fit", *args], capsys)
     assert not (tmp_path / "runs").exists()
+
+
+# ---- LoRA fine-tuning, instruction data, generate and export ------------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '[CLS] ' + m['role'] + ' ' + m['content'] + ' [SEP] ' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '[CLS] assistant ' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tiny_llama, tmp_path_factory):
+    """The tiny Llama with a chat template: a turn is [CLS] role text [SEP]."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat_llama")
+    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def learned(tokenizer, ids, labels) -> str:
+    assert len(ids) == len(labels) and all(label in (-100, i) for i, label in zip(ids, labels))
+    return tokenizer.decode([i for i in labels if i != -100]) if tokenizer else bytes(
+        i for i in labels if i != -100).decode()
+
+
+def test_instruction_data_learns_the_answers_only(chat_llama, tmp_path):
+    """Labels are the assistant's tokens with its end of turn, -100 elsewhere: with the tokenizer's chat template
+    (every assistant turn of a conversation), without one (the plain layout) and on UTF-8 bytes; TextData reads
+    prompt/response JSONL as conversations by itself and its targets are those labels shifted by one."""
+    from transformers import AutoTokenizer
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_chat")
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama)
+    talk = [{"role": "user", "content": "the film was"}, {"role": "assistant", "content": "great ."},
+            {"role": "user", "content": "the plot was"}, {"role": "assistant", "content": "dull ."}]
+    ids, labels = lm.chat_tokens(tokenizer, talk)
+    assert tokenizer.decode(ids) == ("[CLS] [UNK] the film was [SEP] [CLS] [UNK] great . [SEP] [CLS] [UNK] the plot"
+                                     " was [SEP] [CLS] [UNK] dull . [SEP]")  # roles are not in the tiny vocabulary
+    assert learned(tokenizer, ids, labels) == "great . [SEP] dull . [SEP]"
+    prompt, _ = lm.chat_tokens(tokenizer, talk[:1], generation_prompt=True)
+    assert tokenizer.decode(prompt) == "[CLS] [UNK] the film was [SEP] [CLS] [UNK]"
+    tokenizer.chat_template = None
+    ids, labels = lm.chat_tokens(tokenizer, talk[:2])
+    assert learned(tokenizer, ids, labels) == "great . [EOS]"
+    ids, labels = lm.chat_tokens(None, talk[:2])
+    assert learned(None, ids, labels) == "great .\x00" and bytes(ids).startswith(b"<|user|>\nthe film was\n")
+
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"prompt": "the film was", "response": "great ."}) + "\n"
+                                                 for _ in range(10)))
+    data = lm.TextData(data_path=str(tmp_path / "chat.jsonl"), tokenizer=str(chat_llama), block_size=32)
+    assert data.hparams.data_format == "instruction"
+    data.setup("fit")
+    inputs, targets = data.train_set[0]
+    assert tokenizer.decode(inputs) == "[CLS] [UNK] the film was [SEP] [CLS] [UNK] great ."
+    assert tokenizer.decode(targets[targets != -100]) == "great . [SEP]"
+    assert (targets[:-3] == -100).all()
+
+
+def test_packed_conversations_attend_only_to_themselves(tiny_llama):
+    """Packing puts several conversations in one row, positions restarting at each: with transformers' sdpa (what
+    the template switches to for packing) each one's logits are those it gets alone; the padding gets -100."""
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_packing")
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    module = lm.CausalLM(name_or_path=str(tiny_llama), vocab_size=vocab)
+    module.configure_model()
+    module.model.set_attn_implementation("sdpa")
+    gen = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(6, vocab, (n,), generator=gen), torch.randint(6, vocab, (n,), generator=gen))
+                for n in (5, 7, 9)]
+    rows = lm.Conversations(examples, block_size=12, packing=True)
+    assert [len(row) for row in rows.rows] == [2, 1]  # 5 + 7 fit 12; 9 does not fit beside them
+    inputs, targets, positions = lm.pad_rows([rows[0], rows[1]])
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
+    assert positions[1].tolist() == list(range(12)) and (targets[1, 9:] == -100).all()
+    with torch.no_grad():
+        packed = module(inputs, positions)
+        for (x, _), start, row in [(examples[0], 0, 0), (examples[1], 5, 0), (examples[2], 0, 1)]:
+            alone = module(x[None])[0]
+            torch.testing.assert_close(packed[row, start:start + len(x)], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_keeps_the_frozen_model_in_the_autocast_dtype(tiny_llama):
+    """Under bf16-mixed the frozen weights load in bfloat16 (2 bytes each; float32 ones would also get a bfloat16
+    copy at every use, which autocast keeps for backward), and the adapters, which the optimizer updates, in
+    float32. Under 32-true everything is float32."""
+    import lightning as L
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_lora_dtype")
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    for precision, frozen in (("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)):
+        module = lm.CausalLM(name_or_path=str(tiny_llama), vocab_size=vocab, finetune="lora")
+        module.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False)
+        module.configure_model()
+        dtypes = {p.requires_grad: {q.dtype for q in module.parameters() if q.requires_grad == p.requires_grad}
+                  for p in module.parameters()}
+        assert dtypes == {False: {frozen}, True: {torch.float32}}, precision
+
+
+def adapters(checkpoint: Path) -> dict:
+    return load_ckpt(checkpoint)["state_dict"]
+
+
+LORA_FIT = ["--model.finetune", "lora", "--model.learning_rate", "1e-2", "--model.lora_r", "4",
+            "--data.batch_size", "4", "--data.block_size", "32", "--trainer.max_steps", "8",
+            "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--trainer.deterministic", "true",
+            *QUIET]
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, tmp_path):
+    """A LoRA fine-tune on conversations (packed): the frozen weights do not change and checkpoints hold the
+    adapters only; kill -9 after step 4 and --ckpt_path last ends with the adapters of an uninterrupted run;
+    generate answers; export writes a folder that transformers loads with the module's logits, merged or (--adapter)
+    as a peft adapter on the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    talk = [{"prompt": f"the {noun} was", "response": f"{word} ."} for noun in ("film", "movie", "plot")
+            for word in ("great", "dull")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(t) + "\n" for t in talk * 10))
+    fit = ["fit", "--model.name_or_path", chat_llama, "--data.data_path", "chat.jsonl", "--data.packing", "true",
+           *LORA_FIT]
+    whole = run_template("causal_lm.py", *fit, "--trainer.default_root_dir", "whole", cwd=tmp_path)
+    assert_ok(whole)
+    kill = callback_config(tmp_path / "kill.yaml", "SignalAtStep", step=5, signal_name="SIGKILL")
+    killed = run_template("causal_lm.py", *fit, "--config", kill, "--trainer.default_root_dir", "cut", cwd=tmp_path,
+                          tests_on_path=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert load_ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    resumed = run_template("causal_lm.py", *fit, "--trainer.default_root_dir", "cut", "--ckpt_path", "last",
+                           cwd=tmp_path)
+    assert_ok(resumed)
+    ckpt = tmp_path / "whole" / "checkpoints" / "last.ckpt"
+    trained, again = adapters(ckpt), adapters(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B." in k)  # B starts at zero: it trained
+    assert ckpt.stat().st_size < 2 * sum(v.numel() * 4 for v in trained.values()) * 3 + 200_000  # + AdamW state
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_lora")
+    module, tokenizer, data = lm.load_trained(str(ckpt))
+    original = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32)
+    frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+              for k, v in module.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(frozen[k], v) for k, v in original.state_dict().items())
+    assert data["data_format"] == "instruction"
+
+    answer = run_template("causal_lm.py", "generate", "--root", "whole", "--prompt", "the film was",
+                          "--temperature", "0", "--max_new_tokens", "5", cwd=tmp_path)
+    assert_ok(answer)
+    assert answer.stdout.strip() and "the film was" not in answer.stdout  # the answer only
+
+    x = torch.randint(6, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = module(x)
+    merged = run_template("causal_lm.py", "export", "--root", "whole", "--out", "merged", cwd=tmp_path)
+    assert_ok(merged)
+    assert not list((tmp_path / "merged").glob("adapter_*"))
+    with torch.no_grad():
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(x).logits
+        torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
+    assert_ok(run_template("causal_lm.py", "export", "--root", "whole", "--out", "adapter", "--adapter",
+                           cwd=tmp_path))
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32),
+                                         tmp_path / "adapter")
+        torch.testing.assert_close(peft(x).logits, expected, atol=1e-5, rtol=1e-5)
+    again = run_template("causal_lm.py", "export", "--root", "whole", "--out", "merged", cwd=tmp_path)
+    assert_one_error_line(again, "exists and is not empty")
+
+
+def test_lora_and_export_refuse_what_cannot_work_in_one_line(tiny_llama, template_main, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    main = template_main("causal_lm.py")
+    assert "adapts a pretrained model: set --model.name_or_path" in refused_in_process(
+        main, ["fit", "--model.finetune", "lora", "--trainer.max_steps", "1"], capsys)
+    if not torch.cuda.is_available():
+        assert "on a CUDA GPU only" in refused_in_process(main, [
+            "fit", "--model.name_or_path", str(tiny_llama), "--model.finetune", "qlora", "--trainer.max_steps", "1"],
+            capsys)
+    assert "set --model.lora_targets" in refused_in_process(main, [
+        "fit", "--model.name_or_path", str(tiny_llama), "--model.finetune", "lora", "--model.lora_targets",
+        "[no_such_layer]", "--trainer.max_steps", "1"], capsys)
+    assert "checkpoint not found" in refused_in_process(main, ["export", "--out", "x", "--root", "nowhere"], capsys)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_loaded_with_other_adapters_is_refused(tiny_llama, tmp_path):
+    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 200)
+    fit = ["fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.txt", *LORA_FIT]
+    assert_ok(run_template("causal_lm.py", *fit, "--trainer.max_steps", "4", cwd=tmp_path))
+    other = run_template("causal_lm.py", *fit, "--model.lora_targets", "[q_proj, v_proj]", "--ckpt_path", "last",
+                         cwd=tmp_path)
+    assert_one_error_line(other, "was trained with model.lora_targets=None")
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_other_adapters")  # loaded from Python: the same check
+    saved = load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    trained = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
+    module = lm.CausalLM(**{**trained, "lora_targets": ["q_proj", "v_proj"]})
+    module.configure_model()
+    with pytest.raises(lm.ConfigError, match="lacks 0 of this model's 8 LoRA tensors and holds 20 it does not have"):
+        module.on_load_checkpoint(saved)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_resumes_from_its_shards_and_consolidates(tiny_llama, tmp_path):
+    """Two processes, FSDP2: the adapters train sharded with the frozen weights; a sharded checkpoint keeps every
+    weight (torch's distributed checkpoint loads complete states only) and resumes; Lightning's consolidation gives
+    a file that generate and export read."""
+    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 200)
+    fit = ["fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.txt", "--config",
+           CONFIGS / "fsdp2.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision",
+           "32-true", "--trainer.strategy.init_args.data_parallel_size", "auto",
+           "--trainer.strategy.init_args.tensor_parallel_size", "auto", *LORA_FIT]
+    assert_ok(run_template("causal_lm.py", *fit, "--trainer.max_steps", "4", cwd=tmp_path, timeout=600))
+    resumed = run_template("causal_lm.py", *fit, "--ckpt_path", "last", cwd=tmp_path, timeout=600)
+    assert_ok(resumed)
+    assert "step 8 val_loss" in resumed.stdout
+    single, _ = consolidate_and_validate(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt", tmp_path)
+    assert any(".lora_B." in k for k in load_ckpt(single)["state_dict"])
+    assert_ok(run_template("causal_lm.py", "generate", "--ckpt_path", single, "--max_new_tokens", "3", cwd=tmp_path))
+    assert_ok(run_template("causal_lm.py", "export", "--ckpt_path", single, "--out", "hf", cwd=tmp_path))
+
+
+@pytest.mark.gpu
+def test_qlora_fine_tunes_a_4_bit_model_on_gpu(tiny_llama, tmp_path):
+    """QLoRA on CUDA: the frozen Linear weights load in 4 bits, the adapters train and the checkpoint holds only
+    them; generate and a merged export work from it."""
+    pytest.importorskip("bitsandbytes")
+    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 200)
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / "gpu.yaml", "--model.name_or_path", tiny_llama,
+                          "--data.data_path", "corpus.txt", *LORA_FIT[2:], "--model.finetune", "qlora", cwd=tmp_path)
+    assert_ok(result)
+    trained = adapters(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
+    assert_ok(run_template("causal_lm.py", "generate", "--prompt", "the film", "--max_new_tokens", "4", cwd=tmp_path))
+    assert_ok(run_template("causal_lm.py", "export", "--out", "merged", cwd=tmp_path))

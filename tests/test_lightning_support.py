@@ -124,7 +124,8 @@ def test_templates_are_the_users_story(template):
     for name in ("class StopOnNonFiniteLoss", "class ResumeAtUnfinishedBatch", "def with_nearest_keys",
                  "class PredictionWriter", "def run_cli"):
         assert name not in source, f"{template} defines {name} again: it belongs in lightning_support.py"
-    limits = {"causal_lm.py": 850, "tabular.py": 850, "image_classifier.py": 800, "custom.py": 200}
+    # causal_lm.py pre-trains and fine-tunes (full, LoRA, QLoRA; text or conversations), and generates and exports
+    limits = {"causal_lm.py": 950, "tabular.py": 850, "image_classifier.py": 800, "custom.py": 200}
     assert len(source.splitlines()) <= limits.get(template, 600)
 
 

@@ -74,6 +74,34 @@ def test_finetune_pretrained_folder_loss_falls(tmp_path, tiny_bert):
     assert kept_line(result.stdout)["val_acc"] >= 0.9
 
 
+def test_lora_fine_tune_exports_a_folder_that_pipeline_runs(tmp_path, tiny_bert):
+    """export: LoRA merged in, the classes named (id2label), the tokenizer cutting at the fit's max_length; the
+    folder's logits are the checkpoint's, and pipeline() labels with the class names."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    write_reviews(tmp_path / "reviews.csv", n=80)
+    result = run_template("transformers_finetune.py", "fit", "--model.name_or_path", tiny_bert, "--model.lora", "true",
+                          "--model.learning_rate", "3e-3", "--data.data_path", "reviews.csv", "--data.max_length", "24",
+                          "--data.text_column", "review", "--data.label_column", "sentiment",
+                          "--trainer.max_epochs", "2", *QUIET, cwd=tmp_path)
+    assert_ok(result)
+    exported = run_template("transformers_finetune.py", "export", "--out", "classifier", cwd=tmp_path)
+    assert_ok(exported)
+    folder = tmp_path / "classifier"
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.id2label == {0: "neg", 1: "pos"} and tokenizer.model_max_length == 24
+    assert not any("lora" in name for name in model.state_dict())
+    tf = load_module(TEMPLATES / "transformers_finetune.py", "transformers_finetune_export")
+    module = tf.TextClassifier.load_from_checkpoint(tmp_path / "runs" / "transformers_finetune" / "checkpoints" /
+                                                    "best.ckpt", map_location="cpu", weights_only=True).eval()
+    batch = tokenizer(["the film was great .", "the plot was dull ."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, module(batch), atol=1e-5, rtol=1e-5)
+    labels = [p["label"] for p in pipeline("text-classification", model=str(folder))(["the film was great ."])]
+    assert labels[0] in ("neg", "pos")
+
+
 def test_finetune_fast_dev_run_with_jsonl(tmp_path, tiny_bert):
     """Three classes for a model saved with a two-class head: the head is replaced, the body kept."""
     with open(tmp_path / "data.jsonl", "w") as f:

@@ -33,13 +33,14 @@ REQUIREMENTS = [
     ("transformers", "5", "6", False, "Hugging Face templates"),
     ("optuna", "5", None, False, "hpo_optuna.py (hyperparameter search)"),
     ("optuna-integration", "5", None, False, "hpo_optuna.py (its Lightning pruning callback)"),
+    ("peft", "0.21", None, False, "LoRA and QLoRA fine-tuning (causal_lm.py, transformers_finetune.py)"),
 ]
 INSTALL_SPEC = {
     "lightning": "lightning>=2.6,<2.7", "torch": "torch>=2.11", "torchmetrics": "torchmetrics>=1.4,<2",
     "jsonargparse": "jsonargparse[signatures]>=4.39,<5", "docstring-parser": "jsonargparse[signatures]>=4.39,<5",
     "typeshed-client": "jsonargparse[signatures]>=4.39,<5", "pyyaml": "pyyaml>=6", "tensorboard": "tensorboard>=2.14",
     "pillow": "pillow>=10", "numpy": "numpy>=1.26", "transformers": "transformers>=5,<6", "optuna": "optuna>=5",
-    "optuna-integration": "optuna-integration>=5",
+    "optuna-integration": "optuna-integration>=5", "peft": "peft>=0.21",
 }
 
 

@@ -25,8 +25,7 @@ Fine-tune a pretrained model with LoRA (adapters of a frozen model; checkpoints 
     python causal_lm.py fit --config configs/gpu.yaml --model.name_or_path meta-llama/Llama-3.2-1B-Instruct \
         --model.finetune lora --model.learning_rate 2e-4 --data.data_path chat.jsonl --data.block_size 1024
     --model.finetune qlora       # the frozen model in 4 bits (bitsandbytes, CUDA): 7B weights in about 4 GB
-    chat.jsonl: {"prompt": ..., "response": ...} or {"messages": [{"role": "user", "content": ...}, ...]} per line;
-    only the answers are learned; --data.packing true fills each row with several conversations.
+    chat.jsonl: {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}, ...]}; answers learned
 
 Your data and model (config values, no code change):
     --data.data_path corpus.txt | corpus.jsonl | folder/    # .txt/.md files, or JSONL with --data.text_field
@@ -68,14 +67,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lightning as L
 from lightning.fabric.utilities.throughput import measure_flops
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 try:
-    from lightning_support import (ConfigError, Conversations, ResumableSampler, TemplateCLI, Throughput, adamw,
-                                   add_lora, chat_tokens, clip_gradients, pad_rows, pretrained, run_cli, run_tool,
-                                   save_hf_folder, shard_blocks, sharded, trainable_keys, transformers_config,
-                                   unfinished_batches)
+    from lightning_support import (EXPORT_OPTIONS, ConfigError, Conversations, ResumableSampler, TemplateCLI,
+                                   Throughput, adamw, add_lora, chat_tokens, clip_gradients, four_bit_device, pad_rows,
+                                   pretrained, run_cli, run_tool, save_hf_folder, shard_blocks, sharded, stop_tokens,
+                                   trainable_keys, transformers_config, unfinished_batches)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py causal_lm DEST" if missing.name == "lightning_support" else missing)
@@ -186,6 +185,9 @@ AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 # the logits of transformers' eager attention). Not: multimodal wrappers (gemma3), own masks (doge), remote code.
 CAUSAL_SDPA_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gpt2", "gpt_neox", "olmo", "olmo2",
                      "phi", "phi3", "granite", "starcoder2", "opt"}
+# Types whose attention mask follows position_ids, so packed conversations stay apart (a test checks each against
+# the conversations alone); OPT builds its mask without them.
+PACKABLE_TYPES = CAUSAL_SDPA_TYPES - {"opt"}
 
 
 def use_causal_sdpa(model: torch.nn.Module) -> torch.nn.Module:
@@ -222,13 +224,13 @@ def load_or_build_transformers(name_or_path, model_type, model_config, vocab_siz
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
-    if name_or_path and four_bit is not None:  # QLoRA: Linear weights in NF4 on the GPU, the rest in bfloat16
+    if name_or_path and four_bit is not None:  # QLoRA: Linear weights in NF4 on the GPU, the rest in `dtype`
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
+                                          bnb_4bit_compute_dtype=dtype)
         return pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, attn_implementation="sdpa",
-                          dtype=torch.bfloat16, quantization_config=quantization, device_map={"": four_bit},
+                          dtype=dtype, quantization_config=quantization, device_map={"": four_bit},
                           trust_remote_code=trust_remote_code)
     if name_or_path:
         return pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, attn_implementation="sdpa", dtype=dtype,
@@ -318,10 +320,15 @@ class CausalLM(L.LightningModule):
         hp = self.hparams
         if hp.finetune != "full" and not hp.name_or_path:
             raise ConfigError(f"--model.finetune {hp.finetune} adapts a pretrained model: set --model.name_or_path")
-        four_bit = self._four_bit_device() if hp.finetune == "qlora" else None
+        four_bit = four_bit_device(self) if hp.finetune == "qlora" else None
         # LoRA's frozen weights in the autocast dtype: 2 bytes each under bf16-mixed, and no copy cast at each use
-        frozen = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
-            str(self.trainer.precision) if self._trainer is not None else "") if hp.finetune == "lora" else None
+        # (not under FSDP: it flattens each block's weights and adapters into one tensor of one dtype)
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        frozen = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        if hp.finetune == "qlora":
+            frozen = frozen or torch.bfloat16  # generate and export on a GPU, outside a Trainer
+        elif hp.finetune == "full" or isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            frozen = None
         self.model = load_or_build(hp.name_or_path, hp.model_type, hp.model_config, hp.vocab_size,
                                    hp.trust_remote_code, four_bit=four_bit, dtype=frozen)
         self.model.train()  # from_pretrained returns eval mode (no dropout) and Lightning 2.6 keeps a module's mode
@@ -340,6 +347,7 @@ class CausalLM(L.LightningModule):
                     self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.finetune != "full":  # adapters on the blocks' projections; everything else frozen
             self.model = add_lora(self.model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_targets)
+            self.strict_loading = sharded(self)  # sharded checkpoints keep every weight (on_save_checkpoint)
         if hp.sdpa_backend:  # process-wide: compiled graphs and checkpointing's recomputation see the same kernel
             torch.backends.cuda.enable_flash_sdp(hp.sdpa_backend == "flash")
             torch.backends.cuda.enable_mem_efficient_sdp(hp.sdpa_backend == "efficient")
@@ -353,15 +361,6 @@ class CausalLM(L.LightningModule):
                     block.compile()
             else:  # model and loss in one graph: the float32 loss fuses into one kernel, no float32 logits stored
                 self.loss = torch.compile(self.loss)
-
-    def _four_bit_device(self) -> torch.device:
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        if device.type != "cuda":
-            raise ConfigError("--model.finetune qlora loads the model in 4 bits with bitsandbytes, on a CUDA GPU only:"
-                              " use --config configs/gpu.yaml, or --model.finetune lora here")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("--model.finetune qlora needs bitsandbytes: pip install bitsandbytes")
-        return device
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return logits_of(self.model, input_ids, position_ids)
@@ -415,15 +414,14 @@ class CausalLM(L.LightningModule):
         self._attend_as_the_data_needs()
 
     def _attend_as_the_data_needs(self) -> None:
-        """Packed conversations pass position_ids: transformers' sdpa then keeps each conversation's attention to
-        itself (CAUSAL_SDPA would refuse them)."""
+        """Packed conversations pass position_ids, which transformers' sdpa follows (CAUSAL_SDPA refuses them)."""
         data = getattr(self.trainer, "datamodule", None)
         if not getattr(data, "packed_conversations", False):
             return
         inner = transformers_model(self.model)
-        if inner is None:
-            raise ConfigError("--data.packing needs a transformers model (--model.model_type llama, or"
-                              " --model.name_or_path): the built-in GPT takes no position_ids")
+        if inner is None or inner.config.model_type not in PACKABLE_TYPES:
+            raise ConfigError(f"--data.packing keeps conversations apart for the model types {sorted(PACKABLE_TYPES)}"
+                              " only (their attention follows position_ids): drop --data.packing")
         if inner.config._attn_implementation == CAUSAL_SDPA:
             inner.set_attn_implementation("sdpa")
 
@@ -556,11 +554,10 @@ class TextData(L.LightningDataModule):
         performance.md): memory-mapped, for corpora larger than memory. tokenizer: a Hugging Face name or folder;
         None = UTF-8 bytes (256 tokens; for a .npy file, its largest id + 1), or the model's own tokenizer when
         --model.name_or_path is set.
-        data_format "instruction" (auto: JSONL whose first record has `messages`, or `prompt_field` and
-        `response_field`): one conversation per record, {"messages": [{"role": "user", "content": ...},
-        {"role": "assistant", "content": ...}, ...]} or {"prompt": ..., "response": ...}, rendered with the
-        tokenizer's chat template; only the assistant's tokens are learned. Each conversation is one row of at most
-        block_size tokens (longer ones are cut); packing fills rows with several, each attending only to itself."""
+        data_format "instruction" (auto: a JSONL whose first record has `messages`, or prompt_field and
+        response_field): a conversation per record, {"messages": [{"role": "user", "content": ...}, ...]} or
+        {"prompt": ..., "response": ...}, through the tokenizer's chat template; only the assistant's tokens are
+        learned. One row of at most block_size tokens each (cut), or with packing several, each seeing only itself."""
         super().__init__()
         self.save_hyperparameters()
         self.path = Path(data_path).expanduser() if data_path else DEFAULT_CORPUS
@@ -722,6 +719,11 @@ class TextData(L.LightningDataModule):
         packing = self.hparams.packing
         self.train_set = Conversations(examples[:-n_val], block, packing)
         self.val_set = Conversations(examples[-n_val:], block, packing)
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_set) < self.hparams.batch_size * processes:  # full batches only: none would train
+            raise ConfigError(f"{len(self.train_set)} training rows ({len(examples) - n_val} conversations"
+                              f"{', packed' if packing else ''}) fill no batch of {self.hparams.batch_size} x"
+                              f" {processes} process(es): lower --data.batch_size or add conversations")
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
@@ -773,10 +775,13 @@ class TextData(L.LightningDataModule):
 # ----------------------------------------------------------------------------------------------------------------
 def load_trained(checkpoint: str, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> tuple:
     """(module in eval mode, tokenizer or None for UTF-8 bytes, the fit's data options) of a single-file
-    checkpoint. A QLoRA run's adapters go on the model loaded in `dtype` (default float32), not in 4 bits."""
+    checkpoint, its frozen weights in `dtype` (default float32). A QLoRA run's model loads in 4 bits again where
+    `device` is a GPU with bitsandbytes; else in `dtype` (so export merges its adapters into 16 or 32 bits)."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     data = saved.get("datamodule_hyper_parameters", {})
-    lora = {"finetune": "lora"} if saved.get("hyper_parameters", {}).get("finetune") == "qlora" else {}
+    four_bit = device != "cpu" and importlib.util.find_spec("bitsandbytes") is not None
+    qlora = saved.get("hyper_parameters", {}).get("finetune") == "qlora"
+    lora = {"finetune": "lora"} if qlora and not four_bit else {}
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype or default)  # what configure_model builds and loads the frozen weights in
     try:
@@ -811,16 +816,18 @@ def generate(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, tem
     else:
         ids = tokenizer(prompt)["input_ids"] if tokenizer else list(prompt.encode("utf-8"))
     ids = torch.tensor([ids or [10]], device=module.device)  # byte 10 (newline) separates documents
-    end = (tokenizer.eos_token_id if tokenizer else 0) if chat else None
     inner = transformers_model(module.model)
+    ends = stop_tokens(tokenizer, inner, chat)
     torch.manual_seed(seed)
     if inner is not None:
         inner.set_attn_implementation("sdpa")  # generate() passes masks and positions, which CAUSAL_SDPA refuses
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 else {
             "do_sample": False}
-        out = module.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, use_cache=True,
-                                    eos_token_id=end if end is not None else inner.config.eos_token_id,
-                                    pad_token_id=0, **sampling)
+        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else (
+            ends or [0])[0]
+        out = module.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
+                                    max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=ends or None,
+                                    **sampling)  # the mask: a prompt token equal to pad_token_id is not padding
     else:
         out, block = ids, data.get("block_size", 128)
         for _ in range(max_new_tokens):
@@ -833,10 +840,10 @@ def generate(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, tem
                     logits[logits < torch.topk(logits, min(top_k, logits.numel())).values[-1]] = float("-inf")
                 token = torch.multinomial(logits.softmax(-1), 1)
             out = torch.cat([out, token.view(1, 1)], dim=1)
-            if end is not None and token.item() == end:
+            if token.item() in ends:
                 break
     tokens = out[0, ids.shape[1]:].tolist() if chat else out[0].tolist()
-    if chat and tokens and tokens[-1] == end:
+    if chat and tokens and tokens[-1] in ends:
         tokens = tokens[:-1]
     if tokenizer is not None:
         return tokenizer.decode(tokens, skip_special_tokens=chat)
@@ -846,7 +853,7 @@ def generate(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, tem
 def export(checkpoint: str, folder: str, adapter: bool = False, dtype: Optional[str] = None) -> Path:
     """Writes a Hugging Face folder of a single-file checkpoint (model config, weights, tokenizer) that
     AutoModelForCausalLM.from_pretrained loads: LoRA adapters merged into the weights, or with adapter=True kept as
-    a peft adapter folder on the base model. dtype: the saved weights' (default: as trained)."""
+    a peft adapter folder on the base model. dtype: the saved weights' (default float32)."""
     module, tokenizer, _ = load_trained(checkpoint, dtype=getattr(torch, dtype) if dtype else None)
     inner = transformers_model(module.model)
     if inner is None:
@@ -860,18 +867,11 @@ def export(checkpoint: str, folder: str, adapter: bool = False, dtype: Optional[
     return out
 
 
-EXPORT_HELP = ("A Hugging Face folder of a trained checkpoint: config, weights (LoRA merged in) and tokenizer, for"
-               " AutoModelForCausalLM.from_pretrained(FOLDER). Example: python causal_lm.py export --out my_model")
-GENERATE_HELP = ("Text from a trained checkpoint. Example: python causal_lm.py generate --prompt 'Once upon a time'"
-                 " --max_new_tokens 100")
-TOOLS = {
-    "export": (EXPORT_HELP, [
-        (["--out"], {"required": True, "help": "a new folder to write"}),
-        (["--adapter"], {"action": "store_true", "help": "LoRA: save the adapters as a peft folder, not merged"}),
-        (["--dtype"], {"choices": ["float32", "bfloat16", "float16"], "help": "the saved weights' (default: as"
-                                                                                " trained)"})],
-        lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out, o.adapter, o.dtype)}")),
-    "generate": (GENERATE_HELP, [
+TOOLS = {  # python causal_lm.py NAME --help
+    "export": ("A Hugging Face folder of a trained checkpoint: config, weights (LoRA merged in) and tokenizer, for"
+               " AutoModelForCausalLM.from_pretrained(FOLDER). Example: python causal_lm.py export --out my_model",
+               EXPORT_OPTIONS, lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out, o.adapter, o.dtype)}")),
+    "generate": ("Text from a trained checkpoint. Example: python causal_lm.py generate --prompt 'Once upon a time'", [
         (["--prompt"], {"default": "\n", "help": "the text to continue (after an instruction fit: the question)"}),
         (["--max_new_tokens"], {"type": int, "default": 200}),
         (["--temperature"], {"type": float, "default": 0.8, "help": "0: the likeliest token each time"}),

@@ -24,6 +24,7 @@ import argparse
 import ast
 import csv
 import difflib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -493,6 +494,25 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets
                           " model (print(model) shows them)") from None
 
 
+def four_bit_device(module) -> torch.device:
+    """The GPU a QLoRA model's frozen weights load on in 4 bits (the run's, or outside a Trainer the current one),
+    after the checks that it can: CUDA, a 16-bit -mixed precision, no sharding, bitsandbytes."""
+    cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = module.trainer.strategy.root_device if module._trainer is not None else cuda
+    if device.type != "cuda":
+        raise ConfigError("--model.finetune qlora loads the model in 4 bits with bitsandbytes, on a CUDA GPU only:"
+                          " use --config configs/gpu.yaml, or --model.finetune lora here")
+    if module._trainer is not None and str(module.trainer.precision) not in ("bf16-mixed", "16-mixed"):
+        raise ConfigError("--model.finetune qlora trains under --trainer.precision bf16-mixed (or 16-mixed on GPUs"
+                          " without bfloat16)")
+    if sharded(module):  # 4-bit weights are integers, which FSDP and DeepSpeed cannot shard
+        raise ConfigError("--model.finetune qlora runs on one GPU or under DDP (configs/gpu.yaml, ddp.yaml): use"
+                          " --model.finetune lora with FSDP or DeepSpeed")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--model.finetune qlora needs bitsandbytes: pip install bitsandbytes")
+    return device
+
+
 def trainable_keys(module: torch.nn.Module) -> set:
     """State-dict names of the parameters that train, without the wrappers' prefixes (FSDP, checkpointing)."""
     return {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", name)
@@ -510,23 +530,28 @@ def chat_tokens(tokenizer, messages: list, generation_prompt: bool = False, wher
             text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
             return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote them
 
+        def extends(longer, shorter):
+            if longer[:len(shorter)] != shorter:  # e.g. a template that moves the system prompt to the last turn
+                raise ConfigError(f"{where}: the tokenizer's chat template does not render this conversation turn"
+                                  " after turn, so the answers cannot be told apart: use --data.data_format text with"
+                                  " a text field, or a tokenizer with another template")
+
         ids, labels = [], []
         try:
             for i, message in enumerate(messages):
                 if message["role"] == "assistant":
                     before, after = render(messages[:i], True), render(messages[:i + 1], False)
-                    if after[:len(before)] != before or before[:len(ids)] != ids:
-                        raise ConfigError(f"{where}: the tokenizer's chat template does not render this conversation"
-                                          " turn after turn, so the answers cannot be told apart: use --data."
-                                          "data_format text with a text field, or a tokenizer with another template")
+                    extends(before, ids)
+                    extends(after, before)
                     labels += [-100] * (len(before) - len(ids)) + after[len(before):]
                     ids = after
             if generation_prompt or messages[-1]["role"] != "assistant":
                 rest = render(messages, generation_prompt)
+                extends(rest, ids)
                 labels, ids = labels + [-100] * (len(rest) - len(ids)), rest
-        except (ValueError, TypeError, KeyError) as err:  # the template's own checks (roles, their order)
-            if isinstance(err, ConfigError):
-                raise
+        except ConfigError:
+            raise
+        except Exception as err:  # the template's own checks (jinja2's TemplateError: roles, their order)
             raise ConfigError(f"{where}: the chat template refused this conversation ({one_line(err)})") from None
         return ids, labels
     encode = (lambda text: list(text.encode("utf-8"))) if tokenizer is None else (
@@ -544,6 +569,24 @@ def chat_tokens(tokenizer, messages: list, generation_prompt: bool = False, wher
         head = encode("<|assistant|>\n")
         ids, labels = ids + head, labels + [-100] * len(head)
     return ids, labels
+
+
+def stop_tokens(tokenizer, model, chat: bool) -> list:
+    """Where generation stops: the end-of-text tokens of the tokenizer and the model, and after an instruction fit
+    the special token that ends an assistant turn in the chat template (<|im_end|>, <|eot_id|>, <end_of_turn>, ...,
+    which training taught the model to emit: it may differ from the tokenizer's end of text)."""
+    config = getattr(model, "generation_config", None) or getattr(model, "config", None)
+    found = getattr(config, "eos_token_id", None)
+    ends = list(found) if isinstance(found, (list, tuple)) else [] if found is None else [found]
+    if not chat:
+        return ends
+    if tokenizer is None:
+        return [0]  # chat_tokens ends an answer with byte 0
+    ends.append(tokenizer.eos_token_id)
+    ids, labels = chat_tokens(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    specials = set(tokenizer.all_special_ids)
+    ends += [t for t in labels if t in specials]
+    return list(dict.fromkeys(t for t in ends if t is not None))
 
 
 class Conversations(Dataset):
@@ -936,6 +979,10 @@ def run_tool(argv: list, tools: dict, default_root: str) -> None:
         if checkpoint in ("best", "last"):
             checkpoint = str(newest_checkpoint(Path(options.root).expanduser() / "checkpoints", checkpoint))
         check_checkpoint_file(checkpoint)
+        if (Path(checkpoint) / "latest").is_file():
+            raise ConfigError(f"{checkpoint} is a DeepSpeed checkpoint folder: make one file of it first, python -c"
+                              " \"from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_"
+                              f"state_dict as c; c('{checkpoint}', 'model.ckpt')\"")
         if Path(checkpoint).is_dir():
             raise ConfigError(f"{checkpoint} is a sharded checkpoint folder: make one file of it first, python -m"
                               " lightning.fabric.utilities.consolidate_checkpoint FOLDER --output_file model.ckpt"
@@ -963,6 +1010,12 @@ def write_folder(folder: str, write) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+EXPORT_OPTIONS = [  # of every template's export command
+    (["--out"], {"required": True, "help": "a new folder to write"}),
+    (["--adapter"], {"action": "store_true", "help": "LoRA: save the adapters as a peft folder, not merged"}),
+    (["--dtype"], {"choices": ["float32", "bfloat16", "float16"], "help": "the saved weights' (default float32)"})]
 
 
 def save_hf_folder(model: torch.nn.Module, tokenizer, folder: str, adapter: bool = False,

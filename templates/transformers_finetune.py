@@ -42,8 +42,8 @@ import lightning as L
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 try:
-    from lightning_support import (ConfigError, TemplateCLI, adamw, clip_gradients, pretrained, run_cli, run_tool,
-                                   save_hf_folder, transformers_config)
+    from lightning_support import (EXPORT_OPTIONS, ConfigError, TemplateCLI, adamw, clip_gradients, pretrained,
+                                   run_cli, run_tool, save_hf_folder, transformers_config)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both"
              " with python scripts/scaffold.py transformers_finetune DEST" if missing.name == "lightning_support"
@@ -357,9 +357,9 @@ class FinetuneCLI(TemplateCLI):
 
 
 def export(checkpoint: str, folder: str, adapter: bool = False, dtype: Optional[str] = None) -> Path:
-    """A Hugging Face folder of a single-file checkpoint that pipeline("text-classification", FOLDER) runs: the
-    model with its class names (id2label), LoRA merged in (or kept as a peft folder with adapter=True), and the
-    tokenizer, whose model_max_length is the fit's max_length (longer texts are cut as in training)."""
+    """A Hugging Face folder of a single-file checkpoint for pipeline("text-classification", FOLDER,
+    truncation=True): the model with its class names (id2label), LoRA merged in (or kept as a peft folder with
+    adapter=True), and the tokenizer, whose model_max_length is the fit's max_length (truncation=True cuts there)."""
     data = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(
         "datamodule_hyper_parameters", {})
     if not data.get("tokenizer"):
@@ -374,13 +374,9 @@ def export(checkpoint: str, folder: str, adapter: bool = False, dtype: Optional[
     return save_hf_folder(module.model, tokenizer, folder, adapter, dtype)
 
 
-TOOLS = {"export": (
+TOOLS = {"export": (  # python transformers_finetune.py export --help
     "A Hugging Face folder of a trained checkpoint: model (class names, LoRA merged in) and tokenizer. Example:"
-    " python transformers_finetune.py export --out my_classifier", [
-        (["--out"], {"required": True, "help": "a new folder to write"}),
-        (["--adapter"], {"action": "store_true", "help": "LoRA: save the adapters as a peft folder, not merged"}),
-        (["--dtype"], {"choices": ["float32", "bfloat16", "float16"], "help": "the saved weights' (default: as"
-                                                                                " trained)"})],
+    " python transformers_finetune.py export --out my_classifier", EXPORT_OPTIONS,
     lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out, o.adapter, o.dtype)}"))}
 
 

@@ -371,6 +371,8 @@ class PrintRunFacts(Callback):
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         facts = {"metrics": metrics, "matmul_precision": torch.get_float32_matmul_precision()}
+        if torch.cuda.is_available():  # what the run's tensors took at most, GB of 1e9 bytes
+            facts["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         sys.stdout.write(f"rank {trainer.global_rank}: {json.dumps(facts)}\n")
         sys.stdout.flush()
 

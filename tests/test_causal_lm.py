@@ -1,5 +1,6 @@
-"""templates/causal_lm.py on CPU: training, its data (text, JSONL, token files), pretrained and built-in models,
-attention, throughput and MFU, multi-process strategies, the configs it runs under, and bad input.
+"""templates/causal_lm.py on CPU: training, its data (text, JSONL, token files, conversations), pretrained and built-in
+models, LoRA fine-tuning, generate and export, attention, throughput and MFU, multi-process strategies, the configs it
+runs under, and bad input.
 
 Hugging Face models and tokenizers are built tiny and random, saved with save_pretrained, and loaded by the template
 with from_pretrained: the real loading code, offline.
@@ -26,9 +27,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
 from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_bad_input_changes_nothing, assert_ddp_ranks_agree,
-                      callback_config,
-                      assert_ok, assert_one_error_line, consolidate_and_validate, final_val_loss, load_ckpt,
-                      load_module, refused_in_process, run, run_template, save_tiny_tokenizer)
+                      assert_ok, assert_one_error_line, callback_config, consolidate_and_validate, final_val_loss,
+                      load_ckpt, load_module, refused_in_process, run, run_facts, run_template, save_tiny_tokenizer)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -632,6 +632,12 @@ def test_instruction_data_learns_the_answers_only(chat_llama, tmp_path):
     assert learned(tokenizer, ids, labels) == "great . [SEP] dull . [SEP]"
     prompt, _ = lm.chat_tokens(tokenizer, talk[:1], generation_prompt=True)
     assert tokenizer.decode(prompt) == "[CLS] [UNK] the film was [SEP] [CLS] [UNK]"
+    assert tokenizer.sep_token_id in lm.stop_tokens(tokenizer, None, chat=True)  # the template's end of a turn
+    strict = copy.copy(tokenizer)
+    strict.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    with pytest.raises(lm.ConfigError, match="chat.jsonl:3: the chat template refused this conversation"
+                                             r" \(roles must alternate"):
+        lm.chat_tokens(strict, talk, where="chat.jsonl:3")
     tokenizer.chat_template = None
     ids, labels = lm.chat_tokens(tokenizer, talk[:2])
     assert learned(tokenizer, ids, labels) == "great . [EOS]"
@@ -640,7 +646,7 @@ def test_instruction_data_learns_the_answers_only(chat_llama, tmp_path):
 
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"prompt": "the film was", "response": "great ."}) + "\n"
                                                  for _ in range(10)))
-    data = lm.TextData(data_path=str(tmp_path / "chat.jsonl"), tokenizer=str(chat_llama), block_size=32)
+    data = lm.TextData(data_path=str(tmp_path / "chat.jsonl"), tokenizer=str(chat_llama), block_size=32, batch_size=4)
     assert data.hparams.data_format == "instruction"
     data.setup("fit")
     inputs, targets = data.train_set[0]
@@ -687,6 +693,26 @@ def test_lora_keeps_the_frozen_model_in_the_autocast_dtype(tiny_llama):
         dtypes = {p.requires_grad: {q.dtype for q in module.parameters() if q.requires_grad == p.requires_grad}
                   for p in module.parameters()}
         assert dtypes == {False: {frozen}, True: {torch.float32}}, precision
+
+
+def test_packing_is_allowed_for_the_types_whose_attention_follows_positions():
+    """For every type in PACKABLE_TYPES, a row of two conversations (positions restarting at the second) gives the
+    second conversation's logits as it gets them alone; OPT, which builds its mask without positions, would not."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_packable")
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "vocab_size": 40000}  # phi3's pad id 32000 must be in the vocabulary
+    a, b = torch.randint(0, 30000, (5,)), torch.randint(0, 30000, (7,))
+    row, positions = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(7)])[None]
+    for model_type in sorted(lm.PACKABLE_TYPES | {"opt"}):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(lm.model_config_of(model_type, small, 40000),
+                                                 attn_implementation="sdpa").eval()
+        model.config.use_cache = False
+        with torch.no_grad():
+            gap = (model(input_ids=row, position_ids=positions).logits[0, 5:] - model(input_ids=b[None]).logits[0])
+        assert (gap.abs().max() < 1e-4) == (model_type in lm.PACKABLE_TYPES), model_type
 
 
 def adapters(checkpoint: Path) -> dict:
@@ -776,6 +802,10 @@ def test_lora_and_export_refuse_what_cannot_work_in_one_line(tiny_llama, templat
         "fit", "--model.name_or_path", str(tiny_llama), "--model.finetune", "lora", "--model.lora_targets",
         "[no_such_layer]", "--trainer.max_steps", "1"], capsys)
     assert "checkpoint not found" in refused_in_process(main, ["export", "--out", "x", "--root", "nowhere"], capsys)
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "latest").write_text("global_step4")
+    assert "convert_zero_checkpoint_to_fp32_state_dict" in refused_in_process(
+        main, ["generate", "--ckpt_path", "zero"], capsys)
     assert not (tmp_path / "x").exists()
 
 
@@ -814,6 +844,36 @@ def test_lora_under_fsdp2_resumes_from_its_shards_and_consolidates(tiny_llama, t
     assert any(".lora_B." in k for k in load_ckpt(single)["state_dict"])
     assert_ok(run_template("causal_lm.py", "generate", "--ckpt_path", single, "--max_new_tokens", "3", cwd=tmp_path))
     assert_ok(run_template("causal_lm.py", "export", "--ckpt_path", single, "--out", "hf", cwd=tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_lora_peak_memory_on_gpu_is_what_the_planner_says(tmp_path, finetune):
+    """A random model of TinyLlama-1.1B's shape, sequence 1024, micro-batch 2, bf16-mixed: the peak memory torch
+    allocated against detect_hardware.py's estimate for the same run (both printed: the planner's GPU check)."""
+    if finetune == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "model"
+    save_tiny_tokenizer(folder)
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    with torch.device("cuda"):
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 5000)
+    facts = callback_config(tmp_path / "facts.yaml", "PrintRunFacts")
+    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / "gpu.yaml", "--config", facts,
+                          "--model.name_or_path", folder, "--model.finetune", finetune, "--data.data_path",
+                          "corpus.txt", "--data.block_size", "1024", "--data.batch_size", "2", "--trainer.max_steps",
+                          "6", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "1", *QUIET,
+                          cwd=tmp_path, tests_on_path=True, timeout=600)
+    assert_ok(result)
+    peak = run_facts(result.stdout)[0]["peak_gb"]
+    planner = load_module(REPO / "scripts" / "detect_hardware.py", "detect_hardware_gpu_check")
+    plan = planner.memory_gb(planner.load_model(str(folder)), finetune, "bf16-mixed", 1024, 2, "single", 1, False)
+    print(f"{finetune}: peak {peak:.2f} GB allocated, planned {plan['per_device_gb']:.2f} GB")
+    assert 0.6 * plan["per_device_gb"] <= peak <= 1.15 * plan["per_device_gb"]
 
 
 @pytest.mark.gpu

@@ -649,7 +649,7 @@ def test_check_env_passes_here_and_names_every_package(tmp_path):
     report = json.loads(result.stdout)
     assert report["ok"], report
     checked = {p["package"] for p in report["packages"]}
-    assert {"lightning", "torch", "transformers", "jsonargparse", "optuna"} <= checked
+    assert {"lightning", "torch", "transformers", "jsonargparse", "optuna", "peft"} <= checked
 
 
 @pytest.mark.parametrize("args, expected", [(["--python", "missing/python"], "cannot run")])

@@ -741,6 +741,9 @@ def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, 
            *LORA_FIT]
     whole = run_template("causal_lm.py", *fit, "--trainer.default_root_dir", "whole", cwd=tmp_path)
     assert_ok(whole)
+    best = tmp_path / "whole" / "checkpoints" / "best.ckpt"
+    for command in ("generate --prompt TEXT", "export --out hf_model"):  # fit's last lines name them
+        assert f"causal_lm.py {command} --ckpt_path {best}" in whole.stdout, whole.stdout[-2000:]
     kill = callback_config(tmp_path / "kill.yaml", "SignalAtStep", step=5, signal_name="SIGKILL")
     killed = run_template("causal_lm.py", *fit, "--config", kill, "--trainer.default_root_dir", "cut", cwd=tmp_path,
                           tests_on_path=True)
@@ -776,8 +779,9 @@ def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, 
     assert_ok(merged)
     assert not list((tmp_path / "merged").glob("adapter_*"))
     with torch.no_grad():
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(x).logits
-        torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert tokenizer.sep_token_id in loaded.generation_config.eos_token_id  # the chat template's end of a turn
     assert_ok(run_template("causal_lm.py", "export", "--root", "whole", "--out", "adapter", "--adapter",
                            cwd=tmp_path))
     with torch.no_grad():

@@ -11,15 +11,18 @@ subprocess (two training and two validation batches, no checkpoints or logs writ
 operation that produced a NaN), with a callback added to the Trainer that counts the batches that ran: PASS needs a
 clean exit and at least one training and one validation batch. Diagnoses: nothing trained, no validation, shape
 mismatch, missing __main__ guard, unpicklable object under spawn, dtype mismatch under mixed precision, NaN loss,
-DataLoader worker crash, CUDA out of memory, missing package, bad config, timeout.
+DataLoader worker crash, CUDA out of memory, missing package, bad config, timeout (which ends the run and every
+process it started: DDP ranks, DataLoader workers).
 Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage.
 """
 
 import argparse
 import importlib
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +168,30 @@ def diagnose(output: str) -> dict:
             "error_line": tail[0][:300]}
 
 
+def run_in_own_group(cmd: list, timeout: float, cwd: Path) -> tuple:
+    """(stdout + stderr, exit code, or None after a timeout). The run leads a process group of its own, and a timeout
+    kills the group: every process it started (DDP ranks, DataLoader workers), not only the first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            start_new_session=True)
+
+    def kill_group() -> None:
+        if hasattr(os, "killpg"):  # POSIX; Windows has no process groups to kill by signal
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return out + "\n" + err, proc.returncode
+    except subprocess.TimeoutExpired:
+        kill_group()
+        out, err = proc.communicate()
+        return out + "\n" + err, None
+    except BaseException:  # Ctrl-C reaches this process only: the run, in its own session, goes with it
+        kill_group()
+        raise
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", help="a LightningCLI training script (fit subcommand), or the folder scaffold.py"
@@ -202,12 +229,7 @@ def main(argv=None) -> int:
                 "--trainer.precision", "32-true", "--trainer.num_nodes", "1"]
     cmd += args.extra
     start = time.perf_counter()
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=script.resolve().parent)
-        output, code = result.stdout + "\n" + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        code = None
+    output, code = run_in_own_group(cmd, args.timeout, script.resolve().parent)
     seconds = round(time.perf_counter() - start, 1)
     shown = shlex.join([sys.executable, str(script.resolve()), *cmd[5:]])  # the command, without the batch count
     evidence = ran(output)

@@ -7,11 +7,14 @@ diagnosis proven by planting its failure in a copy of the tabular template; bad 
 
 import json
 import math
+import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -449,3 +452,28 @@ def test_a_folder_of_several_templates_names_them(tmp_path):
     ([str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "no such config")])
 def test_smoke_test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
     assert_bad_input_changes_nothing(SCRIPTS / "smoke_test.py", args, expected, tmp_path)
+
+
+def test_smoke_test_timeout_kills_every_process_the_run_started(tmp_path):
+    """A run that hangs with a child of its own (a DDP rank, a DataLoader worker): after the timeout neither the run
+    nor its child is left running."""
+    hanging = tmp_path / "hangs.py"
+    hanging.write_text("import subprocess, sys, time\n"
+                       "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                       "open('child.pid', 'w').write(str(child.pid))\n"
+                       "time.sleep(600)\n")
+    result = script("smoke_test.py", hanging, "--timeout", "5", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1 and json.loads(result.stdout)["diagnosis"] == "timeout", result.stderr[-2000:]
+    child = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):  # the kill is asynchronous: give the kernel a moment to reap it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        state = Path(f"/proc/{child}/stat")
+        if state.exists() and state.read_text().split()[2] == "Z":  # killed, waiting for its (dead) parent's wait
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError(f"process {child}, started by the hung run, survived smoke_test's timeout")

@@ -476,7 +476,8 @@ LORA_TARGETS = {
 
 def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: Optional[list] = None,
              task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """The model frozen, with trainable low-rank adapters (peft) on `targets` (None: LORA_TARGETS for its type)."""
+    """The model frozen, with trainable low-rank adapters (peft) on `targets` (None: LORA_TARGETS for its type;
+    for a classifier, SEQ_CLS, peft's own defaults for the type, and its head trains in full)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -485,7 +486,10 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets
         raise ConfigError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1 (got {r}, {alpha},"
                           f" {dropout})")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = list(targets) if targets else LORA_TARGETS.get(model_type, "all-linear")
+    if targets:
+        targets = list(targets)
+    elif task_type == "CAUSAL_LM":
+        targets = LORA_TARGETS.get(model_type, "all-linear")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     try:
         return get_peft_model(model, config)

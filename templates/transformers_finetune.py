@@ -42,8 +42,8 @@ import lightning as L
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 try:
-    from lightning_support import (EXPORT_OPTIONS, ConfigError, TemplateCLI, adamw, clip_gradients, pretrained,
-                                   run_cli, run_tool, save_hf_folder, transformers_config)
+    from lightning_support import (EXPORT_OPTIONS, ConfigError, TemplateCLI, adamw, add_lora, clip_gradients,
+                                   pretrained, run_cli, run_tool, save_hf_folder, transformers_config)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both"
              " with python scripts/scaffold.py transformers_finetune DEST" if missing.name == "lightning_support"
@@ -118,14 +118,8 @@ class TextClassifier(L.LightningModule):
         if hp.class_names:  # save_pretrained then names the classes (pipeline() prints them, not LABEL_0...)
             self.model.config.id2label = dict(enumerate(hp.class_names))
             self.model.config.label2id = {name: i for i, name in enumerate(hp.class_names)}
-        if hp.lora:
-            try:
-                from peft import LoraConfig, TaskType, get_peft_model
-            except ImportError:
-                raise ConfigError("--model.lora true needs peft: pip install peft") from None
-            lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=hp.lora_r, lora_alpha=hp.lora_alpha,
-                              lora_dropout=hp.lora_dropout)
-            self.model = get_peft_model(self.model, lora)  # only adapters and the classifier head train
+        if hp.lora:  # only adapters (peft's default targets for the type) and the classifier head train
+            self.model = add_lora(self.model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, task_type="SEQ_CLS")
         self.model.train()  # from_pretrained returns eval mode (no dropout) and Lightning 2.6 keeps a module's mode
 
     def forward(self, batch: dict) -> torch.Tensor:

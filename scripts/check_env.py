@@ -87,14 +87,25 @@ def installed_versions(python: str) -> dict:
     result = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise OSError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "it exited with an error")
-    return json.loads(result.stdout)
+    try:
+        found = json.loads(result.stdout)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise OSError(f"it printed {result.stdout.strip()[:60]!r}, not a package list: is it a Python interpreter?")
+    return found
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=["text", "json"], default="text")
     parser.add_argument("--python", default=sys.executable, help="interpreter to check (default: this one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         installed = installed_versions(args.python)
     except (OSError, ValueError, subprocess.SubprocessError) as err:

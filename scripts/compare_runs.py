@@ -34,7 +34,7 @@ def read_steps(path: Path) -> dict:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UsageError(f"cannot read {path}: {err}") from None
     header = [h.strip() for h in rows[0]] if rows else []
     if "step" not in header or "loss" not in header:
@@ -47,6 +47,9 @@ def read_steps(path: Path) -> dict:
             continue
         try:
             values = {name: float(row[i]) for name, i in columns.items()}
+            if not all(math.isfinite(v) or row[columns[n]].strip().lower().lstrip("+-") in ("nan", "inf", "infinity")
+                       for n, v in values.items()):
+                raise ValueError  # an overflow such as 1e400 is no logged loss
         except (ValueError, IndexError):
             raise UsageError(f"{path} line {line}: expected numbers in {','.join(columns)}, got {','.join(row)}")
         step = values.pop("step")

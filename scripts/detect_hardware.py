@@ -64,20 +64,28 @@ def parse_size(text: str) -> int:
     if not match:
         raise UsageError(f"cannot read parameter count {text!r}: use a number such as 7e9, 7B or 350M")
     value = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
-    if value < 1:
-        raise UsageError(f"parameter count must be positive, got {text!r}")
+    if not 1 <= value < math.inf:
+        raise UsageError(f"parameter count must be positive and finite, got {text!r}")
     return int(value)
 
 
-def load_profile(path: str) -> dict:
+def read_json(path: str, what: str):
+    """A JSON file, or one UsageError line naming it (and the line and column of a syntax error)."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
     except OSError as err:
-        raise UsageError(f"cannot read profile {path}: {err.strerror}")
+        raise UsageError(f"cannot read {what} {path} ({err.strerror}); pass a readable JSON file") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as err:
-        raise UsageError(f"profile {path} is not valid JSON ({err.msg}, line {err.lineno})")
-    return validate_machine(data, source=f"profile {path}")
+        raise UsageError(f"{what} {path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path} is nested too deeply to be a JSON description") from None
+
+
+def load_profile(path: str) -> dict:
+    return validate_machine(read_json(path, "profile"), source=f"profile {path}")
 
 
 def _positive(value) -> bool:
@@ -94,9 +102,12 @@ def validate_machine(data, source: str) -> dict:
     accelerator = data.get("accelerator")
     if accelerator not in ACCELERATORS:
         bad(f"unknown accelerator {accelerator!r}; use one of {', '.join(ACCELERATORS)}")
-    for key in ("cpu_count", "ram_gb"):
-        if not _positive(data.get(key)):
-            bad(f"{key} must be a positive number")
+    if not _positive(data.get("ram_gb")):
+        bad("ram_gb must be a positive number")
+    for key in ("cpu_count", "num_nodes", "tasks_per_node"):  # whole numbers; the last two optional
+        value = data.get(key, 1 if key != "cpu_count" else None)
+        if (value is not None or key == "cpu_count") and not (_positive(value) and isinstance(value, int)):
+            bad(f"{key} must be a positive number, a whole one (got {value!r})")
     gpus = data.get("gpus", [])
     if accelerator == "mps" and not gpus:  # Apple silicon: one device sharing the machine's memory
         gpus = [{"name": "Apple MPS", "memory_gb": data["ram_gb"]}]
@@ -109,11 +120,10 @@ def validate_machine(data, source: str) -> dict:
         if "free_gb" in gpu and not _positive(gpu["free_gb"]):
             bad("free_gb must be a positive number")
         capability = gpu.get("capability", [0, 0] if accelerator != "cuda" else None)
-        if not (isinstance(capability, list) and len(capability) == 2 and all(isinstance(c, int) for c in capability)):
+        if not (isinstance(capability, list) and len(capability) == 2
+                and all(isinstance(c, int) and c >= 0 for c in capability)):
             bad("each CUDA gpus entry needs capability [major, minor], e.g. [8, 0]")
     num_nodes = data.get("num_nodes", 1)
-    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
-        bad("num_nodes must be a positive integer")
     if data.get("launcher") not in LAUNCHERS:
         bad(f"unknown launcher {data.get('launcher')!r}; use null, \"slurm\" or \"torchrun\"")
     packages = data.get("packages", [])
@@ -237,14 +247,7 @@ def load_model(text: str) -> dict:
     Hugging Face cache (offline)."""
     if os.path.isdir(text) or os.path.isfile(text):
         path = os.path.join(text, "config.json") if os.path.isdir(text) else text
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except OSError as err:
-            raise UsageError(f"--model {text}: cannot read {path} ({err.strerror}); pass a model folder holding"
-                             " config.json, a config.json, or --params N")
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--model {text}: {path} is not valid JSON ({err.msg}, line {err.lineno})")
+        config = read_json(path, f"--model {text} file")
         if not isinstance(config, dict):
             raise UsageError(f"--model {text}: {path} must hold a JSON object")
         return model_from_config(_with_defaults(config), text, f"config.json ({path})")
@@ -312,6 +315,11 @@ def model_from_config(config: dict, name: str, source: str) -> dict:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in numbers):
         raise UsageError(f"--model {name}: {source} lacks a positive hidden_size, num_hidden_layers,"
                          " num_attention_heads or vocab_size; pass --params N instead")
+    for key, low in (("num_key_value_heads", 1), ("head_dim", 1), ("intermediate_size", 1), ("n_inner", 1),
+                     ("num_local_experts", 0), ("num_experts_per_tok", 1)):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise UsageError(f"--model {name}: {source}: {key} must be a whole number >= {low}, got {value!r}")
     kv_heads = _get(config, "num_key_value_heads", default=heads)
     head_dim = _get(config, "head_dim", default=hidden // heads)
     intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)

@@ -24,6 +24,8 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
+import os
 import signal
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
-from launch import UsageError, find_template  # noqa: E402
+from launch import UsageError, find_template, read_yaml  # noqa: E402
 
 # ---- search spaces by --script name: edit here, or pass --space FILE.yaml with the same structure ----------------
 SEARCH_SPACES = {
@@ -89,8 +91,13 @@ def load_script(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # spawned DataLoader workers and pickling find the module by name
-    spec.loader.exec_module(module)
-    if "run" not in module.main.__code__.co_varnames:
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # its own bug or a missing package: one line, not this script's traceback
+        sys.modules.pop(path.stem, None)
+        raise UsageError(f"cannot import {path}: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+    code = getattr(getattr(module, "main", None), "__code__", None)
+    if code is None or "run" not in code.co_varnames:
         raise UsageError(f"{path.name} has no main(args, run, callbacks): use a template from this skill")
     return module
 
@@ -100,10 +107,7 @@ def base_configs(args, folder: Path) -> list:
     which the template's parser does not take when it only builds the objects."""
     out = []
     for i, name in enumerate(args.config):
-        try:
-            data = yaml.safe_load(Path(name).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UsageError(f"cannot read --config {name}: {err}")
+        data = read_yaml(Path(name))
         for key in ("ckpt_path", "weights_only", "config"):
             data.pop(key, None)
         copy = folder / f"base_config_{i}.yaml"
@@ -150,8 +154,9 @@ def build(module, args: list, callbacks=()):
 
 
 def check_space(module, base: list, space: dict) -> dict:
-    """The space with numeric bounds (YAML reads 1e-4 as a string: only 1.0e-4 is a float), after the template
-    accepted each key with its lowest value or first choice."""
+    """The space with numeric bounds (YAML reads 1e-4 as a string: only 1.0e-4 is a float): finite, low < high,
+    low > 0 on a log scale; then, given the template (module), that it accepts each key with its lowest value or
+    first choice."""
     checked, middle = {}, {}
     for key, spec in space.items():
         if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
@@ -163,22 +168,21 @@ def check_space(module, base: list, space: dict) -> dict:
             else:
                 number = float if spec["type"] == "float" else int
                 spec["low"], spec["high"] = number(spec["low"]), number(spec["high"])
-                assert spec["low"] < spec["high"]
-        except (KeyError, TypeError, ValueError, AssertionError):
-            raise UsageError(f"search space {key!r}: {spec['type']} needs " + (
-                "a non-empty list of choices" if spec["type"] == "categorical" else
-                f"numbers low < high (got low={spec.get('low')!r}, high={spec.get('high')!r})")) from None
+                assert (0 if spec.get("log") else -math.inf) < spec["low"] < spec["high"] < math.inf
+        except (KeyError, TypeError, ValueError, OverflowError, AssertionError):
+            need = "a non-empty list of choices" if spec["type"] == "categorical" else "finite numbers low < high" \
+                f" (low > 0 with log; got low={spec.get('low')!r}, high={spec.get('high')!r})"
+            raise UsageError(f"search space {key!r}: {spec['type']} needs {need}") from None
         checked[key] = spec
         middle[key] = spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
-    build(module, cli_args(base, middle))  # an unknown key exits 2 with the template's nearest-key message
+    if module is not None:
+        build(module, cli_args(base, middle))  # an unknown key exits 2 with the template's nearest-key message
     return checked
 
 
 def open_study(args):
     import optuna
 
-    if not args.storage.startswith(("sqlite:///", "postgresql", "mysql")):
-        raise UsageError(f"unsupported storage {args.storage!r}: use sqlite:///study.db or a database URL")
     for attempt in range(3):  # workers starting together race to create the schema: the loser retries
         try:
             storage = optuna.storages.RDBStorage(args.storage, heartbeat_interval=30, grace_period=120)
@@ -281,8 +285,13 @@ def export_best(module, base: list, study, path: Path) -> None:
     for value in data.values():  # checkpoint folders follow the final run's --trainer.default_root_dir
         if isinstance(value, dict) and "dirpath" in value:
             value["dirpath"] = None
-    path.write_text(f"# best of study {study.study_name!r}: trial {study.best_trial.number}, value"
-                    f" {study.best_value:.6g}\n" + yaml.safe_dump(data, sort_keys=False))
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # beside it, linked into place: never half-written
+    try:
+        staged.write_text(f"# best of study {study.study_name!r}: trial {study.best_trial.number}, value"
+                          f" {study.best_value:.6g}\n" + yaml.safe_dump(data, sort_keys=False))
+        os.link(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def print_table(study) -> None:
@@ -328,33 +337,44 @@ def run_study(args, stack) -> int:
         if args.set and not args.set[0].startswith("--"):  # scaffold.py's key=value form
             raise UsageError(f"--set passes the template's own options, last: --set --trainer.max_epochs 20 (got"
                              f" {args.set[0]!r})")
+        if args.n_trials < 1:
+            raise UsageError(f"--n-trials must be at least 1, got {args.n_trials}")
+        if not args.storage.startswith(("sqlite:///", "postgresql", "mysql")):
+            raise UsageError(f"unsupported storage {args.storage!r}: use sqlite:///study.db or a database URL")
+        enqueued = []
+        for item in args.enqueue:
+            try:
+                enqueued.append(json.loads(item))
+            except ValueError:
+                enqueued.append(None)
+            if not isinstance(enqueued[-1], dict):
+                raise UsageError(f"--enqueue {item!r} is not a JSON object: pass e.g. '{{\"model.lr\": 0.003}}'")
         output = Path(args.output)
         if output.exists():
             raise UsageError(f"{output} exists: pass another --output (nothing was run)")
+        if not output.resolve().parent.is_dir():
+            raise UsageError(f"no folder for --output {output}: create it first (nothing was run)")
         space = None
         if args.space:
-            try:
-                space = yaml.safe_load(Path(args.space).read_text())
-            except (OSError, yaml.YAMLError) as err:
-                raise UsageError(f"cannot read --space {args.space}: {err}")
-            if not isinstance(space, dict) or not space:
+            space = read_yaml(Path(args.space))
+            if not space:
                 raise UsageError(f"--space {args.space} must map keys to {{type, low, high}} or {{type, choices}}")
         script = Path(args.script) if args.script else find_template(Path.cwd())
         if script is None:
             raise UsageError(f"no template in {Path.cwd()} (a .py file that imports lightning_support): pass --script"
                              " FILE, or run this from the folder scaffold.py made")
-        space = space if args.space else SEARCH_SPACES.get(script.name, SEARCH_SPACES["tabular.py"])
-        module = load_script(script)
+        space = check_space(None, [], space or SEARCH_SPACES.get(script.name, SEARCH_SPACES["tabular.py"]))
         copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))  # nothing left behind
         base = [a for c in base_configs(args, Path(copies)) for a in ("--config", c)] + args.set
-        space = check_space(module, base, space)
+        module = load_script(script)  # every input checked first: importing a template takes seconds
+        check_space(module, base, space)
         if args.lr_find or args.scale_batch_size:
             check_tuner(module, base, args)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat: stable enough
         study = open_study(args)
-        for item in args.enqueue:
-            study.enqueue_trial(json.loads(item), skip_if_exists=True)
+        for item in enqueued:
+            study.enqueue_trial(item, skip_if_exists=True)
         if (args.lr_find or args.scale_batch_size) and not study.trials:
             study.enqueue_trial(pre_tune(module, base, args, space), skip_if_exists=True)
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -382,7 +402,12 @@ def run_study(args, stack) -> int:
         return 128 + signal.SIGINT
     print_table(study)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) and not output.exists():
-        export_best(module, base, study, output)
+        try:
+            export_best(module, base, study, output)
+        except OSError as err:
+            print(f"hpo_optuna.py: error: cannot write {output}: {err.strerror or err}; the trials are kept in"
+                  f" {args.storage}: rerun with another --output", file=sys.stderr)
+            return 2
         print(f"best: trial {study.best_trial.number}, {args.monitor}={study.best_value:.5g}; config: {output}")
     return 0
 

@@ -41,25 +41,51 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def read_text(path: Path) -> str:
+    """A user's text file, or one UsageError line naming it: missing, a folder, not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"cannot read {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def read_yaml(path: Path):
+    """A YAML mapping; a syntax error names its line and column, an empty file or a list is refused."""
+    try:
+        data = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); fix it") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold settings (key: value), not {'nothing' if data is None else repr(data)[:40]}")
+    return data
+
+
+def count(value, what: str) -> int:
+    """A whole number >= 1 (no bool, float, NaN or text)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{what} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def read_trainer(paths: list) -> dict:
     """The trainer: settings of the configs, a later file's keys over an earlier one's."""
     trainer = {}
     for path in paths:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise UsageError(f"cannot read {path}: {err.strerror}")
-        except yaml.YAMLError as err:
-            raise UsageError(f"{path} is not valid YAML ({str(err).splitlines()[0]})")
-        if isinstance(data, dict) and isinstance(data.get("trainer"), dict):
-            trainer.update(data["trainer"])
+        data = read_yaml(path).get("trainer", {})
+        if not isinstance(data, (dict, type(None))):
+            raise UsageError(f"{path}: trainer: must be a mapping of Trainer options, got {data!r:.40}")
+        trainer.update(data or {})
     return trainer  # no trainer: section: Lightning's defaults (devices auto, one node)
 
 
 def find_template(folder: Path) -> Optional[Path]:
     """The training script of a project folder: the one .py file there that imports lightning_support (the support
     module scaffold.py copies next to it); None when there is none. Several: an error naming them."""
-    found = [p for p in sorted(folder.glob("*.py")) if p.name != "lightning_support.py"
+    found = [p for p in sorted(folder.glob("*.py")) if p.name != "lightning_support.py" and p.is_file()
              and "lightning_support" in p.read_text(encoding="utf-8", errors="replace")]
     if len(found) > 1:
         raise UsageError(f"{folder} holds several templates ({', '.join(p.name for p in found)}): pass --script FILE")
@@ -87,8 +113,11 @@ def python_command() -> str:
 
 
 def plan(trainer: dict, target: str, nodes, devices) -> tuple:
-    config_nodes = int(trainer.get("num_nodes", 1) or 1)
+    config_nodes = count(trainer.get("num_nodes", 1), "trainer.num_nodes")
     config_devices = trainer.get("devices", "auto")
+    if isinstance(config_devices, int) and (config_devices == 0 or config_devices < -1):
+        raise UsageError(f"trainer.devices is {config_devices}: use a number of devices >= 1 (or -1 for all)")
+    nodes, devices = [None if v is None else count(v, f"--{k}") for k, v in (("nodes", nodes), ("devices", devices))]
     if nodes is not None and nodes != config_nodes:
         raise UsageError(f"--nodes {nodes} but trainer.num_nodes is {config_nodes}: they must match, or the run fails"
                          f" or hangs at start-up; set trainer.num_nodes: {nodes} in the config")
@@ -139,16 +168,23 @@ def render(target: str, script: Path, configs: list, nodes: int, per_node, gpus:
 
 
 def write_new(path: Path, text: str) -> None:
-    """Writes a new file atomically; never replaces one."""
+    """Writes a new file through a staging file beside it, linked into place: never replaces a file, never leaves
+    a partial one (a full disk, no permission)."""
     if path.exists():
         raise UsageError(f"{path} exists: choose another --write file (nothing was changed)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
+    if not path.parent.is_dir():
+        raise UsageError(f"no folder {path.parent} for --write {path}: create it first (nothing was written)")
+    staged = None
     try:
-        os.link(f.name, path)  # fails if the file appeared meanwhile
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
+            staged = f.name
+            f.write(text)
+        os.link(staged, path)  # fails if the file appeared meanwhile
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err} (nothing was written)") from None
     finally:
-        os.unlink(f.name)
+        if staged:
+            os.unlink(staged)
 
 
 def main(argv=None) -> int:

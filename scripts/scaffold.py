@@ -28,6 +28,7 @@ import difflib
 import importlib.util
 import io
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -39,7 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
 import detect_hardware  # noqa: E402
-from launch import python_command  # noqa: E402
+from launch import python_command, read_yaml  # noqa: E402
 
 SKILL = Path(__file__).resolve().parent.parent
 TEMPLATES = SKILL / "templates"
@@ -177,12 +178,11 @@ def hardware_settings(choice: str) -> dict:
     if choice == "auto":
         plan = detect_hardware.plan(detect_hardware.detect_machine())
         return {"trainer": plan["trainer"], "matmul_precision": plan["matmul_precision"]}
-    path = Path(choice)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"cannot read --hardware {choice}: {err}")
-    if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
+        data = read_yaml(Path(choice))
+    except ValueError as err:  # launch.py's UsageError
+        raise UsageError(f"cannot read --hardware {choice}: {str(err).removeprefix(f'cannot read {choice}: ')}")
+    if not isinstance(data.get("trainer"), dict):
         raise UsageError(f"--hardware {choice} must hold a trainer: section (python scripts/detect_hardware.py"
                          " --format yaml writes one)")
     return {key: data[key] for key in ("trainer", "matmul_precision") if key in data}
@@ -208,6 +208,27 @@ def default_data(entry: dict, defaults: dict) -> dict:
     return {"data.data_path": str(SKILL / entry["default_data"])}
 
 
+def install(files: dict) -> None:
+    """Copies each source to a staging file beside its target, then renames them all into place: an error (a full
+    disk, no permission) leaves no partial file and removes the folders it made."""
+    made, staged = [], []
+    try:
+        for target, source in files.items():
+            made += [f for f in (target.parent, *target.parent.parents) if not f.exists()][::-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((target.with_name(f".{target.name}.scaffold"), target))
+            shutil.copyfile(source, staged[-1][0])
+    except BaseException as err:
+        for path in [p for p, _ in staged] + made[::-1]:
+            with contextlib.suppress(OSError):
+                path.rmdir() if path in made else path.unlink()
+        if isinstance(err, OSError):
+            raise UsageError(f"cannot write {target}: {err.strerror or err} (nothing was written)") from None
+        raise
+    for path, target in staged:
+        os.replace(path, target)
+
+
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("template", help="tabular, image_classifier, causal_lm, transformers_finetune or custom")
@@ -221,8 +242,12 @@ def main(argv=None) -> int:
         script, configs, support, entry = template_files(args.template)
         sets = absolute_paths(parse_sets(args.set))
         dest = Path(args.dest).expanduser()
-        if dest.exists() and not dest.is_dir():
-            raise UsageError(f"{dest} exists and is not a folder")
+        if dest.resolve().is_relative_to(SKILL):  # the skill's own files are not a project
+            raise UsageError(f"{dest} is inside this skill ({SKILL}): choose a project folder outside it")
+        found = next(p for p in (dest, *dest.parents, Path(".")) if p.exists())  # the folder that will hold DEST
+        if not found.is_dir() or not os.access(found, os.W_OK):
+            raise UsageError(f"{found} exists and is not a folder" if not found.is_dir() else
+                             f"cannot write into {found}: choose a DEST you can write")
         targets = {dest / script.name: script, dest / support.name: support,
                    **{dest / "configs" / c.name: c for c in configs}}
         # an identical file (the support module or a config a second template shares) is left as it is
@@ -244,10 +269,7 @@ def main(argv=None) -> int:
             code, _, err = print_config(script, "--config", str(staged))
             if code != 0:
                 raise UsageError(f"the template rejects this config: {last_line(err)}")
-            for target, source in targets.items():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
-            shutil.copyfile(staged, dest / "config.yaml")
+            install({**targets, dest / "config.yaml": staged})
     except UsageError as err:
         print(f"scaffold.py: error: {err}", file=sys.stderr)
         return 2

@@ -152,7 +152,9 @@ def diagnose(output: str) -> dict:
     own = re.search(r"^[\w.-]+\.py: error: (.+)$", output, re.MULTILINE)  # a template's one-line refusal
     if own:  # it names the problem and the fix itself; other lines (a library's load report, say) may mislead
         ident = "nan_loss" if "NaN or inf" in own.group(1) else (
-            "missing_package" if "pip install" in own.group(1) else "bad_config")
+            "missing_package" if "pip install" in own.group(1) else next(  # a known failure it names (CUDA OOM)
+                (i for i, patterns, *_ in DIAGNOSES[:-1] if any(re.search(p, own.group(1)) for p in patterns)),
+                "bad_config"))
         return {"diagnosis": ident, "message": "the script refused to run", "fix": own.group(1).strip()[:300],
                 "error_line": own.group(0).strip()[:300]}
     for ident, patterns, meaning, fix in DIAGNOSES:
@@ -192,8 +194,13 @@ def run_in_own_group(cmd: list, timeout: float, cwd: Path) -> tuple:
         raise
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", help="a LightningCLI training script (fit subcommand), or the folder scaffold.py"
                         " made (its template)")
     parser.add_argument("--config", help="config file passed as --config")
@@ -206,11 +213,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv[:split])
     args.extra = argv[split + 1:]
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
-    from launch import UsageError, find_template
+    from launch import UsageError, find_template, read_yaml
 
     script = Path(args.script)
     try:
+        if not (0 < args.timeout < float("inf")):
+            raise UsageError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
         script = (find_template(script) or script) if script.is_dir() else script
+        if args.config and Path(args.config).exists():
+            read_yaml(Path(args.config))  # the run would stop at it with a long error: one line here
     except UsageError as err:
         print(f"smoke_test.py: error: {err}", file=sys.stderr)
         return 2
@@ -218,7 +229,7 @@ def main(argv=None) -> int:
         print(f"smoke_test.py: error: no such script: {script}" + (" (no .py file that imports lightning_support"
               " in that folder)" if script.is_dir() else ""), file=sys.stderr)
         return 2
-    if args.config and not Path(args.config).is_file():
+    if args.config and not Path(args.config).exists():
         print(f"smoke_test.py: error: no such config: {args.config}", file=sys.stderr)
         return 2
     cmd = [sys.executable, "-c", CHILD, str(Path(__file__).resolve().parent), str(script.resolve()), "fit"]

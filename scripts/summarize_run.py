@@ -63,7 +63,7 @@ def saved_config(path: Path) -> dict:
     config = (path.parent if path.is_file() else path) / "config.yaml"
     try:
         data = yaml.safe_load(config.read_text()) if config.is_file() else {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # not UTF-8 (a ValueError) or not YAML: no saved config
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -105,15 +105,37 @@ def join_resumed(path: Path, series: dict, older: list) -> tuple:
     return paths, series
 
 
+def number(text: str, where: str) -> float:
+    """A logged value: a finite number, or nan/inf as CSVLogger writes them; text or an overflow (1e400) is refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (math.isfinite(value) or text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity")):
+        raise ValueError(f"{where}: {text[:40]!r} is not a number; fix or delete that row")
+    return value
+
+
 def read_csv(path: Path) -> dict:
     series: dict = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key in ("step",) or value in (None, ""):
-                    continue
-                series.setdefault(key, []).append((step, float(value)))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.DictReader(f)
+            for row in rows:
+                where = f"{path} line {rows.line_num}"
+                if None in row:
+                    raise ValueError(f"{where}: more values than the header has columns; fix or delete that row")
+                step = number(row.get("step") or "0", f"{where} column step")
+                if not (step.is_integer() and step >= 0):
+                    raise ValueError(f"{where} column step: {row['step']!r} is not a whole number >= 0")
+                for key, value in row.items():
+                    if key in ("step",) or value in (None, ""):
+                        continue
+                    series.setdefault(key, []).append((int(step), number(value, f"{where} column {key}")))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"cannot read {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except (OSError, csv.Error) as err:
+        raise ValueError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     return series
 
 
@@ -234,8 +256,13 @@ def plot(series: dict, path: Path) -> str:
     return ""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder (default_root_dir, lightning_logs or a version folder)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     parser.add_argument("--plot", help="PNG file for the metric curves (needs matplotlib)")
@@ -246,6 +273,8 @@ def main(argv=None) -> int:
             raise ValueError(f"no such folder: {folder}")
         if args.plot and Path(args.plot).exists():
             raise ValueError(f"{args.plot} exists: choose a new --plot file name (nothing was written)")
+        if args.plot and not Path(args.plot).resolve().parent.is_dir():
+            raise ValueError(f"no folder for --plot {args.plot}: create it first (nothing was written)")
         kind, paths, series = find_run(folder)
     except ValueError as err:
         print(f"summarize_run.py: error: {err}", file=sys.stderr)

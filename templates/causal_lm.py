@@ -494,8 +494,8 @@ class TokenFile:
             self.max_id = max(self.max_id, int(chunk.max()))
             if tokens.dtype.kind == "i":
                 lowest = min(lowest, int(chunk.min()))
-        if lowest < 0:
-            raise ConfigError(f"{path} holds negative token ids: save the tokenizer's ids unchanged")
+        if lowest < 0 or self.max_id >= 1 << 24:  # ids are embedding rows: id 2**40 would ask for terabytes
+            raise ConfigError(f"{path} holds token id {min(lowest, 0) or self.max_id}: ids must be in 0..16,777,215")
         self.length = len(tokens)
 
     def map(self) -> np.ndarray:

@@ -492,8 +492,11 @@ def read_folder(root: Path, require_label: bool) -> tuple:
 def read_csv(path: Path, require_label: bool) -> tuple:
     """(files, labels, splits) from a CSV with columns path (or file, image, filename), label (or class) and
     optionally split; paths relative to the CSV's folder."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save it as CSV UTF-8") from None
     header = {name.strip().lower(): name for name in (rows[0] if rows else {})}
     column = {key: next((header[n] for n in names if n in header), None) for key, names in
               {"path": ("path", "file", "image", "filename"), "label": ("label", "class"), "split": ("split",)}.items()}
@@ -509,8 +512,9 @@ def read_csv(path: Path, require_label: bool) -> tuple:
         raise ConfigError(f"{path}: {len(missing)} listed image(s) not found, e.g. {missing[0]} (paths are relative"
                           " to the CSV's folder)")
     labels = [(row[column["label"]] or "").strip() if column["label"] else "" for row in rows]
+    labels = ["" if label.lower() in ("nan", "null", "none", "n/a") else label for label in labels]
     if require_label and "" in labels:
-        raise ConfigError(f"{path}: line {labels.index('') + 2} has no label")
+        raise ConfigError(f"{path}: line {labels.index('') + 2} has no label: fill it in or delete the line")
     splits = [SPLIT_NAMES.get((row[column["split"]] or "").strip().lower(), "?") if column["split"] else None
               for row in rows]
     if "?" in splits:

@@ -24,8 +24,10 @@ import argparse
 import ast
 import csv
 import difflib
+import errno
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
@@ -46,7 +48,8 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (BasePredictionWriter, Callback, EarlyStopping, LearningRateFinder,
                                          LearningRateMonitor, ModelCheckpoint, ThroughputMonitor)
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -127,8 +130,8 @@ def schedule_exhausted(err: BaseException) -> bool:
 
 class CheckpointOnException(Callback):
     """On an exception or Ctrl-C during training, saves <dirpath>/last-on-exception.ckpt, so --ckpt_path last (the
-    newest last*.ckpt) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every fit
-    without --ckpt_path into a resume, and it saves nothing after a NaN/inf loss (poisoned weights), when no step
+    newest whole checkpoint) continues from that step. Unlike Lightning's OnExceptionCheckpoint it does not turn every
+    fit without --ckpt_path into a resume, and it saves nothing after a NaN/inf loss (poisoned weights), when no step
     ran, or with several processes (a rank failing alone would wait forever in the collective save)."""
 
     def __init__(self, dirpath: Optional[str] = None):
@@ -141,12 +144,74 @@ class CheckpointOnException(Callback):
     def on_exception(self, trainer, pl_module, exception):
         if (self.dirpath is None or self.start_step is None or trainer.global_step <= self.start_step
                 or trainer.world_size > 1 or trainer.fast_dev_run or isinstance(exception, NonFiniteLossError)
-                or monitor_missing(exception) or schedule_exhausted(exception)):  # nothing to continue from
+                or monitor_missing(exception) or schedule_exhausted(exception)  # nothing to continue from
+                or isinstance(exception, OSError)):  # a full or failing disk: no place for another save
             return
         path = Path(self.dirpath) / "last-on-exception.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, to resume from
         print(f"{type(exception).__name__} at step {trainer.global_step}: saved {path}; continue with"
               " --ckpt_path last", file=sys.stderr)
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # write errors the user fixes outside the run
+
+
+def sync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` survive a power cut (POSIX; Windows has no folder handles)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written whole or not at all: to .NAME.partial beside the final name, synced to disk, then
+    renamed over it. Lightning's own save writes to the system temp folder and copies the file across, which a kill
+    or a full disk can leave cut short under the checkpoint's name."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or re.match(r"\w+://", str(path)):  # remote storage: Lightning's fsspec path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        buffer = io.BytesIO()  # as Lightning does; torch.save straight to a file hides a full disk's OSError
+        torch.save(checkpoint, buffer)
+        try:
+            with open(partial, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except OSError as err:  # a full disk: name the file the message is about
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        finally:
+            partial.unlink(missing_ok=True)  # a failed save leaves nothing behind
+        sync_folder(path.parent)
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml of the run, written to a staging name and renamed: never half-written."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved or not self.save_to_log_dir:
+            return super().setup(trainer, pl_module, stage)
+        log_dir = Path(trainer.log_dir)  # a broadcast: every rank must ask, not only rank 0
+        final, self.config_filename = self.config_filename, f".{self.config_filename}.partial"
+        try:
+            super().setup(trainer, pl_module, stage)
+            if trainer.is_global_zero:
+                with open(log_dir / self.config_filename, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(log_dir / self.config_filename, log_dir / final)
+        except BaseException:
+            if trainer.is_global_zero:
+                (log_dir / self.config_filename).unlink(missing_ok=True)
+            raise
+        finally:
+            self.config_filename = final
 
 
 class ResumableRandomState(Callback):
@@ -727,13 +792,19 @@ def check_checkpoint_file(ckpt) -> None:
                           " intact one, for example last.ckpt or best.ckpt in the run's checkpoints folder")
     else:
         try:  # as LightningCLI will: weights_only runs no code from the file; mmap leaves the tensors on disk
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-            reason = (f"it holds a Python object ({found.group(1)}) that could run code when loaded, so it is"
-                      " refused; save plain tensors and values instead") if found else (
+            # torch names the object "Unsupported global: GLOBAL x.y" (2.4-2.13); any weights-only refusal holds code
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            reason = (f"it holds a Python object ({found.group(1) if found else 'not a tensor or plain value'}) that"
+                      " could run code when loaded, so it is refused; save plain tensors and values instead"
+                      ) if found or "Weights only load failed" in str(err) else (
                 f"it is damaged ({str(err).splitlines()[0][:120]})")
             raise ConfigError(f"cannot load checkpoint {path}: {reason}") from None
+        if not isinstance(loaded, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(loaded):
+            raise ConfigError(f"cannot load checkpoint {path}: it is not a Lightning checkpoint (torch.save of a"
+                              " state_dict or tensors?): load such weights in the model's __init__, or pass a .ckpt"
+                              " a Lightning run wrote")
 
 
 def check_cpu_processes(trainer) -> None:
@@ -747,17 +818,79 @@ def check_cpu_processes(trainer) -> None:
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
 
 
+def newest_intact_checkpoint(config) -> None:
+    """--ckpt_path last: the newest checkpoint of the run's folder that loads (last*.ckpt first at equal times), as a
+    path. Broken ones (cut short by a kill or a full disk) are skipped, and one line names them; none at all leaves
+    `last` to Lightning, which starts afresh."""
+    folder = checkpoint_folder(config)
+    found = sorted(folder.glob("*.ckpt") if folder.is_dir() else [],
+                   key=lambda f: (f.stat().st_mtime, f.name.startswith("last")), reverse=True)
+    skipped = []
+    for path in found:
+        try:
+            check_checkpoint_file(str(path))
+        except ConfigError as err:
+            reason = re.sub(r"^cannot load checkpoint \S+: ", "", str(err).replace(str(path), "it"))
+            skipped.append(f"{path.name} ({reason.split(': pass')[0]})")
+            continue
+        config.ckpt_path = os.path.realpath(path)  # as Lightning names `last` in its log lines
+        if skipped and rank_zero_only.rank == 0:
+            sys.stderr.write(f"--ckpt_path last: skipped {'; '.join(skipped)}; resuming from {config.ckpt_path}\n")
+        return
+    if skipped:
+        raise ConfigError(f"no checkpoint in {folder} loads: {'; '.join(skipped)}: start afresh without --ckpt_path")
+
+
 def checkpoint_to_read(config) -> Optional[Path]:
-    """The single file --ckpt_path names, or the one `last` resumes from (the newest last*.ckpt in the checkpoint
-    folder, as Lightning picks it); None when there is none yet, or for a sharded folder, a URL or `hpc`."""
+    """The single file --ckpt_path names; None when there is none (yet), or for a sharded folder, a URL or `hpc`."""
     ckpt = config.get("ckpt_path")
-    if not ckpt or ckpt == "hpc" or re.match(r"\w+:", str(ckpt)):
+    if not ckpt or ckpt in ("hpc", "last") or re.match(r"\w+:", str(ckpt)):
         return None
-    if ckpt == "last":
-        found = [f for f in checkpoint_folder(config).glob("last*.ckpt") if f.is_file()]
-        return max(found, key=lambda f: f.stat().st_mtime) if found else None
     path = Path(ckpt).expanduser()
     return path if path.is_file() else None
+
+
+# Numeric options checked by name before anything is built, in the model and data (a template's or your own) and
+# the Trainer: group -> [(name pattern, lowest, highest)]; lowest 0.0 (a float) means above 0. Above the int32
+# range no count or size makes sense (a tensor dimension fails there).
+NUMBER_RULES = {
+    "model data": [
+        (r"num_workers|\w*seed|fold|onehot_max|fake_size|\w*(warmup|freeze)\w*|\w+_epochs|\w+_steps", 0, 2**31 - 1),
+        (r"\w*(size|dims?|length|folds|layers|heads|labels|classes|_r|lora_alpha)", 1, 2**31 - 1),
+        (r"\w*(dropout|fraction|smoothing)", 0, 1),
+        (r"\w*(lr|learning_rate|weight_decay|_ratio|_scale)", 0, math.inf)],
+    "trainer": [
+        (r"accumulate_grad_batches|check_val_every_n_epoch|log_every_n_steps", 1, 2**31 - 1),
+        (r"val_check_interval", 0.0, math.inf),
+        (r"gradient_clip_val", 0, math.inf)],
+}
+
+
+def check_numbers(config) -> None:
+    """Refuses a negative, zero or oversized count (batch_size 0, hidden_dims [0], block_size -1, warmup_steps -5,
+    batch_size 1e20, accumulate_grad_batches 0) in one line naming the option, before it becomes a traceback, a
+    network of zero width or a silently different run."""
+    for groups, rules in NUMBER_RULES.items():
+        for group in groups.split():
+            for key, value in vars(config.get(group) or argparse.Namespace()).items():
+                rule = next((r for r in rules if re.fullmatch(r[0], key)), None)
+                values = value if isinstance(value, (list, tuple)) else [value]
+                numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                _, low, high = rule or (None, None, None)
+                above = isinstance(low, float)  # 0.0: above 0
+                bad = next((v for v in numbers if not low <= v <= high or above and v == low), None) if rule else None
+                if bad is not None:
+                    allowed = f"at most {high}" if bad > high else f"above {low:g}" if above else f"at least {low}"
+                    raise ConfigError(f"{group}.{key} is {value}: it must be {allowed}; set --{group}.{key}")
+
+
+def cap_workers(data) -> None:
+    """DataLoader workers beyond the CPU cores only compete for them (and thousands exhaust memory): use the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if data is not None and isinstance(data.get("num_workers"), int) and data.num_workers > cores:
+        rank_zero_warn(f"data.num_workers {data.num_workers} is more than this machine's {cores} CPU cores: using"
+                       f" {cores}")
+        data.num_workers = cores
 
 
 def plain(value):
@@ -765,7 +898,7 @@ def plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def follow_checkpoint(config, defaults, path: Path, resuming: bool) -> None:
+def follow_checkpoint(config, defaults, path: Path, resuming: bool, model_class) -> None:
     """Makes the model and the checkpoint rules of this run those of the checkpoint it loads. A model option this
     command sets (other than its default) to another value than the checkpoint's is refused in one line: an explicit
     path would otherwise train the checkpoint's model, silently (LightningCLI rebuilds it from the file), and `last`
@@ -773,7 +906,13 @@ def follow_checkpoint(config, defaults, path: Path, resuming: bool) -> None:
     started with: Lightning files their state (best score, patience) under a key made of both and would resume
     without it, silently, under another rule."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key, value in (ckpt.get("hyper_parameters") or {}).items():
+    hparams = ckpt.get("hyper_parameters") or {}
+    accepted = inspect.signature(model_class.__init__).parameters
+    foreign = sorted(set(hparams) - set(accepted) - {"_instantiator", "_class_path"})
+    if foreign and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        raise ConfigError(f"{path} was written by another model (its options {', '.join(foreign[:4])} are not"
+                          f" {model_class.__name__}'s): pass a checkpoint of this template's runs")
+    for key, value in hparams.items():
         if key not in config.model or plain(config.model[key]) == plain(value):
             continue
         if plain(config.model[key]) != plain(defaults.model.get(key)):
@@ -863,6 +1002,14 @@ class TemplateCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         self.argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, type(None))) else None
+        words = [w for a in self.argv or [] for w in (a.split("=", 1) if a.startswith("--config=") else [a])]
+        for word, value in zip(words, words[1:]):  # jsonargparse reads config files as UTF-8
+            if word == "--config" and Path(value).is_file():
+                try:
+                    Path(value).read_text(encoding="utf-8")
+                except UnicodeDecodeError as err:
+                    raise ConfigError(f"{value} is not UTF-8 text (byte {err.start}): save the config as UTF-8"
+                                      ) from None
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
@@ -873,18 +1020,22 @@ class TemplateCLI(LightningCLI):
         self.prepare_config(subcommand, config)
         if subcommand in ("validate", "test", "predict") and config.get("ckpt_path") == "best":
             config.ckpt_path = best_checkpoint_file(config)  # a new process has no fit's best_model_path
+        if config.get("ckpt_path") == "last":
+            newest_intact_checkpoint(config)
         check_checkpoint_file(config.get("ckpt_path"))
         check_cpu_processes(config.trainer)
         for group, key in self.absolute_paths:  # stored in checkpoints: a later run may start in another folder
             value = config[group][key]
             if value and Path(value).expanduser().exists():
                 config[group][key] = str(Path(value).expanduser().resolve())
+        check_numbers(config)
         self.check_config(subcommand, config)
         path = checkpoint_to_read(config)
         if path is not None:
             defaults = (parser._subcommands_action._name_parser_map[subcommand] if subcommand else parser
                         ).get_defaults()
-            follow_checkpoint(config, defaults, path, resuming=subcommand == "fit")
+            follow_checkpoint(config, defaults, path, subcommand == "fit", self.model_class)
+        cap_workers(config.get("data"))
 
     def prepare_config(self, subcommand: Optional[str], config) -> None:
         """The template's changes to the parsed options, before --ckpt_path is looked up."""
@@ -918,6 +1069,8 @@ class TemplateCLI(LightningCLI):
             raise ConfigError("the LearningRateFinder callback would not reach this template's learning-rate schedule"
                               " (the schedule restores the configured lr at its first step): run hpo_optuna.py"
                               " --lr-find, or Tuner.lr_find, and pass the lr it suggests as a model option")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # single files, one device or DDP
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if not trainer.loggers:  # --trainer.logger false: the LR monitor has nothing to log to and would stop the run
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         return trainer
@@ -1049,7 +1202,9 @@ def kept_checkpoint(trainer) -> str:
     path = callback.best_model_path
     where = ""
     saved_file = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)  # a sharded folder: its metadata
-    if saved_file.is_file():
+    if saved_file.is_file() and not zipfile.is_zipfile(saved_file):  # cut short or emptied since it was saved
+        where = " (the file is damaged: evaluate another checkpoint of the folder)"
+    elif saved_file.is_file():
         saved = torch.load(saved_file, map_location="cpu", weights_only=True, mmap=True)
         history = next((c.by_step for c in trainer.callbacks if isinstance(c, ValidationHistory)), {})
         others = [f"{k}={v:.4f}" for k, v in history.get(saved["global_step"], {}).items() if k != callback.monitor]
@@ -1123,6 +1278,7 @@ def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, cal
             seed_everything_default=42,
             auto_configure_optimizers=False,  # the model's configure_optimizers decides; --optimizer would be ignored
             trainer_defaults=defaults,
+            save_config_callback=AtomicSaveConfig,
             save_config_kwargs={"overwrite": True},  # the saved config.yaml is rewritten when a run is resumed
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # errors end in one line, below
             args=args,
@@ -1141,11 +1297,25 @@ def run_cli(cli_class, model_class, data_class, args=None, run: bool = True, cal
                          " first run's length, so train longer as a new run (without --ckpt_path), or use a schedule"
                          " that reads trainer.max_epochs at each step (lightning_support.cosine_by_epoch)\n")
         sys.exit(2)
+    except torch.OutOfMemoryError as err:  # a GPU: what to change is in references/performance.md
+        sys.stderr.write(f"{name}: error: out of GPU memory ({one_line(err)[:160]}): lower --data.batch_size (and"
+                         " raise --trainer.accumulate_grad_batches), or see detect_hardware.py --model\n")
+        sys.exit(2)
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as err:  # read-only output, a file as folder
+        sys.stderr.write(f"{name}: error: {err.strerror or one_line(err)}: {err.filename}: fix that path or its"
+                         " permissions (a data option, or --trainer.default_root_dir for the outputs)\n")
+        sys.exit(2)
     except FileNotFoundError as err:  # a data file a template's (or your) reader opens
         sys.stderr.write(f"{name}: error: file not found: {err.filename or one_line(err)}: check the path (relative"
                          f" paths are read from {os.getcwd()})\n")
         sys.exit(2)
-    except (MisconfigurationException, RuntimeError) as err:
+    except (MisconfigurationException, RuntimeError, OSError) as err:
+        if getattr(err, "errno", None) in DISK_FULL or "can't allocate memory" in str(err):
+            what = ("the disk is full or read-only: free space or set --trainer.default_root_dir elsewhere (a"
+                    " checkpoint being written then was not kept; --ckpt_path last resumes from the newest whole"
+                    " one)") if isinstance(err, OSError) else "lower the model's sizes or --data.batch_size"
+            sys.stderr.write(f"{name}: error: {one_line(err)[:200]}: {what}\n")
+            sys.exit(2)
         if "Error(s) in loading state_dict" in str(err):  # a checkpoint of another model shape (vocabulary, classes)
             detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
             sys.stderr.write(f"{name}: error: the checkpoint does not fit this model ({detail[:200]}): pass the"

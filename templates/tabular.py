@@ -14,7 +14,8 @@ Run it:
     python tabular.py fit --config configs/gpu.yaml              # one GPU, bf16-mixed
 In a scaffolded project, pass --config config.yaml (your data settings) before any other config.
 
-What it does with a table:
+What it does with a table (UTF-8 CSV, cells split by commas, or by semicolons with decimal commas as Excel writes
+in many locales, or by tabs):
 - Task: a text or true/false target, or whole numbers with at most 50 distinct values (and at most 10, or at most
   5% of the rows), is classification; anything else is regression. fit says which and why; --model.task overrides.
 - Features: numeric columns are imputed (training median) with a missing-indicator column and standardized; text
@@ -279,9 +280,16 @@ def read_table(path: Path) -> tuple:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark
-            rows = [row for row in csv.reader(f) if row]
+            first = f.readline()
+            f.seek(0)
+            # Excel in many locales writes ';' between cells and a decimal comma; tab-separated files too
+            delimiter = next((d for d in ",;\t" if d in first), ",")
+            rows = [row for row in csv.reader(f, delimiter=delimiter) if row]
     except (UnicodeDecodeError, OSError, csv.Error) as err:
         raise ConfigError(f"{path} is not a readable UTF-8 CSV ({err}): save it as CSV UTF-8") from None
+    if delimiter == ";":
+        rows = [[c.replace(",", ".", 1) if c.count(",") == 1 and is_number(c.replace(",", ".")) else c for c in row]
+                for row in rows]
     if len(rows) < 2:
         raise ConfigError(f"{path} has no data rows: a CSV needs a header row and at least one data row")
     header, rows = [name.strip() for name in rows[0]], rows[1:]

@@ -176,9 +176,22 @@ def split_words(text: str) -> list:
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
+MISSING = {"", "nan", "null", "none", "n/a", "na"}  # a label cell read as missing, in any letter case
+
+
 def read_records(path: Path) -> list:
     """(line number, record) pairs; a JSONL line that is not a JSON object is refused with its number."""
     opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        return read_utf8_records(path, opener)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8 (CSV UTF-8 in Excel)"
+                          ) from None
+    except (csv.Error, OSError, EOFError) as err:  # a NUL byte, a folder, a gzip file cut short
+        raise ConfigError(f"cannot read {path}: {err}: pass a .csv or .jsonl file") from None
+
+
+def read_utf8_records(path: Path, opener) -> list:
     with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark is no column
         if not path.name.endswith((".jsonl", ".jsonl.gz")):
             reader = csv.DictReader(f)
@@ -258,8 +271,13 @@ class TextClassificationData(L.LightningDataModule):
                                   f" --data.{'text' if column == text_column else 'label'}_column")
         for number, record in records:  # a missing label would otherwise become a class of its own ("None")
             for column in needed:
-                if record.get(column) is None or (column == label_column and str(record[column]).strip() == ""):
+                value = record.get(column)
+                if value is None or (column == label_column and str(value).strip().lower() in MISSING):
                     raise ConfigError(f"{path} line {number} has no {column!r} value: fill it in or delete the line")
+                if isinstance(value, (list, dict)) or (column == label_column and isinstance(value, float)
+                                                       and not value.is_integer()):
+                    raise ConfigError(f"{path} line {number}: {column!r} is {str(value)[:40]}, not a"
+                                      f" {'class name' if column == label_column else 'text'}: fix or delete the line")
         labels = [None if r.get(label_column) is None else str(r[label_column]).strip() for _, r in records]
         return [str(r[text_column]) for _, r in records], labels, [n for n, _ in records]
 

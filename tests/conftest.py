@@ -320,6 +320,18 @@ class KillAfterEpoch(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillDuringSave(Callback):
+    """kill -9 of this process in the middle of the first checkpoint save of `epoch` (0-based): the file is written
+    under its staging name, and the process dies where the rename into place would be."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.current_epoch == self.epoch:
+            os.replace = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+
+
 class SignalAtStep(Callback):
     """Sends `signal_name` when `step` optimizer steps are done: to this process, or to its whole process group
     (every rank of a multi-process run; the test must start the run in a session of its own)."""

@@ -92,7 +92,7 @@ def test_a_token_file_reaches_spawned_workers_as_its_path_not_its_tokens(tmp_pat
 @pytest.mark.parametrize("content, expected", [
     (b"", "as token ids (No data left in file)"),  # an interrupted write
     ("npz", "as token ids: save a 1-D integer array"),  # numpy.savez's archive under a .npy name
-    (np.array([3, -1, 5], dtype=np.int32), "holds negative token ids"),
+    (np.array([3, -1, 5], dtype=np.int32), "holds token id -1: ids must be in 0..16,777,215"),
     (np.array([3, 20, 5], dtype=np.uint16), "holds token id 20, outside the 20 tokens of"),  # the tokenizer's ids: 0-19
 ])
 def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expected):

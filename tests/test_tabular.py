@@ -252,8 +252,8 @@ def test_print_config_round_trips(tmp_path):
     (["--model.lr", "fast"], 'Parser key "model.lr"'),
     (["--trainer.precision", "fp16"], 'Parser key "trainer.precision"'),
     (["--data.data_path", "no_such_file.csv"], "data not found: no_such_file.csv"),
-    (["--data.batch_size", "0"], "batch_size (0) and folds (1) must be at least 1"),
-    (["--model.dropout", "1.5"], "dropout (1.5) must be in [0, 1)"),
+    (["--data.batch_size", "0"], "data.batch_size is 0: it must be at least 1"),
+    (["--model.dropout", "1.5"], "model.dropout is 1.5: it must be at most 1"),
     (["--lr_scheduler", "StepLR"], "unrecognized arguments: --lr_scheduler"),  # the model's own schedule decides
     (["--trainer.callbacks+=LearningRateFinder"], "would not reach this template's learning-rate schedule"),
     (["test", "--ckpt_path", "best"], "checkpoint not found: runs/tabular/checkpoints/best.ckpt"),
@@ -327,6 +327,16 @@ def test_a_copy_of_the_target_is_dropped_even_with_spaces_after_commas(tmp_path)
     with pytest.warns(UserWarning, match="'label_copy' \\(a copy of the target\\)"):
         data = tabular.TableData(data_path=str(tmp_path / "leak.csv"), label_column="label")
     assert data.features["categorical"] == [] and data.features["numeric"] == ["x"]
+
+
+@pytest.mark.parametrize("sep, decimal", [(";", ","), ("\t", ".")])
+def test_an_excel_table_with_semicolons_and_decimal_commas_reads_as_numbers(sep, decimal, tmp_path):
+    rows = "".join(f"r{i % 3}{sep}{i * 1.5:.1f}{sep}{i * 30.25:.2f}\n".replace(".", decimal) for i in range(40))
+    (tmp_path / "excel.csv").write_text(f"région{sep}surface{sep}prix\n" + rows)
+    tabular = load_module(TEMPLATES / "tabular.py", "tabular_excel")
+    data = tabular.TableData(data_path=str(tmp_path / "excel.csv"), label_column="prix")
+    assert data.task == "regression" and data.features["numeric"] == ["surface"]
+    assert data.features["categorical"] == ["région"]
 
 
 # ---- folds ---------------------------------------------------------------------------------------------------------

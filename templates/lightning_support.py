@@ -823,7 +823,7 @@ def newest_intact_checkpoint(config) -> None:
     path. Broken ones (cut short by a kill or a full disk) are skipped, and one line names them; none at all leaves
     `last` to Lightning, which starts afresh."""
     folder = checkpoint_folder(config)
-    found = sorted(folder.glob("*.ckpt") if folder.is_dir() else [],
+    found = sorted([f for f in folder.glob("*.ckpt") if f.exists()] if folder.is_dir() else [],  # not a dead link
                    key=lambda f: (f.stat().st_mtime, f.name.startswith("last")), reverse=True)
     skipped = []
     for path in found:
@@ -833,7 +833,7 @@ def newest_intact_checkpoint(config) -> None:
             reason = re.sub(r"^cannot load checkpoint \S+: ", "", str(err).replace(str(path), "it"))
             skipped.append(f"{path.name} ({reason.split(': pass')[0]})")
             continue
-        config.ckpt_path = os.path.realpath(path)  # as Lightning names `last` in its log lines
+        config.ckpt_path = os.path.abspath(path)  # as Lightning names `last` in its log lines
         if skipped and rank_zero_only.rank == 0:
             sys.stderr.write(f"--ckpt_path last: skipped {'; '.join(skipped)}; resuming from {config.ckpt_path}\n")
         return
@@ -1071,6 +1071,10 @@ class TemplateCLI(LightningCLI):
                               " --lr-find, or Tuner.lr_find, and pass the lr it suggests as a model option")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # single files, one device or DDP
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(trainer.strategy, (DeepSpeedStrategy, ModelParallelStrategy)) or getattr(
+                trainer.strategy, "_state_dict_type", None) == "sharded":  # checkpoints are folders, written in place
+            for callback in trainer.checkpoint_callbacks:  # so last.ckpt links to the newest whole epoch=* folder
+                callback.save_last = "link" if callback.save_last is True else callback.save_last
         if not trainer.loggers:  # --trainer.logger false: the LR monitor has nothing to log to and would stop the run
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         return trainer

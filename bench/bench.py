@@ -3,9 +3,12 @@
 Causal LM: templates/causal_lm.py (its own CLI, default logging and progress bar) against a plain loop with the same
 model, data, optimizer, schedule, clipping and precision. Tabular: templates/tabular.py against a plain loop
 on CPU. Images: templates/image_classifier.py (ResNet-50 shape, 224 px, bf16-mixed, channels-last, 128 a batch)
-against a plain loop on the same module and loader, and the loader alone (the data-loading bound). Prints one table:
-variant, card, batch x sequence, ms/step, tokens/s (images/s), MFU, ratio to the plain loop, peak memory; then the
-correctness checks (loss falls; template and plain loop reach the same loss, step by step for the images).
+against a plain loop on the same module and loader, and the loader alone (the data-loading bound). Fine-tuning:
+templates/transformers_finetune.py against transformers.Trainer, each its own recipe, on a BERT-base shape (random
+init), the same data, batch, steps and schedule. Prints one table: variant, card, batch x sequence, ms/step, tokens/s
+(images/s, samples/s), MFU, ratio to the reference (the plain loop, or the peer), peak memory; then the correctness
+checks (loss falls; template and plain loop reach the same loss, step by step for the images; both fine-tunes'
+validation accuracy).
 
 Usage:
     python bench/bench.py                         # GPU: GPT-2-small shape (124M, vocab 50304, seq 1024), bf16, compile
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import importlib.metadata
 import json
 import math
 import random
@@ -38,6 +42,7 @@ sys.path.insert(0, str(REPO / "templates"))  # the templates are files to copy; 
 import causal_lm  # noqa: E402
 import image_classifier  # noqa: E402
 import tabular  # noqa: E402
+import transformers_finetune  # noqa: E402
 import lightning_support  # noqa: E402
 import lightning as L  # noqa: E402
 from lightning.fabric.utilities.data import suggested_max_num_workers  # noqa: E402
@@ -223,6 +228,144 @@ def run_tabular(opt, root: Path):
     return plain_run, trainer_run
 
 
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+FINETUNE_BATCH = 32
+
+
+class HFTiming:
+    """Wall time of transformers.Trainer's steps after the warm-up (a TrainerCallback: one device sync at each end)."""
+
+    def __init__(self, timing: Timing, device: torch.device, total: int):
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                timing.step_done(state.global_step, torch.zeros(()), device, last=state.global_step == total)
+
+        self.callback = Clock()
+
+
+def accuracy(model, loader, device: torch.device) -> float:
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        right = sum((model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+                           ).logits.argmax(-1).cpu() == b["labels"]).sum().item() for b in loader)
+    return right / len(loader.dataset)
+
+
+def run_finetune_peers(opt, root: Path) -> dict:
+    """transformers_finetune.py against transformers.Trainer, each with its own recipe, on the same BERT shape (random
+    init: base, or tiny on CPU), data (the embedded reviews through the template's word vocabulary, batches padded
+    to their longest text), batch, steps, learning rate, linear warm-up (10%), clipping and precision."""
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
+
+    shape, device = ({} if opt.tiny else BERT_BASE), torch.device("cpu" if opt.tiny else "cuda")
+    results, steps, lr = {}, opt.steps, 1e-3 if opt.tiny else 1e-4  # from scratch: a tiny model takes more
+    timing = Timing(opt.warmup)
+    cli = transformers_finetune.main(
+        ["--model.model_config", json.dumps(shape), "--model.learning_rate", str(lr),
+         "--data.batch_size", str(FINETUNE_BATCH), "--data.num_workers", str(opt.workers), "--trainer.max_steps",
+         str(steps), "--trainer.precision", opt.precision, "--trainer.accelerator", opt.accelerator,
+         "--trainer.devices", "1", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root)],
+        run=False, callbacks=(TrainerTiming(timing, steps),))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    data = cli.datamodule
+    results["transformers_finetune.py (Lightning)"] = (timing, accuracy(cli.model.model.to(device),
+                                                                       data.val_dataloader(), device))
+    set_seed(42)
+    model = AutoModelForSequenceClassification.from_config(lightning_support.transformers_config(
+        "bert", transformers_finetune.TINY_BERT, shape, vocab_size=data.vocab_size, num_labels=data.num_labels))
+    timing = Timing(opt.warmup)
+    args = TrainingArguments(output_dir=str(root / "hf"), per_device_train_batch_size=FINETUNE_BATCH, max_steps=steps,
+                             learning_rate=lr, weight_decay=0.01, warmup_steps=int(0.1 * steps), max_grad_norm=1.0,
+                             lr_scheduler_type="linear", bf16=not opt.tiny, use_cpu=opt.tiny, report_to=[],
+                             save_strategy="no", logging_strategy="no", optim="adamw_torch_fused",
+                             dataloader_num_workers=opt.workers, remove_unused_columns=False, disable_tqdm=True)
+    hf = Trainer(model=model, args=args, train_dataset=data.train_set, data_collator=data.collate,
+                 callbacks=[HFTiming(timing, device, steps).callback])
+    hf.train()
+    results[f"transformers.Trainer {importlib.metadata.version('transformers')}"] = (
+        timing, accuracy(model, data.val_dataloader(), device))
+    return results
+
+
+LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "intermediate_size": 5632, "vocab_size": 32000}  # TinyLlama-1.1B's shape
+TINY_LLAMA = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "vocab_size": 512}
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # causal_lm.py's defaults, given to both
+
+
+def save_random_llama(folder: Path, shape: dict, corpus: Path) -> None:
+    """A randomly initialised Llama saved with save_pretrained (bf16), and a word-level tokenizer of its vocabulary
+    size; `corpus` gets random words of it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(shape["vocab_size"] - 3))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    rng = random.Random(0)
+    corpus.write_text(" ".join(rng.choices(words[3:], k=400_000 if shape is LLAMA_1B else 40_000)))
+
+
+def run_lora_peers(opt, root: Path) -> dict:
+    """causal_lm.py --model.finetune lora against peft + transformers.Trainer, each its own recipe, on the same saved
+    Llama (1.1B shape, or tiny on CPU), tokens (the template's blocks of seq tokens), adapters (r 16 on q, k, v, o,
+    gate, up, down), batch, steps, learning rate and precision. ms/step after the warm-up and peak memory."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+
+    shape, device = (TINY_LLAMA if opt.tiny else LLAMA_1B), torch.device("cpu" if opt.tiny else "cuda")
+    folder, corpus, results = root / "model", root / "corpus.txt", {}
+    save_random_llama(folder, shape, corpus)
+    batch, seq = (4, 64) if opt.tiny else (opt.lora_batch_size, 2048)
+    timing = Timing(opt.warmup)
+    cli = causal_lm.main(["--model.name_or_path", str(folder), "--model.finetune", "lora", "--model.learning_rate",
+                          "2e-4", "--model.compile", "false", "--data.data_path", str(corpus), "--data.block_size",
+                          str(seq), "--data.batch_size", str(batch), "--trainer.max_steps", str(opt.steps),
+                          "--trainer.precision", opt.precision, "--trainer.accelerator", opt.accelerator,
+                          "--trainer.devices", "1", "--trainer.limit_val_batches", "0",
+                          "--trainer.default_root_dir", str(root / "run")],
+                         run=False, callbacks=(TrainerTiming(timing, opt.steps),))
+    reset_peak(device)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    results["causal_lm.py --model.finetune lora (Lightning)"] = (timing, peak_memory(device))
+    train_set = cli.datamodule.train_dataloader().dataset
+    del cli
+    gc.collect()
+    reset_peak(device)
+    set_seed(42)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if not opt.tiny else torch.float32)
+    model = get_peft_model(model, LoraConfig(**LORA, target_modules=lightning_support.LORA_TARGETS["llama"],
+                                             task_type="CAUSAL_LM"))
+    timing = Timing(opt.warmup)
+    args = TrainingArguments(output_dir=str(root / "hf"), per_device_train_batch_size=batch, max_steps=opt.steps,
+                             learning_rate=2e-4, bf16=not opt.tiny, use_cpu=opt.tiny, report_to=[],
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False)
+
+    def collate(items):  # the template's (input, next token) blocks; transformers shifts the labels itself
+        inputs = torch.stack([x for x, _ in items])
+        return {"input_ids": inputs, "labels": inputs}
+
+    Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate,
+            callbacks=[HFTiming(timing, device, opt.steps).callback]).train()
+    results[f"peft {importlib.metadata.version('peft')} + transformers.Trainer"] = (timing, peak_memory(device))
+    return {"results": results, "batch x seq": f"{batch} x {seq}", "tokens": batch * seq}
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def image_backbone(folder: Path, tiny: bool) -> Path:
     """A random ResNet-50 (its shape, no download) or a tiny ResNet, saved with save_pretrained beside a processor
     config (224 px, or 32 px tiny; resize to size / 0.875, center crop; ImageNet statistics)."""
@@ -360,6 +503,7 @@ def main(argv=None) -> int:
                         help="the causal LM template alone: no plain loop, no tabular run (to compare levers)")
     parser.add_argument("--peak-tflops", type=float,
                         help="dense peak of the card, for both MFUs (default: from its name; on CPU none)")
+    parser.add_argument("--lora-batch-size", type=int, default=8, help="LoRA rows: sequences of 2048 a step")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     opt = parser.parse_args(argv)
     try:
@@ -471,6 +615,23 @@ def main(argv=None) -> int:
                     plain[-10:])
             checks["image_same_loss"] = len(plain) == len(trainer) and same
             checks["image_loader_workers"] = image["workers"]
+            peers = run_finetune_peers(opt, Path(tmp) / "finetune")
+            name, hf_ms = "tiny BERT" if opt.tiny else "BERT-base", None
+            for variant, (timing, val_acc) in reversed(peers.items()):  # the peer first: the ratio's reference
+                ms = 1000 * timing.seconds / timing.steps
+                hf_ms = hf_ms or ms
+                rows.append({"variant": f"{variant}, {name}", "card": card, "batch x seq": f"{FINETUNE_BATCH} x"
+                             " longest text", "ms/step": round(ms, 2), "tokens/s": round(FINETUNE_BATCH / ms * 1000),
+                             "MFU": None, "ratio": ms / hf_ms, "peak memory": "-"})
+                checks[f"finetune_val_acc {variant}"] = round(val_acc, 4)
+            lora = run_lora_peers(opt, Path(tmp) / "lora")
+            name, peer_ms = "tiny Llama" if opt.tiny else "Llama 1.1B", None
+            for variant, (timing, memory) in reversed(lora["results"].items()):
+                ms = 1000 * timing.seconds / timing.steps
+                peer_ms = peer_ms or ms
+                rows.append({"variant": f"{variant}, {name}", "card": card, "batch x seq": lora["batch x seq"],
+                             "ms/step": round(ms, 2), "tokens/s": round(lora["tokens"] / ms * 1000), "MFU": None,
+                             "ratio": ms / peer_ms, "peak memory": memory})
 
     checks["sdpa_kernel"] = sdpa_kernel_for(opt, config, device)
     checks["cudnn"] = torch.backends.cudnn.version()
@@ -480,8 +641,8 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(f"{report['date']}, torch {report['torch']}: {report['command']}")
-        print("| variant | card | batch x seq | ms/step | tokens/s (images/s) | MFU | ratio to plain loop |"
-              " peak memory |")
+        print("| variant | card | batch x seq | ms/step | tokens/s (images/s, samples/s) | MFU | ratio to reference"
+              " | peak memory |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             mfu = f"{r['MFU']:.1%}" if r["MFU"] is not None else "-"

@@ -20,7 +20,9 @@ from typing import Union
 
 import numpy as np
 import pytest
+import peft
 import torch
+import transformers
 import yaml
 from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
@@ -442,9 +444,16 @@ def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
                                                       "tabular plain loop (CPU)", "tabular.py (Trainer, CPU)",
                                                       "image plain loop (tiny ResNet)",
                                                       "image_classifier.py (tiny ResNet, Trainer)",
-                                                      "image loader alone (no model)"]
+                                                      "image loader alone (no model)",
+                                                      f"transformers.Trainer {transformers.__version__}, tiny BERT",
+                                                      "transformers_finetune.py (Lightning), tiny BERT",
+                                                      f"peft {peft.__version__} + transformers.Trainer, tiny Llama",
+                                                      "causal_lm.py --model.finetune lora (Lightning), tiny Llama"]
     assert all(r["ms/step"] > 0 for r in report["rows"])
     checks = report["checks"]
+    # The peer and the template, each its own recipe, learn the same reviews (chance: 0.5)
+    accuracies = [v for k, v in checks.items() if k.startswith("finetune_val_acc")]
+    assert len(accuracies) == 2 and min(accuracies) > 0.8 and abs(accuracies[0] - accuracies[1]) < 0.1, checks
     assert checks["loss_falls"] and checks["same_loss"]  # every step's loss, from the first on
     assert checks["final_loss_plain"] == checks["final_loss_trainer"]  # float32 on CPU: exactly equal
     assert abs(checks["tabular_val_acc_plain"] - checks["tabular_val_acc_trainer"]) < 1e-4

@@ -807,12 +807,17 @@ def check_checkpoint_file(ckpt) -> None:
                               " a Lightning run wrote")
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_cpu_processes(trainer) -> None:
     """More CPU processes than cores: Lightning would start them all and stall."""
     accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
                                       and not torch.backends.mps.is_available())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     if on_cpu and str(trainer.devices).isdigit() and int(trainer.devices) > cores:
         raise ConfigError(f"devices={trainer.devices} asks for {trainer.devices} CPU processes but this machine has"
                           f" {cores} cores: set --trainer.devices to at most {cores} (1 is fastest for small models)")
@@ -886,7 +891,7 @@ def check_numbers(config) -> None:
 
 def cap_workers(data) -> None:
     """DataLoader workers beyond the CPU cores only compete for them (and thousands exhaust memory): use the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     if data is not None and isinstance(data.get("num_workers"), int) and data.num_workers > cores:
         rank_zero_warn(f"data.num_workers {data.num_workers} is more than this machine's {cores} CPU cores: using"
                        f" {cores}")

@@ -1,8 +1,8 @@
 """Check that this Python environment can run the skill's templates, and print the fix when it cannot.
 
 Usage:
-    python scripts/check_env.py                  # table of packages: found version, needed range, status
-    python scripts/check_env.py --format json    # the same, for agents
+    python scripts/check_env.py                 # table of packages: found version, needed range, status
+    python scripts/check_env.py --format json   # the same, for agents
     python scripts/check_env.py --python .venv/bin/python   # check another interpreter's environment
 
 Exit code: 0 when every required package is present in a supported version, 1 otherwise (the install command
@@ -35,23 +35,23 @@ REQUIREMENTS = [
     ("optuna-integration", "5", None, False, "hpo_optuna.py (its Lightning pruning callback)"),
     ("peft", "0.21", None, False, "LoRA and QLoRA fine-tuning (causal_lm.py, transformers_finetune.py)"),
 ]
-INSTALL_SPEC = {
-    "lightning": "lightning>=2.6,<2.7", "torch": "torch>=2.11", "torchmetrics": "torchmetrics>=1.4,<2",
-    "jsonargparse": "jsonargparse[signatures]>=4.39,<5", "docstring-parser": "jsonargparse[signatures]>=4.39,<5",
-    "typeshed-client": "jsonargparse[signatures]>=4.39,<5", "pyyaml": "pyyaml>=6", "tensorboard": "tensorboard>=2.14",
-    "pillow": "pillow>=10", "numpy": "numpy>=1.26", "transformers": "transformers>=5,<6", "optuna": "optuna>=5",
-    "optuna-integration": "optuna-integration>=5", "peft": "peft>=0.21",
-}
+NEEDED = {name: f">={low}" + (f",<{high}" if high else "") for name, low, high, *_ in REQUIREMENTS}
+
+
+def install_spec(name: str) -> str:
+    """The pip requirement that installs a package; jsonargparse's [signatures] extra brings in two of them."""
+    if name in ("jsonargparse", "docstring-parser", "typeshed-client"):
+        return "jsonargparse[signatures]" + NEEDED["jsonargparse"]
+    return name + NEEDED[name]
 
 
 def version_tuple(text: str) -> tuple:
     """'2.6.6+cpu' -> (2, 6, 6); stops at the first non-numeric part."""
     parts = []
     for piece in text.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
+        if not piece[:1].isdigit():
             break
-        parts.append(int(digits))
+        parts.append(int("".join(ch for ch in piece if ch.isdigit())))
     return tuple(parts)
 
 
@@ -59,14 +59,13 @@ def check(installed: dict) -> list:
     rows = []
     for name, low, high, required, purpose in REQUIREMENTS:
         found = installed.get(name)
-        needed = f">={low}" + (f",<{high}" if high else "")
         if found is None:
             status = "missing"
         elif version_tuple(found) < version_tuple(low) or (high and version_tuple(found) >= version_tuple(high)):
             status = "wrong version"
         else:
             status = "ok"
-        rows.append({"package": name, "found": found, "needed": needed, "required": required,
+        rows.append({"package": name, "found": found, "needed": NEEDED[name], "required": required,
                      "status": status, "purpose": purpose})
     return rows
 
@@ -83,7 +82,8 @@ def installed_versions(python: str) -> dict:
                 pass
         return found
     code = ("import json,sys\nfrom importlib import metadata\nout={}\nfor n in sys.argv[1:]:\n"
-            "    try: out[n]=metadata.version(n)\n    except metadata.PackageNotFoundError: pass\nprint(json.dumps(out))")
+            "    try: out[n]=metadata.version(n)\n    except metadata.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
     result = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise OSError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "it exited with an error")
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
         return 2
     rows = check(installed)
     broken = [r for r in rows if r["required"] and r["status"] != "ok"]
-    optional = [r for r in rows if not r["required"] and r["status"] != "ok"]
-    specs = sorted({INSTALL_SPEC[r["package"]] for r in broken + optional})
+    specs = sorted({install_spec(r["package"]) for r in rows if r["status"] != "ok"})
     # the checked interpreter installs into itself; a bare `python` only when it is that one
     same = os.path.abspath(shutil.which("python") or "") == os.path.abspath(args.python)
     python = "python" if same else shlex.quote(args.python)

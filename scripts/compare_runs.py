@@ -1,15 +1,15 @@
 """Compare two runs step by step: a plain PyTorch loop's losses and learning rates against the Lightning version's.
 
 Usage:
-    python scripts/compare_runs.py loop_steps.csv steps.csv                 # PASS (exit 0) or FAIL (exit 1)
-    python scripts/compare_runs.py loop_steps.csv steps.csv --rtol 1e-4     # a looser tolerance (e.g. GPU runs)
+    python scripts/compare_runs.py loop_steps.csv steps.csv               # PASS (exit 0) or FAIL (exit 1)
+    python scripts/compare_runs.py loop_steps.csv steps.csv --rtol 1e-4   # a looser tolerance (e.g. GPU runs)
     python scripts/compare_runs.py A.csv B.csv --steps 100 --format json
 
-Each file is a CSV with the columns step,loss,lr (lr optional): a template writes one with
-`fit --record_steps FILE`, a plain loop with the few lines in references/migration.md ("Prove it"). Steps present
-in both files are compared; a step written twice (a resumed run redoes steps) counts with its last row. A value
-matches when |a - b| <= atol + rtol * |b| (NaN matches NaN). Prints the steps compared, the largest differences, the
-first diverging step with a likely cause, and PASS or FAIL. Exit codes: 0 PASS, 1 FAIL, 2 bad input.
+Each file is a step,loss[,lr] CSV: a template writes one with `fit --record_steps FILE`, a plain loop with the lines
+in references/migration.md ("Prove it"). Steps in both files are compared, a step written twice (a resumed run redoes
+steps) with its last row. A value matches when |a - b| <= atol + rtol * |b| (NaN matches NaN). Prints the steps
+compared, the largest differences, the first diverging step with a likely cause, and PASS or FAIL.
+Exit codes: 0 PASS, 1 FAIL, 2 bad input.
 """
 
 import argparse
@@ -61,16 +61,15 @@ def read_steps(path: Path) -> dict:
     return steps
 
 
-def close(a: float, b: float, atol: float, rtol: float) -> bool:
-    if not (math.isfinite(a) and math.isfinite(b)):  # NaN matches NaN, inf the same inf, nothing else
-        return a == b or (math.isnan(a) and math.isnan(b))
-    return abs(a - b) <= atol + rtol * abs(b)
-
-
 def difference(a: float, b: float) -> float:
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else math.inf
-    return abs(a - b)
+    if math.isfinite(a) and math.isfinite(b):
+        return abs(a - b)
+    return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else math.inf  # NaN matches NaN, inf the same inf
+
+
+def close(a: float, b: float, atol: float, rtol: float) -> bool:
+    finite = math.isfinite(a) and math.isfinite(b)
+    return difference(a, b) <= (atol + rtol * abs(b) if finite else 0)
 
 
 def likely_cause(step: int, key: str, first: int) -> str:
@@ -87,9 +86,7 @@ def likely_cause(step: int, key: str, first: int) -> str:
 
 
 def compare(a: dict, b: dict, atol: float, rtol: float, limit=None) -> dict:
-    common = sorted(set(a) & set(b))
-    if limit is not None:
-        common = common[:limit]
+    common = sorted(set(a) & set(b))[:limit]
     if not common:
         raise UsageError("the files share no step numbers (both count from step 0 at the first batch)")
     keys = [k for k in ("loss", "lr") if all(k in a[s] and k in b[s] for s in common)]
@@ -110,19 +107,17 @@ def compare(a: dict, b: dict, atol: float, rtol: float, limit=None) -> dict:
 def report(result: dict, names: tuple) -> str:
     lines = [f"compared {result['steps_compared']} steps ({result['first_step']}..{result['last_step']}): "
              f"A {names[0]} has {result['rows'][0]}, B {names[1]} has {result['rows'][1]}"]
-    for key, diff in result["max_abs_diff"].items():
-        lines.append(f"{key}: max |A - B| = {diff:.3g}")
-    for key in result["not_compared"]:
-        lines.append(f"{key}: not compared (a file has no {key} column)")
+    lines += [f"{key}: max |A - B| = {diff:.3g}" for key, diff in result["max_abs_diff"].items()]
+    lines += [f"{key}: not compared (a file has no {key} column)" for key in result["not_compared"]]
+    tolerance = f"atol {result['atol']:g} + rtol {result['rtol']:g} x |B|"
     first = result["first_divergence"]
     if first:
-        lines.append(f"first diverging step {first['step']}: {first['value']} A={first['a']!r} B={first['b']!r}")
-        lines.append(f"likely cause: {first['likely_cause']}")
-        lines.append(f"FAIL: {result['steps_differing']} of {result['steps_compared']} steps differ beyond"
-                     f" atol {result['atol']:g} + rtol {result['rtol']:g} x |B|")
+        lines += [f"first diverging step {first['step']}: {first['value']} A={first['a']!r} B={first['b']!r}",
+                  f"likely cause: {first['likely_cause']}",
+                  f"FAIL: {result['steps_differing']} of {result['steps_compared']} steps differ beyond {tolerance}"]
     else:
         exact = " (bitwise equal)" if result["bitwise_equal"] else ""
-        lines.append(f"PASS: every step within atol {result['atol']:g} + rtol {result['rtol']:g} x |B|{exact}")
+        lines.append(f"PASS: every step within {tolerance}{exact}")
     return "\n".join(lines)
 
 
@@ -137,14 +132,14 @@ def plain_json(value):
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", type=Path, help="step,loss,lr CSV of one run (e.g. your loop's)")
-    parser.add_argument("b", type=Path, help="step,loss,lr CSV of the other (e.g. fit --record_steps FILE)")
-    parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
-    parser.add_argument("--rtol", type=float, default=1e-6,
-                        help="relative tolerance (default 1e-6, a few float32 roundings; CPU float32 runs of the"
-                        " same computation are bitwise equal)")
-    parser.add_argument("--steps", type=int, default=None, help="compare only the first N common steps")
-    parser.add_argument("--format", choices=["text", "json"], default="text")
+    add = parser.add_argument
+    add("a", type=Path, help="step,loss,lr CSV of one run (e.g. your loop's)")
+    add("b", type=Path, help="step,loss,lr CSV of the other (e.g. fit --record_steps FILE)")
+    add("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
+    add("--rtol", type=float, default=1e-6, help="relative tolerance (default 1e-6, a few float32 roundings; CPU"
+        " float32 runs of the same computation are bitwise equal)")
+    add("--steps", type=int, default=None, help="compare only the first N common steps")
+    add("--format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
     try:
         for name in ("atol", "rtol"):

@@ -45,7 +45,9 @@ DEFAULT_LORA_R = 16
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cuda", "mps", "tpu", "cpu")
 LAUNCHERS = (None, "slurm", "torchrun")
-OPTIONAL_PACKAGES = {"deepspeed": "deepspeed", "transformer_engine": "transformer_engine", "flash_attn": "flash_attn"}
+OPTIONAL_PACKAGES = ("deepspeed", "transformer_engine", "flash_attn")
+
+
 class UsageError(ValueError):
     """Bad input: one line on stderr, exit code 2."""
 
@@ -55,9 +57,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------------------------
+# --- Inputs ---
 def parse_size(text: str) -> int:
     """'7e9', '7B', '350M', '1.5b', '125000000' -> number of parameters."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text), re.I)
@@ -75,13 +75,14 @@ def read_json(path: str, what: str):
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except OSError as err:
-        raise UsageError(f"cannot read {what} {path} ({err.strerror}); pass a readable JSON file") from None
+        problem = f"cannot read {what} {path} ({err.strerror}); pass a readable JSON file"
     except UnicodeDecodeError as err:
-        raise UsageError(f"{what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON") from None
+        problem = f"{what} {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON"
     except json.JSONDecodeError as err:
-        raise UsageError(f"{what} {path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+        problem = f"{what} {path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})"
     except RecursionError:
-        raise UsageError(f"{what} {path} is nested too deeply to be a JSON description") from None
+        problem = f"{what} {path} is nested too deeply to be a JSON description"
+    raise UsageError(problem)
 
 
 def load_profile(path: str) -> dict:
@@ -91,6 +92,10 @@ def load_profile(path: str) -> dict:
 def _positive(value) -> bool:
     """A finite number above zero (JSON allows NaN and Infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _whole(value, low=1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def validate_machine(data, source: str) -> dict:
@@ -105,8 +110,8 @@ def validate_machine(data, source: str) -> dict:
     if not _positive(data.get("ram_gb")):
         bad("ram_gb must be a positive number")
     for key in ("cpu_count", "num_nodes", "tasks_per_node"):  # whole numbers; the last two optional
-        value = data.get(key, 1 if key != "cpu_count" else None)
-        if (value is not None or key == "cpu_count") and not (_positive(value) and isinstance(value, int)):
+        value = data.get(key)
+        if (value is not None or key == "cpu_count") and not _whole(value):
             bad(f"{key} must be a positive number, a whole one (got {value!r})")
     gpus = data.get("gpus", [])
     if accelerator == "mps" and not gpus:  # Apple silicon: one device sharing the machine's memory
@@ -123,9 +128,9 @@ def validate_machine(data, source: str) -> dict:
         if not (isinstance(capability, list) and len(capability) == 2
                 and all(isinstance(c, int) and c >= 0 for c in capability)):
             bad("each CUDA gpus entry needs capability [major, minor], e.g. [8, 0]")
-    num_nodes = data.get("num_nodes", 1)
-    if data.get("launcher") not in LAUNCHERS:
-        bad(f"unknown launcher {data.get('launcher')!r}; use null, \"slurm\" or \"torchrun\"")
+    launcher = data.get("launcher")
+    if launcher not in LAUNCHERS:
+        bad(f"unknown launcher {launcher!r}; use null, \"slurm\" or \"torchrun\"")
     packages = data.get("packages", [])
     if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
         bad("packages must be a list of names")
@@ -134,7 +139,7 @@ def validate_machine(data, source: str) -> dict:
         "gpus": [{"name": str(g.get("name", accelerator)), "memory_gb": float(g["memory_gb"]),
                   "free_gb": float(g.get("free_gb", g["memory_gb"])),
                   "capability": list(g.get("capability", [0, 0]))} for g in (gpus if accelerator != "cpu" else [])],
-        "num_nodes": num_nodes, "launcher": data.get("launcher"),
+        "num_nodes": data.get("num_nodes", 1), "launcher": launcher,
         "tasks_per_node": data.get("tasks_per_node"), "packages": sorted(set(packages)),
     }
 
@@ -156,15 +161,15 @@ def detect_machine() -> dict:
             free, _ = torch.cuda.mem_get_info(i)
             gpus.append({"name": props.name, "memory_gb": props.total_memory / 1e9, "free_gb": free / 1e9,
                          "capability": [props.major, props.minor]})
-    elif importlib.util.find_spec("torch_xla") is not None and _xla_devices():
+    elif importlib.util.find_spec("torch_xla") is not None and (tpus := _xla_devices()):
         accelerator = "tpu"
-        gpus = [{"name": "TPU", "memory_gb": 16.0, "capability": [0, 0]} for _ in range(_xla_devices())]
+        gpus = [{"name": "TPU", "memory_gb": 16.0} for _ in range(tpus)]
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        accelerator = "mps"  # unified memory: the device shares the machine's RAM
-        gpus = [{"name": "Apple MPS", "memory_gb": ram_gb, "capability": [0, 0]}]
+        accelerator = "mps"  # unified memory
+        gpus = [{"name": "Apple MPS", "memory_gb": ram_gb}]
+    packages = [name for name in OPTIONAL_PACKAGES if _imports(name, accelerator)]
     machine = {"cpu_count": cpu_count, "ram_gb": round(ram_gb, 1), "accelerator": accelerator, "gpus": gpus,
-               "num_nodes": 1, "launcher": None, "packages": [], **detect_launcher()}
-    machine["packages"] = [name for name, module in OPTIONAL_PACKAGES.items() if _imports(module, accelerator)]
+               "num_nodes": 1, "launcher": None, "packages": packages, **detect_launcher()}
     return validate_machine(machine, source="detected machine")
 
 
@@ -180,7 +185,7 @@ def _xla_devices() -> int:
 def _imports(module: str, accelerator: str) -> bool:
     if importlib.util.find_spec(module) is None:
         return False
-    if accelerator != "cuda":  # these packages only matter with CUDA; skip their slow imports elsewhere
+    if accelerator != "cuda":  # they only matter with CUDA: skip their slow imports
         return True
     try:
         importlib.import_module(module)
@@ -201,11 +206,10 @@ def detect_launcher() -> dict:
     return {}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Models: a shape from a config.json, the built-in table, the Hugging Face cache, or a bare parameter count
-# ---------------------------------------------------------------------------------------------------------------
-# Public config.json values: (model_type, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
-# num_key_value_heads, intermediate_size, tie_word_embeddings), then other names of the same shape.
+# --- Models ---
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+# Public config.json values (SHAPE_KEYS), then other names of the same shape.
 KNOWN_MODELS = {
     "meta-llama/Llama-2-7b-hf": (("llama", 32000, 4096, 32, 32, 32, 11008, False),
                                  ["meta-llama/Llama-2-7b", "meta-llama/Llama-2-7b-chat-hf"]),
@@ -227,8 +231,8 @@ KNOWN_MODELS = {
     "openai-community/gpt2": (("gpt2", 50257, 768, 12, 12, 12, 3072, True), ["gpt2"]),
     "openai-community/gpt2-medium": (("gpt2", 50257, 1024, 24, 16, 16, 4096, True), ["gpt2-medium"]),
 }
-# LoRA's default targets per model_type: the same table as templates/lightning_support.py's LORA_TARGETS (a test
-# checks it); any other type: every Linear layer of each block (peft's "all-linear").
+# LoRA's default targets per model_type, as templates/lightning_support.py's LORA_TARGETS (a test checks it); any
+# other type: every Linear layer of each block (peft's "all-linear").
 LORA_TARGETS = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"),
                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
@@ -243,8 +247,7 @@ LEARNED_POSITIONS = ("gpt2",)
 
 
 def load_model(text: str) -> dict:
-    """--model: a folder holding config.json, a config.json, a name of the built-in table, or a name in the local
-    Hugging Face cache (offline)."""
+    """--model's shape: from a folder or config.json, the built-in table, or the Hugging Face cache (offline)."""
     if os.path.isdir(text) or os.path.isfile(text):
         path = os.path.join(text, "config.json") if os.path.isdir(text) else text
         config = read_json(path, f"--model {text} file")
@@ -254,9 +257,7 @@ def load_model(text: str) -> dict:
     key = text.strip().lower()
     for name, (shape, aliases) in KNOWN_MODELS.items():
         if key in {n.lower() for n in [name, *aliases]}:
-            keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
-            return model_from_config(dict(zip(keys, shape)), text, f"built-in table ({name})")
+            return model_from_config(dict(zip(SHAPE_KEYS, shape)), text, f"built-in table ({name})")
     config = _cached_config(text)
     if config is None:
         raise UsageError(f"unknown model {text!r}: not a folder or config.json here, not in the built-in table, not"
@@ -264,15 +265,19 @@ def load_model(text: str) -> dict:
     return model_from_config(config, text, "local Hugging Face cache")
 
 
+def _transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its notes on unusual configs are not this script's errors
+    return transformers
+
+
 def _with_defaults(config: dict) -> dict:
     """A config.json's keys completed with transformers' defaults for its model_type, where transformers knows it."""
     if not config.get("model_type"):
         return config
     try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()  # its notes on unusual configs are not this script's errors
-        merged = transformers.AutoConfig.for_model(**config).to_dict()
+        merged = _transformers().AutoConfig.for_model(**config).to_dict()
     except Exception:  # not installed, or a model_type it does not know: the file's own keys
         return config
     for key, value in config.items():  # the file's values win, nested ones (text_config) key by key
@@ -285,13 +290,9 @@ def _cached_config(name: str):
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         return None
     try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True)  # offline: the cache only
+        return _transformers().AutoConfig.from_pretrained(name, local_files_only=True).to_dict()  # the cache only
     except Exception:  # not installed, not cached, or not a model
         return None
-    return config.to_dict()
 
 
 def _get(config: dict, *names, default=None):
@@ -302,23 +303,22 @@ def _get(config: dict, *names, default=None):
 
 
 def model_from_config(config: dict, name: str, source: str) -> dict:
-    """The shape the memory model needs, and the parameter count computed from it."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
-    if text and _get(config, "hidden_size", "n_embd", "d_model") is None:
-        config = {"model_type": config.get("model_type"), **text}  # a multimodal config: its language model
-    model_type = str(config.get("model_type") or "unknown")
+    """The shape the memory model needs."""
     hidden = _get(config, "hidden_size", "n_embd", "d_model")
+    if hidden is None and isinstance(config.get("text_config"), dict):  # a multimodal config: its language model
+        config = {"model_type": config.get("model_type"), **config["text_config"]}
+        hidden = _get(config, "hidden_size", "n_embd", "d_model")
+    model_type = str(config.get("model_type") or "unknown")
     layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _get(config, "num_attention_heads", "n_head")
     vocab = _get(config, "vocab_size")
-    numbers = (hidden, layers, heads, vocab)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in numbers):
+    if not all(_whole(v) for v in (hidden, layers, heads, vocab)):
         raise UsageError(f"--model {name}: {source} lacks a positive hidden_size, num_hidden_layers,"
                          " num_attention_heads or vocab_size; pass --params N instead")
     for key, low in (("num_key_value_heads", 1), ("head_dim", 1), ("intermediate_size", 1), ("n_inner", 1),
                      ("num_local_experts", 0), ("num_experts_per_tok", 1)):
         value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        if value is not None and not _whole(value, low):
             raise UsageError(f"--model {name}: {source}: {key} must be a whole number >= {low}, got {value!r}")
     kv_heads = _get(config, "num_key_value_heads", default=heads)
     head_dim = _get(config, "head_dim", default=hidden // heads)
@@ -331,16 +331,16 @@ def model_from_config(config: dict, name: str, source: str) -> dict:
         "positions": _get(config, "n_positions", "max_position_embeddings", default=1024)
         if model_type in LEARNED_POSITIONS else 0,
         "attention_bias": bool(config.get("attention_bias", model_type in ("qwen2", "gpt_neox"))),
-        "mlp_bias": bool(config.get("mlp_bias", False)), "experts": int(_get(config, "num_local_experts", default=0)),
+        "mlp_bias": bool(config.get("mlp_bias")), "experts": int(_get(config, "num_local_experts", default=0)),
         "experts_per_token": int(_get(config, "num_experts_per_tok", default=1)), "estimated": False,
     }
 
 
 def model_from_params(params: int) -> dict:
-    """--params alone: a Llama-style shape with params ~ 12 x layers x hidden^2 (hidden/layers ~ 128), a gated MLP of
-    8/3 hidden and a 50,304-token vocabulary whose embeddings the count is assumed to include."""
-    hidden, layers = model_shape(params)
-    hidden = int(hidden)
+    """--params alone: a typical Llama-style shape, a gated MLP of 8/3 hidden and a 50,304-token vocabulary whose
+    embeddings the count is assumed to include."""
+    hidden = (128 * params / 12) ** (1 / 3)  # params ~ 12 x layers x hidden^2, hidden/layers ~ 128
+    layers, hidden = max(1, round(hidden / 128)), int(hidden)
     heads = max(1, round(hidden / 128))
     return {"name": None, "source": "--params", "model_type": "unknown", "vocab_size": VOCAB, "hidden_size": hidden,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
@@ -353,17 +353,15 @@ def block_linears(model: dict) -> list:
     """(name, in_features, out_features, bias) of the Linear layers of one block (Conv1D for GPT-2)."""
     h, i = model["hidden_size"], model["intermediate_size"]
     q, kv = model["num_attention_heads"] * model["head_dim"], model["num_key_value_heads"] * model["head_dim"]
-    t = model["model_type"]
+    t, bias, qkv_bias = model["model_type"], model["mlp_bias"], model["attention_bias"]
     if t == "gpt2":
         return [("c_attn", h, 3 * h, True), ("c_proj", h, h, True), ("c_fc", h, i, True), ("c_proj", i, h, True)]
     if t == "gpt_neox":
-        bias = model["attention_bias"]
-        return [("query_key_value", h, 3 * h, bias), ("dense", h, h, bias), ("dense_h_to_4h", h, i, True),
+        return [("query_key_value", h, 3 * h, qkv_bias), ("dense", h, h, qkv_bias), ("dense_h_to_4h", h, i, True),
                 ("dense_4h_to_h", i, h, True)]
     if t == "phi3":
         return [("qkv_proj", h, q + 2 * kv, False), ("o_proj", q, h, False), ("gate_up_proj", h, 2 * i, False),
                 ("down_proj", i, h, False)]
-    bias, qkv_bias = model["mlp_bias"], model["attention_bias"]
     attention = [("q_proj", h, q, qkv_bias), ("k_proj", h, kv, qkv_bias), ("v_proj", h, kv, qkv_bias),
                  ("o_proj", q, h, qkv_bias and t != "qwen2")]
     if model["experts"]:  # Mixtral-style: the experts are fused parameters in transformers 5, not Linear layers
@@ -372,8 +370,8 @@ def block_linears(model: dict) -> list:
 
 
 def param_counts(model: dict) -> dict:
-    """Parameters by kind: the blocks' Linear weights, everything else (embeddings, norms, biases, experts), and
-    the output layer (0 when tied to the embeddings). Exact for the listed types, close for Llama-like others."""
+    """Parameters: total, the blocks' Linear weights, the output layer (0 if tied) and the rest (embeddings, norms,
+    biases, experts). Exact for COUNTED_TYPES, close for Llama-like others."""
     if model["estimated"]:
         return {"total": model["params"], "linear": model["params"], "lm_head": 0, "other": 0}
     h, layers, v = model["hidden_size"], model["num_hidden_layers"], model["vocab_size"]
@@ -389,7 +387,7 @@ def param_counts(model: dict) -> dict:
         if t == "olmo2":  # q/k norms over all heads
             per_block += (model["num_attention_heads"] + model["num_key_value_heads"]) * model["head_dim"]
         norms = layers * per_block + h
-    experts = layers * model["experts"] * (3 * h * model["intermediate_size"] + h) if model["experts"] else 0
+    experts = layers * model["experts"] * (3 * h * model["intermediate_size"] + h)
     embeddings = v * h + model["positions"] * h
     lm_head = 0 if model["tie_word_embeddings"] else v * h
     other = embeddings + norms + biases + experts
@@ -397,20 +395,17 @@ def param_counts(model: dict) -> dict:
 
 
 def lora_params(model: dict, r: int) -> int:
-    """Trainable parameters of LoRA adapters of rank r: r x (in + out) for each targeted Linear of each block."""
+    """Trainable parameters of rank-r LoRA adapters on the targeted Linear layers of every block."""
     targets = LORA_TARGETS.get(model["model_type"])
     return model["num_hidden_layers"] * sum(r * (n_in + n_out) for name, n_in, n_out, _ in block_linears(model)
                                             if targets is None or name in targets)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Memory model
-# ---------------------------------------------------------------------------------------------------------------
-# Bytes saved for backward per token by one block, measured by counting the tensors autograd saves
-# (torch.autograd.graph.saved_tensors_hooks, each storage once) in transformers' LlamaDecoderLayer and GPT2Block,
-# sdpa attention, on CPU (references/performance.md, "How detect_hardware.py estimates memory"):
-# (bytes per hidden unit, per intermediate unit, per key/value width, per hidden unit with activation checkpointing).
-# Keys: precision mode (mixed: autocast over float32 weights; half: 16-true/bf16-true; fp32) and adapters (LoRA).
+# --- Memory model ---
+# Bytes saved for backward per token by one block, counted with saved_tensors_hooks in transformers' LlamaDecoderLayer
+# and GPT2Block (references/performance.md, "How detect_hardware.py estimates memory"): per hidden unit, per
+# intermediate unit, per key/value width, per hidden unit with activation checkpointing; by precision mode (mixed:
+# autocast over float32 weights; half: 16-true/bf16-true; fp32) and adapters (LoRA).
 ACTIVATION_BYTES = {
     "llama": {("mixed", False): (30, 8, 4, 4), ("mixed", True): (24, 8, 4, 2), ("half", False): (20, 8, 4, 2),
               ("half", True): (16, 8, 4, 2), ("fp32", False): (32, 16, 8, 4), ("fp32", True): (24, 16, 8, 4)},
@@ -418,18 +413,14 @@ ACTIVATION_BYTES = {
              ("half", True): (20, 10, 0, 2), ("fp32", False): (40, 20, 0, 4), ("fp32", True): (40, 20, 0, 4)},
 }
 HEAD_BYTES = {"mixed": 10, "half": 6, "fp32": 8}  # per token per hidden unit: the final norm and the head's input
-# Peak bytes per token per vocabulary entry of the logits and the loss, measured at the start of backward (the
-# float32 log-softmax saved for backward, its gradient and the gradient of the logits): 12 under autocast and in
-# float32, 6 in 16-true/bf16-true (everything in half precision).
+# Peak bytes per token per vocabulary entry of the logits and the loss at the start of backward: the float32
+# log-softmax saved for backward, its gradient and the gradient of the logits (16-bit in 16-true/bf16-true).
 LOGIT_BYTES = {"mixed": 12, "half": 6, "fp32": 12}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA: 4-bit NF4, 8-bit absmax per 64 weights, fp32 absmax per 256 of those
-DEEPSPEED_HOST_BYTES = 18  # ZeRO-3 offload: fp32 weights, gradients and Adam states + 16-bit weights, per parameter
 
 
 def precision_mode(precision: str) -> str:
-    if precision in ("32-true", "64-true"):
-        return "fp32"
-    return "half" if precision in ("16-true", "bf16-true") else "mixed"
+    return {"32-true": "fp32", "64-true": "fp32", "16-true": "half", "bf16-true": "half"}.get(precision, "mixed")
 
 
 def layer_activation_bytes(model: dict, precision: str, finetune: str = "full", checkpointing: bool = False) -> float:
@@ -459,9 +450,8 @@ def memory_gb(model, finetune, precision, seq_len, batch, strategy, world, check
             frozen = counts["linear"] * NF4_BITS / 8 + (n - counts["linear"]) * 2
         else:  # the frozen model in bfloat16/float16 (float32 under 32-true)
             frozen = n * (4 if mode == "fp32" else 2)
-    weights = trainable * trained_bytes + frozen
     grads = trainable * trained_bytes
-    optimizer = trainable * 2 * trained_bytes  # AdamW: two states in the parameter's dtype
+    weights, optimizer = grads + frozen, 2 * grads  # AdamW: two states in the parameter's dtype
     copies = 0.0
     if mode == "mixed":  # autocast keeps a 16-bit copy of each float32 weight a matmul uses, until backward
         copies = 2 * (counts["linear"] + model["vocab_size"] * model["hidden_size"]) if finetune == "full" \
@@ -490,14 +480,13 @@ def memory_gb(model, finetune, precision, seq_len, batch, strategy, world, check
             parts[key] /= world
         parts.update(autocast_copies=0.0, gather_buffer=gather)
     elif strategy in ("offload", "zero3_offload"):  # weights, gradients and optimizer state live in CPU memory
-        host = weights + grads + optimizer + (2 * n if strategy == "zero3_offload" else 0)
+        host = weights + grads + optimizer + (2 * n if strategy == "zero3_offload" else 0)  # ZeRO-3: + 16-bit weights
         parts.update(weights=0.0, gradients=0.0, optimizer=0.0, autocast_copies=0.0, gather_buffer=gather)
     g = {k: v / 1e9 for k, v in parts.items()}
     kept = g["weights"] + g["optimizer"] + g["ddp_buckets"] + g["gather_buffer"]  # held through the whole step
-    # The peak is the largest of three moments: backward starting (activations and the loss's logits live, no
-    # gradients yet, autocast's copies too unless checkpointing dropped them), the end of forward (with checkpointing:
-    # the copies still cached, the loss's forward at 10 of the 12 bytes per logit), and the optimizer step (every
-    # gradient, no activations). Gradients grow as activations are freed during backward, so neither sums with both.
+    # The peak is the largest of three moments: the start of backward (activations and logits, no gradients yet;
+    # autocast's copies unless checkpointing dropped them), the end of forward (the copies still cached, the loss at 10
+    # of its 12 bytes per logit) and the optimizer step (every gradient, no activations: backward frees them).
     backward = kept + g["activations"] + g["logits"] + (0 if checkpointing else g["autocast_copies"])
     forward_end = kept + g["activations"] + g["logits"] * 10 / 12 + g["autocast_copies"]
     step = kept + g["gradients"]
@@ -508,48 +497,37 @@ def memory_gb(model, finetune, precision, seq_len, batch, strategy, world, check
             "peak_at": peak_at, "trainable_params": trainable}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Decisions
-# ---------------------------------------------------------------------------------------------------------------
+# --- Decisions ---
 def choose_precision(machine: dict, params, finetune: str, reasons: list, warnings=None, requested=None) -> str:
     acc = machine["accelerator"]
+    capability = tuple(min(g["capability"] for g in machine["gpus"])) if acc == "cuda" else None
+    old_card = capability is not None and capability < (8, 0)
+    sm = f"compute capability {capability[0]}.{capability[1]}" if capability else ""
     if requested:
-        capability = tuple(min(g["capability"] for g in machine["gpus"])) if acc == "cuda" else None
-        if requested.startswith("bf16") and capability is not None and capability < (8, 0) and warnings is not None:
-            warnings.append(f"--precision {requested}: compute capability {capability[0]}.{capability[1]} has no fast"
-                            " bf16; 16-mixed is the usual choice before Ampere")
+        if requested.startswith("bf16") and old_card and warnings is not None:
+            warnings.append(f"--precision {requested}: {sm} has no fast bf16; 16-mixed is the usual choice"
+                            " before Ampere")
         reasons.append(f"precision {requested}: given with --precision")
         return requested
-    if acc == "cpu":
-        reasons.append("precision 32-true: CPUs without bf16 matrix units run mixed precision slower, not faster")
+    if capability is None:
+        why = {"cpu": "CPUs without bf16 matrix units run mixed precision slower, not faster",
+               "mps": "Lightning maps 16-mixed on MPS to torch.autocast('mps'), but op coverage and speed-ups vary;"
+                      " try 16-mixed and measure",
+               "tpu": "XLA supports 32-true, 16-true and bf16-true (no -mixed); bf16-true halves weight memory at"
+                      " some stability cost"}[acc]
+        reasons.append(f"precision 32-true: {why}")
         return "32-true"
-    if acc == "mps":
-        reasons.append("precision 32-true: Lightning maps 16-mixed on MPS to torch.autocast('mps'), but op coverage"
-                       " and speed-ups vary; try 16-mixed and measure")
-        return "32-true"
-    if acc == "tpu":
-        reasons.append("precision 32-true: XLA supports 32-true, 16-true and bf16-true (no -mixed); bf16-true halves"
-                       " weight memory at some stability cost")
-        return "32-true"
-    capability = tuple(min(g["capability"] for g in machine["gpus"]))
-    if capability < (8, 0):
-        reasons.append(f"precision 16-mixed: compute capability {capability[0]}.{capability[1]} is older than Ampere"
-                       " (no fast bf16); fp16 autocast with loss scaling")
+    if old_card:
+        reasons.append(f"precision 16-mixed: {sm} is older than Ampere (no fast bf16); fp16 autocast with loss scaling")
         return "16-mixed"
-    fp8_card = capability >= (8, 9)  # Ada 8.9, Hopper 9.0, Blackwell 10.x/12.x
-    if fp8_card and "transformer_engine" in machine["packages"] and params and params >= 1e9 and finetune == "full":
+    fp8 = capability >= (8, 9) and params and params >= 1e9  # Ada 8.9, Hopper 9.0, Blackwell 10.x/12.x
+    if fp8 and "transformer_engine" in machine["packages"] and finetune == "full":
         reasons.append("precision transformer-engine: FP8 on an Ada/Hopper/Blackwell card with transformer_engine"
                        " installed, for a model large enough to gain from it")
         return "transformer-engine"
-    note = " (transformer_engine would enable FP8 on this card)" if fp8_card and params and params >= 1e9 else ""
+    note = " (transformer_engine would enable FP8 on this card)" if fp8 else ""
     reasons.append(f"precision bf16-mixed: Ampere or newer has bf16 tensor cores; no loss scaling needed{note}")
     return "bf16-mixed"
-
-
-def model_shape(params: int) -> tuple:
-    """Hidden size and layer count of a typical decoder-only transformer with this many parameters."""
-    hidden = (128 * params / 12) ** (1 / 3)  # params ~ 12 * layers * hidden^2, hidden/layers ~ 128
-    return hidden, max(1, round(hidden / 128))
 
 
 def offload_kind(machine: dict) -> tuple:
@@ -561,30 +539,21 @@ def offload_kind(machine: dict) -> tuple:
 
 def candidates(machine: dict, world: int, finetune: str = "full") -> list:
     """(name, lightning strategy, memory strategy, activation checkpointing), cheapest in speed first."""
-    acc = machine["accelerator"]
-    single = world == 1
-    data_parallel = ("single", "auto", "single", False) if single else ("ddp", "ddp", "ddp", False)
+    acc, single = machine["accelerator"], world == 1
     if acc == "tpu":  # "auto" selects Lightning's XLAStrategy: one replica per TPU device
-        return [("xla" if not single else "single", "auto", "single", False)]
+        return [("single" if single else "xla", "auto", "single", False)]
+    replicas = ("single", "auto", "single") if single else ("ddp", "ddp", "ddp")
+    plain, ckpt = (*replicas, False), (replicas[0] + "+ckpt", *replicas[1:], True)
     if acc == "cpu":
-        return [data_parallel]
+        return [plain]
     if acc == "mps":
-        return [data_parallel, (data_parallel[0] + "+ckpt", "auto", "single", True)]
-    out = [data_parallel]
+        return [plain, (replicas[0] + "+ckpt", "auto", "single", True)]
     if finetune == "qlora":  # bitsandbytes' 4-bit weights: one replica per GPU
-        return out + [(data_parallel[0] + "+ckpt", data_parallel[1], data_parallel[2], True)]
+        return [plain, ckpt]
     offload, offload_memory = offload_kind(machine)
-    if not single:
-        out.append(("fsdp", "fsdp", "fsdp", False))
-    out.append((data_parallel[0] + "+ckpt", data_parallel[1], data_parallel[2], True))
-    if not single:
-        out.append(("fsdp+ckpt", "fsdp", "fsdp", True))
-    out += [(offload, offload, offload_memory, False), (offload + "+ckpt", offload, offload_memory, True)]
-    return out
-
-
-def _fits(est: dict, budget: float, host_budget: float, world: int, nodes: int) -> bool:
-    return est["per_device_gb"] <= budget and est["host_gb"] / nodes <= host_budget
+    fsdp = [("fsdp", "fsdp", "fsdp", False), ("fsdp+ckpt", "fsdp", "fsdp", True)]
+    out = [plain, ckpt] if single else [plain, fsdp[0], ckpt, fsdp[1]]
+    return out + [(offload, offload, offload_memory, False), (offload + "+ckpt", offload, offload_memory, True)]
 
 
 def _size(params: int) -> str:
@@ -595,17 +564,16 @@ def finetune_label(finetune: str, lora_r: int) -> str:
     return {"full": "full fine-tune", "lora": f"LoRA (r={lora_r})", "qlora": f"QLoRA (r={lora_r})"}[finetune]
 
 
-def describe_model(model: dict, lora_r: int) -> str:
-    counts = param_counts(model)
+def describe_model(model: dict) -> str:
+    size = _size(param_counts(model)["total"])
     if model["estimated"]:
-        return (f"{_size(counts['total'])} parameters from --params; shape assumed: hidden {model['hidden_size']},"
+        return (f"{size} parameters from --params; shape assumed: hidden {model['hidden_size']},"
                 f" {model['num_hidden_layers']} layers, gated MLP, vocabulary {model['vocab_size']:,}")
-    kv = model["num_key_value_heads"]
-    return (f"{model['name']} from the {model['source']}: {_size(counts['total'])} parameters counted from the shape"
+    heads, kv = model["num_attention_heads"], model["num_key_value_heads"]
+    return (f"{model['name']} from the {model['source']}: {size} parameters counted from the shape"
             f" ({model['model_type']}, hidden {model['hidden_size']}, {model['num_hidden_layers']} layers,"
-            f" {model['num_attention_heads']} heads" + (f" / {kv} key-value heads" if kv != model["num_attention_heads"]
-                                                         else "") +
-            f", MLP {model['intermediate_size']}, vocabulary {model['vocab_size']:,}"
+            f" {heads} heads" + (f" / {kv} key-value heads" if kv != heads else "")
+            + f", MLP {model['intermediate_size']}, vocabulary {model['vocab_size']:,}"
             + (", tied embeddings" if model["tie_word_embeddings"] else "") + ")")
 
 
@@ -623,7 +591,7 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
                         f" {devices} device(s): set --ntasks-per-node / --nproc-per-node to {devices}, or the run"
                         " stops with 'ValueError: You set devices=...' (DDP) or hangs (FSDP)")
     world = devices * nodes
-    accelerator = {"cuda": "gpu", "mps": "mps", "tpu": "tpu", "cpu": "cpu"}[acc]
+    accelerator = "gpu" if acc == "cuda" else acc
     if acc == "cuda":
         what = f"{devices} CUDA device(s) per node: {machine['gpus'][0]['name']}"
     elif acc == "mps":
@@ -636,35 +604,35 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
     precision = choose_precision(machine, n_params, finetune, reasons, warnings, precision)
     if finetune == "qlora" and acc != "cuda":
         warnings.append("QLoRA (bitsandbytes 4-bit weights) runs on CUDA GPUs only: use --finetune lora here")
+    host_budget = machine["ram_gb"] * CPU_RAM_SHARE
     if acc == "cpu":
-        budget = machine["ram_gb"] * CPU_RAM_SHARE
+        budget = host_budget
     elif acc == "mps":
         budget = machine["ram_gb"] * 0.6  # unified memory shared with the OS and the CPU side of the program
     else:
         budget = min(min(g["memory_gb"] for g in machine["gpus"]) * HEADROOM - RESERVED_GB,
                      min(g["free_gb"] for g in machine["gpus"]) - RESERVED_GB)
-    host_budget = machine["ram_gb"] * CPU_RAM_SHARE
 
-    chosen, table, fits, options = candidates(machine, world, finetune)[0], [], True, []
+    setups = candidates(machine, world, finetune)
+    chosen, table, fits, options = setups[0], [], True, []
     memory = {"per_device_gb": None, "budget_gb": round(budget, 2), "breakdown": {}}
     info = None
     if model is not None:
-        fits, best = False, None
-        reasons.append("model: " + describe_model(model, lora_r))
+        fits = False
+        reasons.append("model: " + describe_model(model))
         if not model["estimated"] and model["model_type"] not in COUNTED_TYPES:
             warnings.append(f"model_type {model['model_type']!r} is not one whose layout this script knows: it is"
                             " counted as a Llama-style decoder; if the parameter count above is off, pass --params N")
-        for cand in candidates(machine, world, finetune):
+        ranked = []
+        for cand in setups:
             est = memory_gb(model, finetune, precision, seq_len, batch_size, cand[2], world, cand[3], lora_r)
-            ok = _fits(est, budget, host_budget, world, nodes)
+            ok = est["per_device_gb"] <= budget and est["host_gb"] / nodes <= host_budget
             table.append({"name": cand[0], "strategy": cand[1], "per_device_gb": round(est["per_device_gb"], 2),
                           "host_gb_per_node": round(est["host_gb"] / nodes, 1), "fits": ok})
+            ranked.append((est, cand))
             if ok and not fits:
                 chosen, fits, best = cand, True, est
-        if not fits:  # report the set-up that comes closest, marked as not fitting: one that fits the GPU but
-            # not the RAM (offload), else the one that needs the least device memory
-            ranked = [(memory_gb(model, finetune, precision, seq_len, batch_size, c[2], world, c[3], lora_r), c)
-                      for c in candidates(machine, world, finetune)]
+        if not fits:  # the closest: the first that fits the device but not the RAM, else the least device memory
             on_device = [(est, c) for est, c in ranked if est["per_device_gb"] <= budget]
             best, chosen = on_device[0] if on_device else min(ranked, key=lambda pair: pair[0]["per_device_gb"])
             options = fit_options(machine, model, finetune, precision, seq_len, batch_size, budget, lora_r, world)
@@ -679,31 +647,33 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
             reasons.append(f"strategy {chosen[1]}: the cheapest set-up in which the {run} fits:"
                            f" {memory['per_device_gb']:.1f} of {budget:.1f} GB per device")
         else:
-            closest = closest_text(chosen, best, budget, machine, nodes)
+            closest, device = f"the closest set-up ({chosen[0]})", f"{best['per_device_gb']:.1f} of {budget:.1f} GB"
+            if best["per_device_gb"] <= budget:
+                closest += (f" fits the device ({device}) but needs {best['host_gb'] / nodes:.0f} GB of RAM per node,"
+                            f" this machine has {machine['ram_gb']:.0f} GB")
+            else:
+                closest += f" needs {device} per device"
             reasons.append(f"strategy {chosen[1]}: no set-up fits the {run}; {closest}; see the options")
             warnings.append(no_fit_summary(model, finetune, precision, closest, options, machine, lora_r, world,
                                            budget))
         info = {"name": model["name"], "source": model["source"], "model_type": model["model_type"],
                 "params": n_params, "params_from": "--params" if model["estimated"] else "shape",
-                "trainable_params": int(best["trainable_params"]),
-                **{k: model[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                         "num_key_value_heads", "intermediate_size", "tie_word_embeddings")}}
+                "trainable_params": int(best["trainable_params"]), **{k: model[k] for k in SHAPE_KEYS[1:]}}
     else:
         reasons.append(f"strategy {chosen[1]}: " + ("one device" if world == 1 else
                        f"{world} devices: DDP replicates the model; pass --model or --params to check that it fits"))
     if world > 1 and chosen[1] == "ddp":
         reasons.append("effective batch size = per-device batch x devices x num_nodes")
 
-    matmul = "high" if acc == "cuda" and min(g["capability"] for g in machine["gpus"]) >= [8, 0] else "highest"
+    capability = min(g["capability"] for g in machine["gpus"]) if acc == "cuda" else [0, 0]
+    matmul, compile_ok = ("high" if capability >= [8, 0] else "highest"), capability >= [7, 0]
     reasons.append(f"torch.set_float32_matmul_precision('{matmul}'): " + (
         "TF32 tensor cores for the float32 matmuls left outside autocast" if matmul == "high"
         else "no TF32 tensor cores here; keep full float32 matmuls"))
-    compile_ok = acc == "cuda" and min(g["capability"] for g in machine["gpus"]) >= [7, 0]
-    reasons.append("torch.compile: " + ("yes, Triton kernels need compute capability 7.0+; compile a submodule in"
-                                        " configure_model" if compile_ok else
-                                        "no, compile time rarely pays off off CUDA; enable it and measure"))
-    per_device_cpus = max(1, machine["cpu_count"] // max(1, devices))
-    workers = max(0, min(8, per_device_cpus - 1))
+    reasons.append("torch.compile: " + (
+        "yes, Triton kernels need compute capability 7.0+; compile a submodule in configure_model" if compile_ok
+        else "no, compile time rarely pays off off CUDA; enable it and measure"))
+    workers = min(8, max(1, machine["cpu_count"] // max(1, devices)) - 1)
     reasons.append(f"num_workers {workers}: {machine['cpu_count']} CPUs shared by {devices} device process(es),"
                    " one CPU left for the training loop; 0 for data already in memory")
     checkpointing = bool(chosen[3])
@@ -723,9 +693,7 @@ def plan(machine: dict, params=None, finetune="full", seq_len=2048, batch_size=1
             "candidates": table, "options": options, "machine": machine, "reasons": reasons, "warnings": warnings}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# When nothing fits: every option that does, with its numbers and causal_lm.py flags
-# ---------------------------------------------------------------------------------------------------------------
+# --- When nothing fits: the options that do ---
 def _divisors(n: int) -> list:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -755,110 +723,97 @@ def _sharding(machine: dict, finetune: str, world: int) -> str:
 def fit_options(machine, model, finetune, precision, seq_len, batch_size, budget, lora_r, world=1) -> list:
     """Options for a run that fits no set-up of this machine; each entry says whether it fits and with what."""
     acc, ram = machine["accelerator"], machine["ram_gb"]
-    host_budget = ram * CPU_RAM_SHARE
     config = {"cuda": "configs/gpu.yaml", "cpu": "configs/cpu.yaml"}.get(acc)
     out = []
 
-    def first_fit(kind, strategy, world, micro_batches, accumulate_of):
+    def estimate(kind, micro, strategy, n, ckpt):
+        return memory_gb(model, kind, precision, seq_len, micro, strategy, n, ckpt, lora_r)
+
+    def first_fit(kind, strategy, n, micro_batches=(1,), accumulate=None):
         for ckpt in (False, True):
             for micro in micro_batches:
-                est = memory_gb(model, kind, precision, seq_len, micro, strategy, world, ckpt, lora_r)
+                est = estimate(kind, micro, strategy, n, ckpt)
                 if est["per_device_gb"] <= budget:
-                    return micro, accumulate_of(micro), ckpt, est
+                    return micro, accumulate or max(1, batch_size // micro), ckpt, est  # same global batch
         return None
 
-    def entry(option, text, found, **extra):
+    def schedule(found, unit="device", note=""):
         micro, accumulate, ckpt, est = found
-        return {"option": option, "fits": True, "per_device_gb": round(est["per_device_gb"], 2),
-                "micro_batch": micro, "accumulate_grad_batches": accumulate, "activation_checkpointing": ckpt,
-                "trainable_params": int(est["trainable_params"]), "text": text, **extra}
+        return (f"micro-batch {micro} x {accumulate} accumulation{note}"
+                + (" with activation checkpointing" if ckpt else "") + f": {est['per_device_gb']:.1f} GB per {unit}")
 
-    keep = lambda micro: max(1, batch_size // micro)  # noqa: E731 - accumulation that keeps the global batch
+    def add(option, text, found, config, kind=finetune, flags=(), **extra):
+        micro, accumulate, ckpt, est = found
+        out.append({"option": option, "fits": True, "per_device_gb": round(est["per_device_gb"], 2),
+                    "micro_batch": micro, "accumulate_grad_batches": accumulate, "activation_checkpointing": ckpt,
+                    "trainable_params": int(est["trainable_params"]), "text": text, **extra,
+                    "command": _flags(machine, model, precision, config, kind, lora_r, micro, accumulate, ckpt, flags)})
+
     sharding = _sharding(machine, finetune, world)
-    alone = memory_gb(model, finetune, precision, seq_len, 1, sharding, world, True, lora_r)
-    if alone["states_gb"] <= budget and batch_size > 1:  # a smaller micro-batch helps only if the states fit
-        found = first_fit(finetune, sharding, world, _divisors(batch_size)[1:], keep)
+    smaller = _divisors(batch_size)[1:]
+    # a smaller micro-batch helps only if the states fit
+    if estimate(finetune, 1, sharding, world, True)["states_gb"] <= budget and batch_size > 1:
+        found = first_fit(finetune, sharding, world, smaller)
         if found:
-            micro, accumulate, ckpt, est = found
-            larger = next((m for m in _divisors(batch_size)[1:] if m > micro and memory_gb(
-                model, finetune, precision, seq_len, m, sharding, world, True, lora_r)["per_device_gb"] <= budget), 0)
-            out.append(entry("micro_batch", f"micro-batch {micro} x {accumulate} accumulation (the same global batch)"
-                             + (" with activation checkpointing" if ckpt else "")
-                             + f": {est['per_device_gb']:.1f} GB per device"
-                             + (f" (with activation checkpointing, micro-batch {larger} x {batch_size // larger})"
-                                if larger else ""), found,
-                             command=_flags(machine, model, precision, "configs/fsdp.yaml" if sharding == "fsdp"
-                                            else config, finetune, lora_r, micro, accumulate, ckpt)))
+            larger = next((m for m in smaller if m > found[0]
+                           and estimate(finetune, m, sharding, world, True)["per_device_gb"] <= budget), 0)
+            text = schedule(found, note=" (the same global batch)") + (
+                f" (with activation checkpointing, micro-batch {larger} x {batch_size // larger})" if larger else "")
+            add("micro_batch", text, found, "configs/fsdp.yaml" if sharding == "fsdp" else config)
     adapters = [("lora", "LoRA")] if finetune == "full" else []
     if acc == "cuda" and finetune != "qlora":
         adapters.append(("qlora", "QLoRA (4-bit NF4 base, bitsandbytes)"))
-    replicas = ("ddp", "configs/ddp.yaml") if world > 1 and acc == "cuda" else ("single", config)
+    replica, replica_config = ("ddp", "configs/ddp.yaml") if world > 1 and acc == "cuda" else ("single", config)
     for kind, label in adapters:  # a replica of the adapted model on each device of this machine
-        found = first_fit(kind, replicas[0], world, [1], keep)
+        found = first_fit(kind, replica, world)
         if found:
-            micro, accumulate, ckpt, est = found
-            largest = next((m for m in _divisors(batch_size) if memory_gb(
-                model, kind, precision, seq_len, m, replicas[0], world, ckpt, lora_r)["per_device_gb"] <= budget), 1)
-            text = (f"{label}, r={lora_r} ({_size(est['trainable_params'])} trainable parameters), micro-batch 1 x"
-                    f" {accumulate} accumulation" + (" with activation checkpointing" if ckpt else "")
-                    + f": {est['per_device_gb']:.1f} GB per device"
+            ckpt, est = found[2:]
+            largest = next((m for m in _divisors(batch_size)
+                            if estimate(kind, m, replica, world, ckpt)["per_device_gb"] <= budget), 1)
+            text = (f"{label}, r={lora_r} ({_size(est['trainable_params'])} trainable parameters), {schedule(found)}"
                     + (f" (micro-batch up to {largest} fits)" if largest > 1 else ""))
-            out.append(entry(kind, text, found, max_micro_batch=largest, command=_flags(
-                machine, model, precision, replicas[1], kind, lora_r, micro, accumulate, ckpt)))
+            add(kind, text, found, replica_config, kind, max_micro_batch=largest)
     if acc != "cuda":
         return out
-    per_node = max(len(machine["gpus"]), 1)
     if finetune != "qlora":
+        node_size = max(8, len(machine["gpus"]))
         for n in [2, 4, 8] + list(range(16, 1025, 8)):
             if n <= len(machine["gpus"]) * machine["num_nodes"]:
                 continue
-            found = first_fit(finetune, "fsdp", n, [1], lambda micro: max(1, batch_size // n))
+            found = first_fit(finetune, "fsdp", n, accumulate=max(1, batch_size // n))
             if found:
-                micro, accumulate, ckpt, est = found
-                devices, nodes = (n, 1) if n <= max(8, per_node) else (max(8, per_node), -(-n // max(8, per_node)))
+                devices, nodes = (n, 1) if n <= node_size else (node_size, -(-n // node_size))
                 where = f"{n} GPUs like these" + (f" ({nodes} nodes of {devices})" if nodes > 1 else "")
-                text = (f"FSDP on {where}, micro-batch 1 x {accumulate} accumulation"
-                        + (" with activation checkpointing" if ckpt else "")
-                        + f": {est['per_device_gb']:.1f} GB per GPU (global batch {n * accumulate})")
-                extra = [f"--trainer.devices {devices}"] + ([f"--trainer.num_nodes {nodes}"] if nodes > 1 else [])
-                out.append(entry("fsdp", text, found, devices=n, command=_flags(
-                    machine, model, precision, "configs/fsdp.yaml", finetune, lora_r, micro, accumulate, ckpt,
-                    extra)))
+                flags = [f"--trainer.devices {devices}"] + ([f"--trainer.num_nodes {nodes}"] if nodes > 1 else [])
+                add("fsdp", f"FSDP on {where}, {schedule(found, 'GPU')} (global batch {n * found[1]})", found,
+                    "configs/fsdp.yaml", flags=flags, devices=n)
                 break
         strategy, memory_strategy = offload_kind(machine)
-        found = first_fit(finetune, memory_strategy, 1, [1], keep)
+        zero3 = memory_strategy == "zero3_offload"  # DeepSpeed is installed
+        found = first_fit(finetune, memory_strategy, 1)
         if found:
-            micro, accumulate, ckpt, est = found
-            need = est["host_gb"]
-            ok = need <= host_budget
-            deepspeed = memory_gb(model, finetune, precision, seq_len, 1, "zero3_offload", 1, ckpt, lora_r)["host_gb"]
-            name = ("DeepSpeed ZeRO-3 offload" if strategy.startswith("deepspeed") else "FSDP CPU offload")
-            text = (f"CPU offload ({name}), micro-batch 1 x {accumulate} accumulation"
-                    + (" with activation checkpointing" if ckpt else "")
-                    + f": {est['per_device_gb']:.1f} GB per GPU, and it needs {need:.0f} GB RAM, this machine has"
-                    f" {ram:.0f} GB: " + ("fits" if ok else "does not fit") + f" (at most {CPU_RAM_SHARE:.0%} of RAM"
-                    " is planned for it; runs several times slower than on the GPU)"
-                    + ("" if strategy.startswith("deepspeed") else
-                       f"; DeepSpeed ZeRO-3 offload (pip install deepspeed) needs {deepspeed:.0f} GB"))
-            config_flags = ("configs/deepspeed.yaml" if strategy.startswith("deepspeed") else "configs/fsdp.yaml")
-            item = entry("cpu_offload", text, found, strategy=strategy, host_ram_needed_gb=round(need, 1),
-                         ram_gb=ram, command=_flags(machine, model, precision, config_flags, finetune, lora_r,
-                                                    micro, accumulate, ckpt, [f"--trainer.strategy {strategy}"]))
-            item["fits"] = ok
-            out.append(item)
-            if "deepspeed" in machine["packages"]:
-                nvme = memory_gb(model, finetune, precision, seq_len, 1, "zero3_offload", 1, ckpt, lora_r)["host_gb"]
+            accumulate, ckpt, est = found[1:]
+            need, zero3_host = est["host_gb"], estimate(finetune, 1, "zero3_offload", 1, ckpt)["host_gb"]
+            ok = need <= ram * CPU_RAM_SHARE
+            text = (f"CPU offload ({'DeepSpeed ZeRO-3 offload' if zero3 else 'FSDP CPU offload'}),"
+                    f" {schedule(found, 'GPU')}, and it needs {need:.0f} GB RAM, this machine has {ram:.0f} GB: "
+                    f"{'fits' if ok else 'does not fit'} (at most {CPU_RAM_SHARE:.0%} of RAM is planned for it; runs"
+                    " several times slower than on the GPU)")
+            if not zero3:
+                text += f"; DeepSpeed ZeRO-3 offload (pip install deepspeed) needs {zero3_host:.0f} GB"
+            add("cpu_offload", text, found, "configs/deepspeed.yaml" if zero3 else "configs/fsdp.yaml",
+                flags=[f"--trainer.strategy {strategy}"], strategy=strategy, host_ram_needed_gb=round(need, 1),
+                ram_gb=ram, fits=ok)
+            if zero3:
                 text = (f"NVMe offload (DeepSpeed ZeRO-Infinity), micro-batch 1 x {accumulate} accumulation: about"
-                        f" {est['per_device_gb']:.1f} GB per GPU and {nvme:.0f} GB on a fast local NVMe disk,"
+                        f" {est['per_device_gb']:.1f} GB per GPU and {zero3_host:.0f} GB on a fast local NVMe disk,"
                         " a few GB of RAM for its buffers; slower still than CPU offload")
-                extra = ["--trainer.strategy lightning.pytorch.strategies.DeepSpeedStrategy",
+                flags = ["--trainer.strategy lightning.pytorch.strategies.DeepSpeedStrategy",
                          "--trainer.strategy.stage 3 --trainer.strategy.offload_optimizer true",
                          "--trainer.strategy.offload_parameters true --trainer.strategy.offload_params_device nvme",
                          "--trainer.strategy.offload_optimizer_device nvme --trainer.strategy.nvme_path /local_nvme"]
-                out.append(entry("nvme_offload", text, found, nvme_gb=round(nvme, 1), command=_flags(
-                    machine, model, precision, "configs/deepspeed.yaml", finetune, lora_r, micro, accumulate, ckpt,
-                    extra)))
-    need = memory_gb(model, finetune, precision, seq_len, 1, "single", 1, True, lora_r)["per_device_gb"]
+                add("nvme_offload", text, found, "configs/deepspeed.yaml", flags=flags, nvme_gb=round(zero3_host, 1))
+    need = estimate(finetune, 1, "single", 1, True)["per_device_gb"]
     if need <= budget:  # this card is large enough at micro-batch 1: the options above say how
         return out
     card = (need + RESERVED_GB) / HEADROOM
@@ -871,41 +826,29 @@ def fit_options(machine, model, finetune, precision, seq_len, batch_size, budget
     return out
 
 
-def closest_text(chosen, est, budget, machine, nodes) -> str:
-    if est["per_device_gb"] <= budget:
-        return (f"the closest set-up ({chosen[0]}) fits the device ({est['per_device_gb']:.1f} of {budget:.1f} GB)"
-                f" but needs {est['host_gb'] / nodes:.0f} GB of RAM per node, this machine has"
-                f" {machine['ram_gb']:.0f} GB")
-    return f"the closest set-up ({chosen[0]}) needs {est['per_device_gb']:.1f} of {budget:.1f} GB per device"
-
-
 def no_fit_summary(model, finetune, precision, closest, options, machine, lora_r, world, budget) -> str:
     """One line: why nothing fits, which levers cannot help, and the options that fit."""
     parts = [f"no set-up fits: {closest}"]
-    alone = memory_gb(model, finetune, precision, 1, 1, _sharding(machine, finetune, world), world, True, lora_r)
-    if alone["states_gb"] > budget:
-        parts.append(f"weights, gradients and optimizer state alone take {alone['states_gb']:.1f} GB per device, so a"
+    states = memory_gb(model, finetune, precision, 1, 1, _sharding(machine, finetune, world), world, True, lora_r)
+    if states["states_gb"] > budget:
+        parts.append(f"weights, gradients and optimizer state alone take {states['states_gb']:.1f} GB per device, so a"
                      " smaller micro-batch or activation checkpointing cannot help")
     fitting = [o["text"] for o in options if o["fits"]]
-    other = [o["text"] for o in options if not o["fits"]]
     if fitting:
         parts.append("options that fit: " + "; ".join(f"({i}) {t}" for i, t in enumerate(fitting, 1)))
     else:
         parts.append("no option fits this machine: use a machine with more memory")
-    parts += other
+    parts += [o["text"] for o in options if not o["fits"]]
     return ". ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------------------------
+# --- Output ---
 def describe(machine: dict) -> str:
+    dev = "no accelerator"
     if machine["gpus"] and machine["accelerator"] != "cpu":
         g = machine["gpus"][0]
-        dev = f"{len(machine['gpus'])} x {g['name']} ({g['memory_gb']:.1f} GB"
-        dev += f", sm {g['capability'][0]}.{g['capability'][1]})" if machine["accelerator"] == "cuda" else ")"
-    else:
-        dev = "no accelerator"
+        sm = f", sm {g['capability'][0]}.{g['capability'][1]}" if machine["accelerator"] == "cuda" else ""
+        dev = f"{len(machine['gpus'])} x {g['name']} ({g['memory_gb']:.1f} GB{sm})"
     return (f"{dev}, {machine['num_nodes']} node(s), {machine['cpu_count']} CPUs, {machine['ram_gb']:.0f} GB RAM,"
             f" launcher: {machine['launcher'] or 'none'}, packages: {', '.join(machine['packages']) or 'none'}")
 
@@ -914,55 +857,50 @@ def as_text(result: dict) -> str:
     lines = [f"machine: {describe(result['machine'])} (GB = 1e9 bytes, as torch reports total_memory)"]
     if result["candidates"]:
         lines.append(f"{'candidate':<32} {'GB/device':>10} {'host GB/node':>13}  fits")
-        for c in result["candidates"]:
-            lines.append(f"{c['name']:<32} {c['per_device_gb']:>10.1f} {c['host_gb_per_node']:>13.1f}  "
-                         f"{'yes' if c['fits'] else 'no'}")
+        lines += [f"{c['name']:<32} {c['per_device_gb']:>10.1f} {c['host_gb_per_node']:>13.1f}  "
+                  f"{'yes' if c['fits'] else 'no'}" for c in result["candidates"]]
         memory = result["memory"]
         lines.append(f"budget per device: {memory['budget_gb']:.1f} GB; plan fits: {'yes' if result['fits'] else 'NO'}")
         lines.append("per device (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in memory["breakdown"].items() if v))
-    lines.append("settings:")
-    for key, value in result["trainer"].items():
-        lines.append(f"  trainer.{key:<12} {value}")
+    lines += ["settings:"] + [f"  trainer.{key:<12} {value}" for key, value in result["trainer"].items()]
     for key in ("matmul_precision", "compile", "activation_checkpointing", "num_workers"):
         lines.append(f"  {key:<20} {result[key]}")
-    lines.append("reasons:")
-    lines += [f"  - {r}" for r in result["reasons"]]
+    lines += ["reasons:"] + [f"  - {r}" for r in result["reasons"]]
     lines += [f"WARNING: {w}" for w in result["warnings"]]
     if result["options"]:
         lines.append("options (causal_lm.py flags):")
         for o in result["options"]:
-            lines.append(f"  - {o['text']}" + ("" if o["fits"] else " [does not fit]"))
-            lines.append(f"      {o['command']}")
+            lines += [f"  - {o['text']}" + ("" if o["fits"] else " [does not fit]"), f"      {o['command']}"]
     return "\n".join(lines)
 
 
 def as_yaml(result: dict) -> str:
-    t = result["trainer"]
     lines = [f"# detect_hardware.py: {describe(result['machine'])}",
              f"# also: compile: {str(result['compile']).lower()}, activation checkpointing:"
              f" {str(result['activation_checkpointing']).lower()}, DataLoader num_workers: {result['num_workers']}",
              f"matmul_precision: {result['matmul_precision']}  # torch.set_float32_matmul_precision",
              "trainer:"]
-    lines += [f"  {key}: {json.dumps(value)}" for key, value in t.items()]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in result["trainer"].items()]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a model folder or config.json, or a name (built-in table, local Hugging Face"
-                                        " cache): its shape gives the parameter count and the memory plan")
-    parser.add_argument("--params", help="model size without --model: 7e9, 7B, 350M (a typical shape is assumed)")
-    parser.add_argument("--finetune", choices=["full", "lora", "qlora"], default="full",
-                        help="full: train every parameter (default); lora: frozen 16-bit base + adapters; qlora: the"
-                             " base in 4-bit NF4 (CUDA)")
-    parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA_R, help="LoRA rank (default 16)")
-    parser.add_argument("--precision", choices=PRECISIONS, help="plan for this precision (default: the one the"
-                                                                " script picks for the machine)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (default 2048)")
-    parser.add_argument("--batch-size", type=int, default=1, help="micro-batch per device (default 1)")
-    parser.add_argument("--profile", help="JSON file describing a machine, instead of detecting this one;"
-                                          " memory_gb = torch total_memory / 1e9")
-    parser.add_argument("--format", choices=["text", "json", "yaml"], default="text")
+    arg = parser.add_argument
+    arg("--model", help="a model folder or config.json, or a name (built-in table, local Hugging Face cache): its"
+                        " shape gives the parameter count and the memory plan")
+    arg("--params", help="model size without --model: 7e9, 7B, 350M (a typical shape is assumed)")
+    arg("--finetune", choices=["full", "lora", "qlora"], default="full",
+        help="full: train every parameter (default); lora: frozen 16-bit base + adapters; qlora: the base in 4-bit"
+             " NF4 (CUDA)")
+    arg("--lora-r", type=int, default=DEFAULT_LORA_R, help="LoRA rank (default 16)")
+    arg("--precision", choices=PRECISIONS, help="plan for this precision (default: the one the script picks for the"
+                                                " machine)")
+    arg("--seq-len", type=int, default=2048, help="tokens per sample (default 2048)")
+    arg("--batch-size", type=int, default=1, help="micro-batch per device (default 1)")
+    arg("--profile", help="JSON file describing a machine, instead of detecting this one; memory_gb = torch"
+                          " total_memory / 1e9")
+    arg("--format", choices=["text", "json", "yaml"], default="text")
     args = parser.parse_args(argv)
     try:
         if args.seq_len < 1 or args.batch_size < 1 or args.lora_r < 1:

@@ -1,20 +1,19 @@
 """Hyperparameter search with Optuna over a LightningCLI template's configuration, with pruning and crash-safe storage.
 
-Each trial builds the target template's model, data and Trainer from its config plus the trial's values, trains with
-an Optuna pruning callback, and reports the monitored validation metric. Trials live in a database (SQLite by
-default): rerunning the same command after a crash keeps the finished trials and continues to --n-trials, and
-several processes (or machines sharing a database URL) can work on one study together.
+Each trial builds the template's model, data and Trainer from its config plus the trial's values, trains with an
+Optuna pruning callback and reports the monitored validation metric. Trials live in a database (SQLite by default):
+rerunning the command after a crash keeps the finished trials and continues to --n-trials; several processes (or
+machines sharing a database URL) can work on one study.
 
-    cd my_project                                                 # a folder scaffold.py made
-    python SKILL/scripts/hpo_optuna.py --config config.yaml --n-trials 20      # its template, trials in runs/hpo
+    cd my_project   # a folder scaffold.py made
+    python SKILL/scripts/hpo_optuna.py --config config.yaml --n-trials 20   # its template, trials in runs/hpo
     python SKILL/scripts/hpo_optuna.py --script my_project/causal_lm.py --config my_project/config.yaml
     python SKILL/scripts/hpo_optuna.py --space space.yaml --monitor val_acc --direction maximize
-    python SKILL/scripts/hpo_optuna.py --lr-find --n-trials 20              # Tuner.lr_find first; its lr is trial 0
+    python SKILL/scripts/hpo_optuna.py --lr-find --n-trials 20   # Tuner.lr_find first; its lr is trial 0
     (two workers on one study: start the same command twice, e.g. with & in a shell)
 
---script defaults to the template in the current folder (the .py file that imports lightning_support, as scaffold.py
-leaves it). Trials are scored by val_loss, the metric the templates keep best.ckpt by (--monitor to change). At the
-end it prints a table of the trials and writes the best configuration (--output, default best_config.yaml), which
+The template is the .py file that imports lightning_support, as scaffold.py leaves it. At the end it prints a table of
+the trials and writes the best configuration (--output, default best_config.yaml), which
 `python TEMPLATE.py fit --config best_config.yaml` trains as it is. Needs optuna and optuna-integration.
 Exit codes: 0 ok, 2 bad input (unknown search-space key, unreachable storage, existing output file).
 """
@@ -37,51 +36,40 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other scripts of this folder
-from launch import UsageError, find_template, read_yaml  # noqa: E402
+from launch import OneLineParser, UsageError, find_template, read_yaml  # noqa: E402
 
 # ---- search spaces by --script name: edit here, or pass --space FILE.yaml with the same structure ----------------
-SEARCH_SPACES = {
-    "tabular.py": {
-        "model.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
-        "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
-        "model.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},
-        "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
-    },
-    "image_classifier.py": {  # the head's lr; the backbone trains at lr x backbone_lr_scale after freeze_epochs
-        "model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "model.backbone_lr_scale": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
-        "model.weight_decay": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-        "data.augment": {"type": "categorical", "choices": ["light", "strong"]},
-    },
-    "transformers_finetune.py": {  # fine-tuning wants ~5e-5, a tiny model from scratch ~1e-3
-        "model.learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
-        "model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
-        "data.batch_size": {"type": "categorical", "choices": [16, 32, 64]},
-    },
-    "causal_lm.py": {
-        "model.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "model.warmup_steps": {"type": "int", "low": 0, "high": 100},
-    },
-    "custom.py": {  # as shipped (AdamW); a model of your own takes its own options and ranges: pass --space
-        "model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
-    },
-}
-# -----------------------------------------------------------------------------------------------------------------
+SEARCH_SPACES = yaml.safe_load("""
+tabular.py:
+  model.lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}
+  model.dropout: {type: float, low: 0.0, high: 0.5}
+  model.weight_decay: {type: float, low: 1.0e-6, high: 1.0e-1, log: true}
+  data.batch_size: {type: categorical, choices: [32, 64, 128]}
+image_classifier.py:  # the head's lr; the backbone trains at lr x backbone_lr_scale after freeze_epochs
+  model.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  model.backbone_lr_scale: {type: float, low: 0.01, high: 1.0, log: true}
+  model.weight_decay: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
+  data.augment: {type: categorical, choices: [light, strong]}
+transformers_finetune.py:  # fine-tuning wants ~5e-5, a tiny model from scratch ~1e-3
+  model.learning_rate: {type: float, low: 1.0e-5, high: 3.0e-3, log: true}
+  model.weight_decay: {type: float, low: 0.0, high: 0.1}
+  data.batch_size: {type: categorical, choices: [16, 32, 64]}
+causal_lm.py:
+  model.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  model.warmup_steps: {type: int, low: 0, high: 100}
+custom.py:  # as shipped (AdamW); a model of your own takes its own options and ranges: pass --space
+  model.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  data.batch_size: {type: categorical, choices: [32, 64, 128]}
+""")
+# ---- end of the search spaces ----
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+RERUN = "rerun the same command to continue the study"
 
 
 class Stopped(Exception):
-    """Ctrl-C or SIGTERM during a trial. Optuna records the trial as failed (a SystemExit would leave it RUNNING until
-    the heartbeat's grace period) and stops the study; rerunning the command continues it."""
-
-    def __init__(self, how: str, code: int):
-        super().__init__(how)
-        self.how, self.code = how, code
+    """(how, exit code): Ctrl-C or SIGTERM during a trial. Optuna records the trial as failed (a SystemExit would leave
+    it RUNNING until the heartbeat's grace period)."""
 
 
 def load_script(path: Path):
@@ -93,7 +81,7 @@ def load_script(path: Path):
     sys.modules[path.stem] = module  # spawned DataLoader workers and pickling find the module by name
     try:
         spec.loader.exec_module(module)
-    except Exception as err:  # its own bug or a missing package: one line, not this script's traceback
+    except Exception as err:  # a bug or a missing package: one line, not this script's traceback
         sys.modules.pop(path.stem, None)
         raise UsageError(f"cannot import {path}: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
     code = getattr(getattr(module, "main", None), "__code__", None)
@@ -103,8 +91,8 @@ def load_script(path: Path):
 
 
 def base_configs(args, folder: Path) -> list:
-    """Copies of the --config files, in folder, without the keys of a `fit` subcommand (ckpt_path, weights_only),
-    which the template's parser does not take when it only builds the objects."""
+    """--config arguments: copies of the --config files in folder, less the `fit`-only keys the template's parser
+    refuses when it only builds the objects."""
     out = []
     for i, name in enumerate(args.config):
         data = read_yaml(Path(name))
@@ -112,27 +100,24 @@ def base_configs(args, folder: Path) -> list:
             data.pop(key, None)
         copy = folder / f"base_config_{i}.yaml"
         copy.write_text(yaml.safe_dump(data, sort_keys=False))
-        out.append(str(copy))
+        out += ["--config", str(copy)]
     return out
 
 
 def suggest(trial, space: dict) -> dict:
     values = {}
     for key, spec in space.items():
-        kind = spec.get("type")
-        if kind == "float":
-            values[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
-        elif kind == "int":
-            values[key] = trial.suggest_int(key, spec["low"], spec["high"], log=spec.get("log", False))
-        elif kind == "categorical":
+        if spec["type"] == "categorical":
             values[key] = trial.suggest_categorical(key, spec["choices"])
         else:
-            raise UsageError(f"search space {key!r}: type must be float, int or categorical, not {kind!r}")
+            draw = trial.suggest_float if spec["type"] == "float" else trial.suggest_int
+            values[key] = draw(key, spec["low"], spec["high"], log=spec.get("log", False))
     return values
 
 
-def cli_args(base: list, values: dict) -> list:
-    return base + [f"--{key}={as_argument(value)}" for key, value in values.items()]
+def cli_args(base: list, values: dict, root=None) -> list:
+    folder = ["--trainer.default_root_dir", str(root)] if root else []
+    return base + folder + [f"--{key}={as_argument(value)}" for key, value in values.items()]
 
 
 def as_argument(value) -> str:
@@ -154,39 +139,39 @@ def build(module, args: list, callbacks=()):
 
 
 def check_space(module, base: list, space: dict) -> dict:
-    """The space with numeric bounds (YAML reads 1e-4 as a string: only 1.0e-4 is a float): finite, low < high,
-    low > 0 on a log scale; then, given the template (module), that it accepts each key with its lowest value or
-    first choice."""
-    checked, middle = {}, {}
+    """The space with numeric bounds (YAML reads 1e-4 as a string), finite, low < high, low > 0 on a log scale; with a
+    template (module), one it accepts (each key at its lowest value or first choice)."""
+    checked, lowest = {}, {}
     for key, spec in space.items():
-        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in ("float", "int", "categorical"):
             raise UsageError(f"search space {key!r}: needs type float, int or categorical")
         spec = dict(spec)
         try:
-            if spec["type"] == "categorical":
+            if kind == "categorical":
                 assert isinstance(spec["choices"], list) and spec["choices"]
             else:
-                number = float if spec["type"] == "float" else int
+                number = float if kind == "float" else int
                 spec["low"], spec["high"] = number(spec["low"]), number(spec["high"])
                 assert (0 if spec.get("log") else -math.inf) < spec["low"] < spec["high"] < math.inf
         except (KeyError, TypeError, ValueError, OverflowError, AssertionError):
-            need = "a non-empty list of choices" if spec["type"] == "categorical" else "finite numbers low < high" \
+            need = "a non-empty list of choices" if kind == "categorical" else "finite numbers low < high" \
                 f" (low > 0 with log; got low={spec.get('low')!r}, high={spec.get('high')!r})"
-            raise UsageError(f"search space {key!r}: {spec['type']} needs {need}") from None
+            raise UsageError(f"search space {key!r}: {kind} needs {need}") from None
         checked[key] = spec
-        middle[key] = spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+        lowest[key] = spec["choices"][0] if kind == "categorical" else spec["low"]
     if module is not None:
-        build(module, cli_args(base, middle))  # an unknown key exits 2 with the template's nearest-key message
+        build(module, cli_args(base, lowest))  # an unknown key exits 2 with the template's nearest-key message
     return checked
 
 
 def open_study(args):
     import optuna
 
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     for attempt in range(3):  # workers starting together race to create the schema: the loser retries
         try:
             storage = optuna.storages.RDBStorage(args.storage, heartbeat_interval=30, grace_period=120)
-            pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
             return optuna.create_study(study_name=args.study_name, storage=storage, direction=args.direction,
                                        pruner=pruner, load_if_exists=True)
         except Exception as err:  # sqlalchemy raises many types for a bad URL or an unreachable server
@@ -202,7 +187,7 @@ def objective(module, base: list, space: dict, args):
         values = suggest(trial, space)
         pruning = PyTorchLightningPruningCallback(trial, monitor=args.monitor)
         root = Path(args.runs) / args.study_name / f"trial_{trial.number}"
-        cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(root)], values), [pruning])
+        cli = build(module, cli_args(base, values, root), [pruning])
         # a trial is never resumed: no last-on-exception.ckpt (and its "continue with" line) when it is pruned
         cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ != "CheckpointOnException"]
         try:
@@ -227,8 +212,8 @@ def objective(module, base: list, space: dict, args):
 
 
 def check_tuner(module, base: list, args) -> None:
-    """Refuse, before a study exists, the Tuner steps Lightning itself refuses: scale_batch_size under a distributed
-    strategy (DDP even on one device, FSDP, DeepSpeed), and either step beside the same finder as a callback."""
+    """Refuse, before a study exists, the Tuner steps Lightning refuses: scale_batch_size under a distributed strategy
+    (DDP even on one device, FSDP, DeepSpeed), and either step beside the same finder as a callback."""
     from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
     from lightning.pytorch.strategies import ParallelStrategy
 
@@ -246,17 +231,17 @@ def pre_tune(module, base: list, args, space: dict) -> dict:
     """Optional Tuner steps on the base config; their results, kept inside the search space, become trial 0."""
     from lightning.pytorch.tuner import Tuner
 
-    found = {}
+    found, root = {}, Path(args.runs) / "tuner"
     if args.scale_batch_size:
-        cli = build(module, base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")])
+        cli = build(module, cli_args(base, found, root))
         size = Tuner(cli.trainer).scale_batch_size(cli.model, datamodule=cli.datamodule, mode="power",
                                                    init_val=cli.datamodule.hparams.batch_size)
         found["data.batch_size"] = within_space(space.get("data.batch_size"), int(size))
     if args.lr_find:
-        cli = build(module, cli_args(base + ["--trainer.default_root_dir", str(Path(args.runs) / "tuner")], found))
-        name = "lr" if "lr" in cli.model.hparams else "learning_rate"  # tabular.py, image_classifier.py: lr; others: learning_rate
+        cli = build(module, cli_args(base, found, root))
+        name = "lr" if "lr" in cli.model.hparams else "learning_rate"
         finder = Tuner(cli.trainer).lr_find(cli.model, datamodule=cli.datamodule, attr_name=name)
-        if finder.suggestion() is None:  # too few steps or a loss that never fell: keep the config's lr
+        if finder.suggestion() is None:
             print("tuner: lr_find made no suggestion (too few batches, or the loss never fell); trial 0 keeps the lr")
         else:
             found[f"model.{name}"] = within_space(space.get(f"model.{name}"), float(finder.suggestion()))
@@ -266,8 +251,8 @@ def pre_tune(module, base: list, args, space: dict) -> dict:
 
 
 def within_space(spec, value):
-    """The Tuner's value as the search space can hold it: the largest choice not above it (else the smallest), or
-    clamped to [low, high]. Optuna refuses an enqueued value outside the space."""
+    """The Tuner's value inside the space (Optuna refuses an enqueued value outside it): the largest choice not above
+    it (else the smallest), or clamped to [low, high]."""
     if not spec:
         return value
     if spec["type"] == "categorical":
@@ -278,8 +263,7 @@ def within_space(spec, value):
 
 def export_best(module, base: list, study, path: Path) -> None:
     cli = build(module, cli_args(base, study.best_trial.params))
-    text = cli.parser.dump(cli.config, skip_none=False)
-    data = yaml.safe_load(text)
+    data = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     for key in ("config", "ckpt_path"):
         data.pop(key, None)
     for value in data.values():  # checkpoint folders follow the final run's --trainer.default_root_dir
@@ -305,27 +289,43 @@ def print_table(study) -> None:
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
-    parser.add_argument("--script", help="template to tune (default: the one in the current folder)")
-    parser.add_argument("--config", action="append", default=[], help="base config(s) for the template")
-    parser.add_argument("--space", help="YAML search space (default: the --script's entry in SEARCH_SPACES)")
-    parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study should reach")
-    parser.add_argument("--storage", default="sqlite:///study.db")
-    parser.add_argument("--study-name", default="hpo")
-    parser.add_argument("--monitor", default="val_loss", help="the metric a trial is scored by (default: val_loss,"
-                        " the metric the templates keep their best checkpoint by)")
-    parser.add_argument("--direction", choices=["maximize", "minimize"],
-                        help="default: minimize for a metric named *loss*, else maximize")
-    parser.add_argument("--enqueue", action="append", default=[], metavar="JSON",
-                        help='a trial to run first, e.g. \'{"model.lr": 0.003}\' (repeatable)')
-    parser.add_argument("--lr-find", action="store_true", help="run Tuner.lr_find first")
-    parser.add_argument("--scale-batch-size", action="store_true", help="run Tuner.scale_batch_size first")
-    parser.add_argument("--runs", default="runs/hpo", help="folder for the trials' logs and checkpoints")
-    parser.add_argument("--output", default="best_config.yaml", help="best configuration (never overwritten)")
-    parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra template arguments, last")
+    add = parser.add_argument
+    add("--script", help="template to tune (default: the one in the current folder)")
+    add("--config", action="append", default=[], help="base config(s) for the template")
+    add("--space", help="YAML search space (default: the --script's entry in SEARCH_SPACES)")
+    add("--n-trials", type=int, default=20, help="finished trials the study should reach")
+    add("--storage", default="sqlite:///study.db")
+    add("--study-name", default="hpo")
+    add("--monitor", default="val_loss", help="the metric a trial is scored by (default: val_loss, the metric the"
+        " templates keep their best checkpoint by)")
+    add("--direction", choices=["maximize", "minimize"], help="default: minimize for a metric named *loss*, else"
+        " maximize")
+    add("--enqueue", action="append", default=[], metavar="JSON",
+        help='a trial to run first, e.g. \'{"model.lr": 0.003}\' (repeatable)')
+    add("--lr-find", action="store_true", help="run Tuner.lr_find first")
+    add("--scale-batch-size", action="store_true", help="run Tuner.scale_batch_size first")
+    add("--runs", default="runs/hpo", help="folder for the trials' logs and checkpoints")
+    add("--output", default="best_config.yaml", help="best configuration (never overwritten)")
+    add("--set", nargs=argparse.REMAINDER, default=[], help="extra template arguments, last")
     args = parser.parse_args(argv)
     args.direction = args.direction or ("minimize" if "loss" in args.monitor else "maximize")
     with contextlib.ExitStack() as stack:
         return run_study(args, stack)
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"--enqueue {text!r} is not a JSON object: pass e.g. '{{\"model.lr\": 0.003}}'")
+    return value
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"hpo_optuna.py: {message}", file=sys.stderr)
+    return code
 
 
 def run_study(args, stack) -> int:
@@ -341,41 +341,33 @@ def run_study(args, stack) -> int:
             raise UsageError(f"--n-trials must be at least 1, got {args.n_trials}")
         if not args.storage.startswith(("sqlite:///", "postgresql", "mysql")):
             raise UsageError(f"unsupported storage {args.storage!r}: use sqlite:///study.db or a database URL")
-        enqueued = []
-        for item in args.enqueue:
-            try:
-                enqueued.append(json.loads(item))
-            except ValueError:
-                enqueued.append(None)
-            if not isinstance(enqueued[-1], dict):
-                raise UsageError(f"--enqueue {item!r} is not a JSON object: pass e.g. '{{\"model.lr\": 0.003}}'")
+        enqueued = [json_object(item) for item in args.enqueue]
         output = Path(args.output)
         if output.exists():
             raise UsageError(f"{output} exists: pass another --output (nothing was run)")
         if not output.resolve().parent.is_dir():
             raise UsageError(f"no folder for --output {output}: create it first (nothing was run)")
-        space = None
-        if args.space:
-            space = read_yaml(Path(args.space))
-            if not space:
-                raise UsageError(f"--space {args.space} must map keys to {{type, low, high}} or {{type, choices}}")
+        space = read_yaml(Path(args.space)) if args.space else None
+        if args.space and not space:
+            raise UsageError(f"--space {args.space} must map keys to {{type, low, high}} or {{type, choices}}")
         script = Path(args.script) if args.script else find_template(Path.cwd())
         if script is None:
             raise UsageError(f"no template in {Path.cwd()} (a .py file that imports lightning_support): pass --script"
                              " FILE, or run this from the folder scaffold.py made")
         space = check_space(None, [], space or SEARCH_SPACES.get(script.name, SEARCH_SPACES["tabular.py"]))
-        copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))  # nothing left behind
-        base = [a for c in base_configs(args, Path(copies)) for a in ("--config", c)] + args.set
+        copies = stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo_base_"))
+        base = base_configs(args, Path(copies)) + args.set
         module = load_script(script)  # every input checked first: importing a template takes seconds
         check_space(module, base, space)
-        if args.lr_find or args.scale_batch_size:
+        tune = args.lr_find or args.scale_batch_size
+        if tune:
             check_tuner(module, base, args)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat: stable enough
         study = open_study(args)
         for item in enqueued:
             study.enqueue_trial(item, skip_if_exists=True)
-        if (args.lr_find or args.scale_batch_size) and not study.trials:
+        if tune and not study.trials:
             study.enqueue_trial(pre_tune(module, base, args, space), skip_if_exists=True)
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished))
@@ -385,29 +377,23 @@ def run_study(args, stack) -> int:
             study.optimize(objective(module, base, space, args), n_trials=args.n_trials - done,
                            callbacks=[MaxTrialsCallback(args.n_trials, states=finished)], catch=diverged)
     except UsageError as err:
-        print(f"hpo_optuna.py: error: {err}", file=sys.stderr)
-        return 2
+        return fail(f"error: {err}")
     except ImportError as err:
-        print(f"hpo_optuna.py: error: {err}: python -m pip install optuna optuna-integration", file=sys.stderr)
-        return 2
+        return fail(f"error: {err}: python -m pip install optuna optuna-integration")
     except SIGTERMException:  # a SystemExit without a code: exit 0 would read as success
-        print("hpo_optuna.py: stopped by SIGTERM; rerun the same command to continue the study", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return fail(f"stopped by SIGTERM; {RERUN}", 128 + signal.SIGTERM)
     except Stopped as stop:
-        print(f"hpo_optuna.py: stopped by {stop.how}; the trial under way is recorded as failed; rerun the same"
-              " command to continue the study", file=sys.stderr)
-        return stop.code
+        how, code = stop.args
+        return fail(f"stopped by {how}; the trial under way is recorded as failed; {RERUN}", code)
     except KeyboardInterrupt:  # between trials
-        print("hpo_optuna.py: stopped by Ctrl-C; rerun the same command to continue the study", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return fail(f"stopped by Ctrl-C; {RERUN}", 128 + signal.SIGINT)
     print_table(study)
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) and not output.exists():
         try:
             export_best(module, base, study, output)
         except OSError as err:
-            print(f"hpo_optuna.py: error: cannot write {output}: {err.strerror or err}; the trials are kept in"
-                  f" {args.storage}: rerun with another --output", file=sys.stderr)
-            return 2
+            return fail(f"error: cannot write {output}: {err.strerror or err}; the trials are kept in {args.storage}:"
+                        " rerun with another --output")
         print(f"best: trial {study.best_trial.number}, {args.monitor}={study.best_value:.5g}; config: {output}")
     return 0
 

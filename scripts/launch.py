@@ -1,21 +1,20 @@
 """Print (or write) the command or sbatch file that launches a LightningCLI config on its devices and nodes.
 
 Usage:
-    python scripts/launch.py config.yaml --target local                   # cd DIR && python SCRIPT fit --config ...
-    python scripts/launch.py config.yaml configs/ddp.yaml --target local  # the project's settings, then DDP's
-    python scripts/launch.py config.yaml configs/ddp.yaml --target torchrun --devices 8       # 8 GPUs per machine
+    python scripts/launch.py config.yaml --target local                    # cd DIR && python SCRIPT fit --config ...
+    python scripts/launch.py config.yaml configs/ddp.yaml --target local   # the project's settings, then DDP's
+    python scripts/launch.py config.yaml configs/ddp.yaml --target torchrun --devices 8   # 8 GPUs per machine
     python scripts/launch.py config.yaml configs/ddp.yaml --target slurm --devices 8 --write job.sbatch
         # machines: trainer.num_nodes of the configs (scaffold.py ... --set trainer.num_nodes=2)
 
-The processes per node must equal trainer.devices and the nodes trainer.num_nodes (else a DDP run stops with
-"ValueError: You set devices=..." and an FSDP run can hang at "Initializing distributed"): a --nodes (or --devices)
-that disagrees with the config is an error. --script defaults to the template in the config's folder or the folder
-above it (the .py file that imports lightning_support, as scaffold.py leaves it). The command runs in the script's
-folder (`cd`, or `#SBATCH --chdir`), so it works from anywhere and the run's outputs land next to the script, as
-scaffold.py's commands do. Its paths are this machine's (absolute): scaffold and launch on the cluster itself. One
-node under torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write never replaces an existing file.
-Several configs are passed on in order, a later one overriding an earlier one key by key (as LightningCLI merges
-them).
+Processes per node must equal trainer.devices and nodes trainer.num_nodes (else DDP stops with "ValueError: You set
+devices=..." and FSDP can hang at "Initializing distributed"): a --nodes or --devices that disagrees is an error.
+--script defaults to the template (the .py file that imports lightning_support, as scaffold.py leaves it) in the
+config's folder or the one above. The command runs in the script's folder (`cd`, `#SBATCH --chdir`): it works from
+anywhere and outputs land beside the script, as with scaffold.py. Paths are this machine's (absolute): scaffold and
+launch on the cluster itself. One node under torchrun: `--standalone`. A CPU config asks SLURM for no GPUs. --write
+never replaces a file. Several configs pass on in order, a later one's keys overriding an earlier one's (as
+LightningCLI merges them).
 Exit codes: 0 ok, 2 bad input.
 """
 
@@ -42,7 +41,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def read_text(path: Path) -> str:
-    """A user's text file, or one UsageError line naming it: missing, a folder, not UTF-8."""
+    """A user's text file, or one UsageError line naming it (missing, a folder, not UTF-8)."""
     try:
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -60,31 +59,30 @@ def read_yaml(path: Path):
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise UsageError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); fix it") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold settings (key: value), not {'nothing' if data is None else repr(data)[:40]}")
+        shown = "nothing" if data is None else repr(data)[:40]
+        raise UsageError(f"{path} must hold settings (key: value), not {shown}")
     return data
 
 
 def count(value, what: str) -> int:
-    """A whole number >= 1 (no bool, float, NaN or text)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{what} must be a whole number >= 1, got {value!r}")
     return value
 
 
 def read_trainer(paths: list) -> dict:
-    """The trainer: settings of the configs, a later file's keys over an earlier one's."""
+    """The configs' trainer: settings, a later file's keys over an earlier one's."""
     trainer = {}
     for path in paths:
         data = read_yaml(path).get("trainer", {})
         if not isinstance(data, (dict, type(None))):
             raise UsageError(f"{path}: trainer: must be a mapping of Trainer options, got {data!r:.40}")
         trainer.update(data or {})
-    return trainer  # no trainer: section: Lightning's defaults (devices auto, one node)
+    return trainer
 
 
 def find_template(folder: Path) -> Optional[Path]:
-    """The training script of a project folder: the one .py file there that imports lightning_support (the support
-    module scaffold.py copies next to it); None when there is none. Several: an error naming them."""
+    """The one .py file in folder that imports lightning_support (scaffold.py copies it beside it), else None."""
     found = [p for p in sorted(folder.glob("*.py")) if p.name != "lightning_support.py" and p.is_file()
              and "lightning_support" in p.read_text(encoding="utf-8", errors="replace")]
     if len(found) > 1:
@@ -93,12 +91,13 @@ def find_template(folder: Path) -> Optional[Path]:
 
 
 def find_script(config: Path, given) -> Path:
-    if given:  # as given, else next to the config or in the folder above it (where scaffold.py puts them)
-        for path in (Path(given).expanduser(), config.parent / given, config.parent.parent / given):
+    folders = (config.parent, config.parent.parent)  # next to the config or above it, where scaffold.py puts them
+    if given:
+        for path in (Path(given).expanduser(), *(folder / given for folder in folders)):
             if path.is_file():
                 return path.resolve()
         raise UsageError(f"no such script: {given}: pass --script with the training script's path")
-    for folder in (config.parent, config.parent.parent):
+    for folder in folders:
         found = find_template(folder)
         if found:
             return found
@@ -147,20 +146,14 @@ def render(target: str, script: Path, configs: list, nodes: int, per_node, gpus:
         return ("# on every machine, NODE_RANK=0 on the one at MASTER_ADDR:\n"
                 f"{cd}torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank $NODE_RANK"
                 f" --master-addr $MASTER_ADDR --master-port ${{MASTER_PORT:-29500}} {run}\n")
+    options = ["job-name=lightning", f"nodes={nodes}", f"ntasks-per-node={per_node}",
+               *([f"gres=gpu:{per_node}"] if gpus else []), "cpus-per-task=8", "time=24:00:00",
+               "signal=SIGUSR1@90", "requeue", "output=slurm-%j.out", f"chdir={folder}"]
     return "\n".join([
         "#!/bin/bash",
         f"# launch.py: {nodes} node(s) x {per_node} {'GPU(s)' if gpus else 'CPU process(es)'}; --nodes ="
         " trainer.num_nodes, --ntasks-per-node = trainer.devices",
-        "#SBATCH --job-name=lightning",
-        f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={per_node}",
-        *([f"#SBATCH --gres=gpu:{per_node}"] if gpus else []),
-        "#SBATCH --cpus-per-task=8",
-        "#SBATCH --time=24:00:00",
-        "#SBATCH --signal=SIGUSR1@90",
-        "#SBATCH --requeue",
-        "#SBATCH --output=slurm-%j.out",
-        f"#SBATCH --chdir={folder}",
+        *(f"#SBATCH --{option}" for option in options),
         "",
         f"srun {python_command()} {run}",
         "",
@@ -168,8 +161,8 @@ def render(target: str, script: Path, configs: list, nodes: int, per_node, gpus:
 
 
 def write_new(path: Path, text: str) -> None:
-    """Writes a new file through a staging file beside it, linked into place: never replaces a file, never leaves
-    a partial one (a full disk, no permission)."""
+    """A new file through a staging file beside it, linked into place: never replaces a file, never leaves a partial
+    one (a full disk, no permission)."""
     if path.exists():
         raise UsageError(f"{path} exists: choose another --write file (nothing was changed)")
     if not path.parent.is_dir():
@@ -189,21 +182,21 @@ def write_new(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="+", help="LightningCLI config(s); the trainer: settings of the last that has"
-                        " each key count")
-    parser.add_argument("--target", choices=["local", "torchrun", "slurm"], required=True)
-    parser.add_argument("--nodes", type=int, help="machines you will launch on (checked against num_nodes)")
-    parser.add_argument("--devices", type=int, help="processes per machine (checked against trainer.devices)")
-    parser.add_argument("--script", help="training script (default: the only .py next to the config)")
-    parser.add_argument("--write", help="write to this new file instead of printing")
-    parser.add_argument("--format", choices=["text", "json"], default="text")
+    add = parser.add_argument
+    add("config", nargs="+", type=Path, help="LightningCLI config(s); the trainer: settings of the last that has each"
+        " key count")
+    add("--target", choices=["local", "torchrun", "slurm"], required=True)
+    add("--nodes", type=int, help="machines you will launch on (checked against num_nodes)")
+    add("--devices", type=int, help="processes per machine (checked against trainer.devices)")
+    add("--script", help="training script (default: the only .py next to the config)")
+    add("--write", help="write to this new file instead of printing")
+    add("--format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
     try:
-        configs = [Path(c) for c in args.config]
-        trainer = read_trainer(configs)
+        trainer = read_trainer(args.config)
         nodes, per_node = plan(trainer, args.target, args.nodes, args.devices)
-        gpus = trainer.get("accelerator") != "cpu"  # a CPU config asks SLURM for no GPUs
-        text = render(args.target, find_script(configs[0], args.script), configs, nodes, per_node, gpus)
+        gpus = trainer.get("accelerator") != "cpu"
+        text = render(args.target, find_script(args.config[0], args.script), args.config, nodes, per_node, gpus)
         if args.write:
             write_new(Path(args.write), text)
     except UsageError as err:

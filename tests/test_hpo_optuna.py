@@ -2,6 +2,7 @@
 folder it runs in, bad input."""
 
 import json
+import subprocess
 import sys
 import time
 
@@ -54,8 +55,6 @@ def test_study_prunes_a_bad_region_and_exports_a_config_that_trains(tmp_path):
 @pytest.mark.slow
 def test_killed_study_resumes_without_losing_finished_trials(tmp_path):
     cmd = [str(c) for c in hpo_cmd(tmp_path, "--n-trials", "4", "--output", tmp_path / "best.yaml", epochs=6)]
-    import subprocess
-
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     finished = []
@@ -81,8 +80,6 @@ def test_killed_study_resumes_without_losing_finished_trials(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
-    import subprocess
-
     procs = [subprocess.Popen([str(c) for c in hpo_cmd(tmp_path, "--n-trials", "4", "--output",
                                                         tmp_path / f"best{i}.yaml", epochs=3)],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -97,25 +94,21 @@ def test_two_workers_share_one_study(tmp_path):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize("args, expected", [  # more cases: tests/test_bad_inputs.py
     (["--space", "space.yaml"], "model.lrr"),
     (["--storage", "sqlite:////no/such/dir/study.db"], "cannot open storage"),
-    (["--storage", "redis://localhost/0"], "unsupported storage"),
     (["--n-trial", "3"], "unrecognized arguments: --n-trial"),  # no abbreviations: a typo is not --n-trials
     (["--set", "trainer.max_epochs=2"], "--set passes the template's own options"),
     (["--scale-batch-size", "--set", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
      "refuses distributed strategies"),  # Lightning raises ValueError, even for DDP on one device
     (["--scale-batch-size", "--set", "--trainer.callbacks+=BatchSizeFinder"], "drop one of them"),
+    (["--script", "missing.py"], "missing.py"), (["--config", "missing.yaml"], "missing.yaml"),
 ])
-def test_bad_input_one_line_exit_2(tmp_path, args, expected):
+def test_bad_input_is_one_line_and_changes_no_file(tmp_path, args, expected):
     (tmp_path / "space.yaml").write_text("model.lrr:\n  type: float\n  low: 0.001\n  high: 0.1\n")
-    cmd = [sys.executable, HPO, "--script", TEMPLATES / "tabular.py", "--n-trials", "1", "--runs",
-           tmp_path / "runs"]
-    if "--storage" not in args:
-        cmd += ["--storage", f"sqlite:///{tmp_path / 'study.db'}"]
-    cmd += args  # --set takes the rest of the line
-    assert_one_error_line(run(cmd, cwd=tmp_path), expected)
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "study.db").exists()  # nothing written
+    storage = [] if "--storage" in args else ["--storage", "sqlite:///study.db"]  # neither it nor runs/ is made
+    base = ["--script", TEMPLATES / "tabular.py", "--n-trials", "1", "--runs", "runs", *storage]
+    assert_bad_input_changes_nothing(HPO, [*base, *args], expected, tmp_path)  # args last: --set takes the rest
 
 
 def test_study_over_another_template_with_a_yaml_space(tmp_path):
@@ -172,8 +165,3 @@ def test_the_template_of_the_folder_it_runs_in(tmp_path):
     refused = run([sys.executable, HPO, "--n-trials", "1"], cwd=tmp_path)
     assert "pass --script" in assert_one_error_line(refused, "no template in")
 
-
-@pytest.mark.parametrize("args, expected", [(["--script", "missing.py"], "missing.py"),
-    (["--script", str(TEMPLATES / "tabular.py"), "--config", "missing.yaml"], "missing.yaml")])
-def test_bad_input_is_one_line_and_changes_no_file(args, expected, tmp_path):
-    assert_bad_input_changes_nothing(HPO, args, expected, tmp_path)

@@ -1,14 +1,11 @@
-"""templates/lightning_support.py, the run machinery every template imports: its pieces by import, then what they
-keep when a real run of a template fails (references/checkpointing.md, "What survives what", names these tests),
-bad input to every template, and --ckpt_path checks.
-
-The failures come from conftest.py's callbacks, which a template loads by class path from a config file, so the
-command under test is the template's own.
+"""templates/lightning_support.py: its pieces by import, bad input to every template, --ckpt_path checks, and what
+survives a failed run (references/checkpointing.md, "What survives what", names these tests). The failures come from
+conftest.py's callbacks, loaded by class path from a config file: the command under test is the template's own.
 """
 
 import csv
+import json
 import os
-import pathlib
 import re
 import shlex
 import shutil
@@ -16,10 +13,13 @@ import signal
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.utilities import grad_norm
+from torch.utils.data import DataLoader
 
 from conftest import (CONFIGS, CSV_LOGS, QUIET, REPO, TEMPLATES, assert_ok, assert_one_error_line, callback_config,
                       consolidate_and_validate, final_val_loss, kept_line, load_ckpt, logged_steps,
@@ -28,9 +28,18 @@ from conftest import (CONFIGS, CSV_LOGS, QUIET, REPO, TEMPLATES, assert_ok, asse
 sys.path.insert(0, str(TEMPLATES))  # the module the templates import, as they import it
 import lightning_support as support  # noqa: E402
 TEMPLATE_NAMES = ["tabular.py", "causal_lm.py", "transformers_finetune.py", "custom.py"]
+ONE_EPOCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
 
 
-# ---- the pieces, by import ----------------------------------------------------------------------------------------
+def checkpoints(root: Path, template: str = "causal_lm.py") -> Path:
+    return root / "runs" / template[:-3] / "checkpoints"
+
+
+def tabular(*args, cwd: Path):
+    return run_template("tabular.py", "fit", *args, cwd=cwd)
+
+
+# ---- the pieces, by import ----
 def test_peak_flops_for_gpus_missing_from_lightnings_table():
     peak = support.missing_peak_tflops
     assert peak("NVIDIA H200", "bf16-mixed") == 989.0 and peak("NVIDIA H100", "bf16-mixed") == 989.0
@@ -41,8 +50,7 @@ def test_peak_flops_for_gpus_missing_from_lightnings_table():
 def test_next_command_keeps_the_fit_options_and_quotes_them(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/my project/tabular.py"])
     fit = ["fit", "--data.data_path", "a b;c.csv", "--ckpt_path", "last", "--trainer.fast_dev_run", "false"]
-    line = support.next_command(fit, "test", "/runs/x/best.ckpt")
-    words = shlex.split(line)
+    words = shlex.split(support.next_command(fit, "test", "/runs/x/best.ckpt"))
     assert words[1:] == ["/my project/tabular.py", "test", "--data.data_path", "a b;c.csv", "--trainer.fast_dev_run",
                          "false", "--ckpt_path", "/runs/x/best.ckpt"]
 
@@ -61,12 +69,8 @@ def test_a_worker_error_is_reported_as_its_own_line():
 
 
 def test_prediction_writer_names_rows_and_keeps_one_path_per_checkpoint(tmp_path):
-    """predict_step's dict of columns becomes predictions/<checkpoint>.csv under default_root_dir: the same path
-    on every run (no version folder), a first column naming each row's input, and no .part file left."""
-    import lightning as L
-    from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
-    from torch.utils.data import DataLoader
-
+    """predictions/<checkpoint>.csv under default_root_dir: the same path every run (no version folder), a first
+    column naming each row's input, no .part file left."""
     class Labeller(BoringModel):
         def predict_step(self, batch, batch_idx):
             scores = self(batch).softmax(-1)
@@ -82,28 +86,22 @@ def test_prediction_writer_names_rows_and_keeps_one_path_per_checkpoint(tmp_path
         trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[support.PredictionWriter("runs/x/best.ckpt")],
                             logger=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.predict(Labeller(), datamodule=Data(), return_predictions=False)
-    written = sorted(p.name for p in (tmp_path / "predictions").iterdir())
-    assert written == ["best.csv"]
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["best.csv"]
     rows = list(csv.DictReader(open(tmp_path / "predictions" / "best.csv")))
     assert [r["file"] for r in rows] == [f"item{i}.png" for i in range(10)]
     assert {r["prediction"] for r in rows} <= {"yes", "no"} and all(len(r["score"]) == 6 for r in rows)
 
 
 def test_callback_state_keeps_the_names_checkpoints_carry(tmp_path, template_main):
-    """Lightning keys callback state by class name (and, for checkpoint and early-stopping callbacks, by monitor and
-    mode): the names every template wrote before the support module held these classes, so their checkpoints load."""
-    main = template_main("tabular.py")
-    cli = main(["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches",
-                "1", "--trainer.default_root_dir", str(tmp_path), *QUIET], run=False)
+    """Lightning keys callback state by class name (and monitor and mode): the names the templates wrote before the
+    support module held these classes, so their checkpoints load."""
+    cli = template_main("tabular.py")([*ONE_EPOCH, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir",
+                                       str(tmp_path), *QUIET], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     keys = set(load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["callbacks"])
-    expected = {"ResumableRandomState",
-                "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1,"
-                " 'train_time_interval': None}",
-                "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1,"
-                " 'train_time_interval': None}",
-                "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}"}
-    assert keys == expected, keys
+    rule = "'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, 'train_time_interval': None}"
+    assert keys == {"ResumableRandomState", f"ModelCheckpoint{{'monitor': 'val_loss', {rule}",
+                    f"ModelCheckpoint{{'monitor': None, {rule}", "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}"}
 
 
 def test_a_template_without_its_support_module_says_how_to_get_it(tmp_path):
@@ -115,8 +113,8 @@ def test_a_template_without_its_support_module_says_how_to_get_it(tmp_path):
 
 @pytest.mark.parametrize("template", [*TEMPLATE_NAMES, "image_classifier.py"])
 def test_templates_are_the_users_story(template):
-    """The model, the data and a short command line: the machinery is imported, never copied; one marked place
-    for the user's own model; nothing imported from this repository but the support module."""
+    """The machinery is imported, never copied; one marked place for the user's model; nothing imported from this
+    repository but the support module."""
     source = (TEMPLATES / template).read_text()
     assert 'if __name__ == "__main__":' in source and "self.save_hyperparameters()" in source
     assert "# EDIT HERE" in source and "from lightning_support import" in source
@@ -125,57 +123,51 @@ def test_templates_are_the_users_story(template):
                  "class PredictionWriter", "def run_cli"):
         assert name not in source, f"{template} defines {name} again: it belongs in lightning_support.py"
     # causal_lm.py pre-trains and fine-tunes (full, LoRA, QLoRA; text or conversations), and generates and exports
-    limits = {"causal_lm.py": 950, "tabular.py": 850, "image_classifier.py": 800, "custom.py": 200}
+    limits = {"causal_lm.py": 950, "tabular.py": 860, "image_classifier.py": 830, "custom.py": 200}
     assert len(source.splitlines()) <= limits.get(template, 600)
 
 
 class GradNorms(Callback):
-    """The total gradient norm before clipping (on_before_optimizer_step runs first) and after the step."""
+    """Total gradient norm before clipping (on_before_optimizer_step runs first) and after the step."""
 
     def __init__(self):
         self.before, self.after = [], []
 
-    @staticmethod
-    def norm(module):
-        return float(grad_norm(module, norm_type=2)["grad_2.0_norm_total"])
-
     def on_before_optimizer_step(self, trainer, module, optimizer):
-        self.before.append(self.norm(module))
+        self.before.append(float(grad_norm(module, norm_type=2)["grad_2.0_norm_total"]))
 
     def on_train_batch_end(self, trainer, module, *args):
-        self.after.append(self.norm(module))
+        self.after.append(float(grad_norm(module, norm_type=2)["grad_2.0_norm_total"]))
 
 
 @pytest.mark.parametrize("template", ["causal_lm.py", "transformers_finetune.py"])
 def test_gradients_are_clipped_with_a_fused_optimizer_under_bf16_mixed(tmp_path, template, template_main):
-    """Lightning 2.6 raises at the first step when a fused AdamW meets gradient clipping under -mixed precision,
-    the templates' GPU default: clip_gradients clips in configure_gradient_clipping instead. adamw() is fused on CPU
-    as well, so this runs the GPU's path."""
+    """Lightning 2.6 raises when a fused AdamW meets gradient clipping under -mixed precision (the GPU default):
+    clip_gradients clips in configure_gradient_clipping instead. adamw() is fused on CPU too: the GPU's path."""
     norms = GradNorms()
     cli = template_main(template)(["--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "0.01",
-                       "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-                       "--trainer.default_root_dir", str(tmp_path)],
-                      run=False, callbacks=(norms,))
+                                   "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+                                   "--trainer.default_root_dir", str(tmp_path)], run=False, callbacks=(norms,))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2 and cli.trainer.optimizers[0].defaults["fused"]
     assert min(norms.before) > 0.05  # the control: clipping had work to do
     assert norms.after == pytest.approx([0.01, 0.01], rel=1e-3)
 
 
-# ---- bad input to every template: one line, exit 2, nothing written ------------------------------------------------
+# ---- bad input to every template: one line, exit 2, nothing written ----
 class CodePayload:
-    """Pickles to a call of Path.touch: loading it with weights_only=False would create the marker file."""
+    """Unpickles to Path.touch(marker): a load with weights_only=False would create the file."""
 
     def __init__(self, marker: Path):
         self.marker = marker
 
     def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
+        return Path.touch, (self.marker,)
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """A folder with bad inputs and the outputs of an earlier run of each template, which must stay untouched."""
+    """Bad inputs, and an earlier run's outputs of each template, which must stay untouched."""
     (tmp_path / "wrong_type.yaml").write_text("trainer:\n  max_epochs: ten\n")
     (tmp_path / "unknown_key.yaml").write_text("model:\n  hiden: 3\n")
     torch.save({"state_dict": {"w": torch.ones(256, 256)}}, tmp_path / "intact.ckpt")
@@ -183,9 +175,9 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "corrupt.ckpt").write_bytes(bytes(range(256)) * 8)
     torch.save({"state_dict": {}, "hyper_parameters": CodePayload(tmp_path / "CODE_RAN")}, tmp_path / "code.ckpt")
-    for name in ("tabular", "causal_lm", "transformers_finetune"):
-        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
-        (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(data)
+    for name in ("tabular.py", "causal_lm.py", "transformers_finetune.py"):
+        checkpoints(tmp_path, name).mkdir(parents=True)
+        (checkpoints(tmp_path, name) / "last.ckpt").write_bytes(data)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -222,9 +214,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_no_file(template, template_mai
 
 def test_bad_input_in_a_real_process_prints_exactly_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("trainer:\n  max_epoch: 3\n")
-    result = run_template("tabular.py", "fit", "--config", "bad.yaml", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
+    result = tabular("--config", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "trainer.max_epoch" in result.stderr and "did you mean: trainer.max_epochs" in result.stderr
 
 
@@ -243,10 +234,9 @@ def test_model_folder_code_runs_only_with_trust_remote_code(template, tmp_path):
     folder, marker = tmp_path / "remote_model", tmp_path / "CODE_RAN"
     folder.mkdir()
     save_tiny_tokenizer(folder)
-    (folder / "config.json").write_text('{"model_type": "remote_demo", "auto_map": {'
-                                        '"AutoConfig": "remote_demo.RemoteDemoConfig",'
-                                        ' "AutoModelForCausalLM": "remote_demo.RemoteDemo",'
-                                        ' "AutoModelForSequenceClassification": "remote_demo.RemoteDemo"}}')
+    demo = "remote_demo.RemoteDemo"
+    (folder / "config.json").write_text(json.dumps({"model_type": "remote_demo", "auto_map": {
+        "AutoConfig": demo + "Config", "AutoModelForCausalLM": demo, "AutoModelForSequenceClassification": demo}}))
     (folder / "remote_demo.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
     args = ["fit", "--model.name_or_path", folder, "--trainer.fast_dev_run", "true", *QUIET]
     if template == "transformers_finetune.py":
@@ -260,10 +250,7 @@ def test_model_folder_code_runs_only_with_trust_remote_code(template, tmp_path):
 
 @pytest.mark.parametrize("template", TEMPLATE_NAMES)
 def test_no_logger_drops_only_the_learning_rate_monitor(template, template_main, tmp_path):
-    """--trainer.logger false: Lightning's LearningRateMonitor would raise at the start of fit (nothing to log to);
-    it is left out then, and only then."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
+    """Without a logger LearningRateMonitor would raise at the start of fit: it is left out then, and only then."""
     main = template_main(template)
     for logger, monitors in (("false", 0), ("true", 1)):
         trainer = main(["--trainer.logger", logger, "--trainer.default_root_dir", str(tmp_path)], run=False).trainer
@@ -276,47 +263,42 @@ def test_a_monitor_that_is_not_logged_is_one_line_and_no_checkpoint(callback, te
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
     error = refused_in_process(template_main("tabular.py"), [
-        "fit", f"--{callback}.monitor", "val_los", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-        "--trainer.limit_val_batches", "2", *QUIET], capsys)
+        "fit", f"--{callback}.monitor", "val_los", *ONE_EPOCH, "--trainer.limit_val_batches", "2", *QUIET], capsys)
     assert "val_los" in error and "val_loss" in error
-    assert not (tmp_path / "runs" / "tabular" / "checkpoints").exists()  # a config mistake: nothing to resume
+    assert not checkpoints(tmp_path, "tabular.py").exists()  # a config mistake: nothing to resume
 
 
 @pytest.mark.parametrize("template", ["tabular.py", "transformers_finetune.py"])
 def test_a_run_that_ends_before_its_first_validation_ends_normally(template, tmp_path):
-    """Early stopping looks at its metric after validation only: at the end of a cut-short epoch it is not logged."""
+    """Early stopping's metric is logged after validation only: a cut-short epoch ends without it."""
     result = run_template(template, "fit", "--trainer.max_steps", "3", *QUIET, cwd=tmp_path)
     assert_ok(result)
     assert "`max_steps=3` reached" in result.stdout + result.stderr
 
 
-# ---- --ckpt_path: the checkpoint's model and rules ------------------------------------------------------------------
+# ---- --ckpt_path: the checkpoint's model and rules ----
 SHAPES = {  # a short fit, and a model option that changes what the checkpoint holds
-    "tabular.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
-                      ["--model.hidden_dims", "[64]"], "model.hidden_dims"),
+    "tabular.py": (ONE_EPOCH, ["--model.hidden_dims", "[64]"], "model.hidden_dims"),
     "causal_lm.py": (["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"],
                      ["--model.model_config", '{"num_hidden_layers": 2}'], "model.model_config"),
-    "transformers_finetune.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"],
-                                 ["--model.model_config", '{"num_hidden_layers": 1}'], "model.model_config"),
-    "custom.py": (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"], ["--model.lr", "0.01"],
-                  "model.lr"),
+    "transformers_finetune.py": (ONE_EPOCH, ["--model.model_config", '{"num_hidden_layers": 1}'], "model.model_config"),
+    "custom.py": (ONE_EPOCH, ["--model.lr", "0.01"], "model.lr"),
 }
 
 
 @pytest.mark.parametrize("template", TEMPLATE_NAMES)
 def test_a_checkpoint_whose_model_options_differ_is_refused_in_every_form(template, template_main, tmp_path,
                                                                           monkeypatch, capsys):
-    """LightningCLI rebuilt an explicit checkpoint's model and silently ignored the options given (the saved config
-    said otherwise); `last` failed to load. Now every form refuses in one line, naming the option."""
+    """LightningCLI silently rebuilt an explicit checkpoint's model over the options given, and `last` failed to
+    load: every form refuses in one line, naming the option."""
     fit, other, option = SHAPES[template]
     assert_ok(run_template(template, "fit", *fit, "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path))
-    checkpoints = tmp_path / "runs" / template[:-3] / "checkpoints"
     monkeypatch.chdir(tmp_path)
     main = template_main(template)
     evaluate = "validate" if template == "causal_lm.py" else "test"
     held_out = ["--data.test_path", str(REPO / "assets" / "sentiment.csv.gz")] if template[0] == "t" else []
-    for args in (["fit", *other, "--ckpt_path", str(checkpoints / "last.ckpt")], ["fit", *other, "--ckpt_path", "last"],
-                 [evaluate, *other, *held_out, "--ckpt_path", "best"]):
+    for args in (["fit", *other, "--ckpt_path", str(checkpoints(tmp_path, template) / "last.ckpt")],
+                 ["fit", *other, "--ckpt_path", "last"], [evaluate, *other, *held_out, "--ckpt_path", "best"]):
         assert f"was trained with {option}=" in refused_in_process(main, args, capsys), args
 
 
@@ -324,31 +306,26 @@ def test_a_checkpoint_whose_model_options_differ_is_refused_in_every_form(templa
 def test_an_option_left_at_its_default_takes_the_checkpoints_value(tmp_path):
     """Resuming needs no model options repeated: `last` gets the checkpoint's, as an explicit path does."""
     small = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *QUIET]
-    assert_ok(run_template("tabular.py", "fit", "--model.hidden_dims", "[64]", "--trainer.max_epochs", "1", *small,
-                           cwd=tmp_path))
-    resumed = run_template("tabular.py", "fit", "--trainer.max_epochs", "2", "--ckpt_path", "last", *small,
-                           cwd=tmp_path)
-    assert_ok(resumed)
-    ckpt = load_ckpt(tmp_path / "runs" / "tabular" / "checkpoints" / "last.ckpt")
+    assert_ok(tabular("--model.hidden_dims", "[64]", "--trainer.max_epochs", "1", *small, cwd=tmp_path))
+    assert_ok(tabular("--trainer.max_epochs", "2", "--ckpt_path", "last", *small, cwd=tmp_path))
+    ckpt = load_ckpt(checkpoints(tmp_path, "tabular.py") / "last.ckpt")
     assert ckpt["epoch"] == 1 and list(ckpt["hyper_parameters"]["hidden_dims"]) == [64]
 
 
 @pytest.mark.slow
 def test_a_run_started_under_another_ranking_resumes_with_its_state(small_digits, tmp_path):
-    """Lightning keys ModelCheckpoint and EarlyStopping state by monitor and mode: a run saved when the templates
-    ranked by val_acc (max) resumes under that rule, with its best score and patience count, not silently without;
-    a command asking for another rule is refused."""
+    """Lightning keys checkpoint and early-stopping state by monitor and mode: a run saved ranking by val_acc (max)
+    resumes under that rule with its best score and patience, not silently without; another rule is refused."""
     old_rule = ["--best_checkpoint.monitor", "val_acc", "--best_checkpoint.mode", "max",
                 "--early_stopping.monitor", "val_acc", "--early_stopping.mode", "max"]
     data = ["--data.data_path", str(small_digits), *QUIET]
-    assert_ok(run_template("tabular.py", "fit", *old_rule, "--trainer.max_epochs", "2", *data, cwd=tmp_path))
-    last = tmp_path / "runs" / "tabular" / "checkpoints" / "last.ckpt"
+    assert_ok(tabular(*old_rule, "--trainer.max_epochs", "2", *data, cwd=tmp_path))
+    last = checkpoints(tmp_path, "tabular.py") / "last.ckpt"
     before = load_ckpt(last)["callbacks"]
     old_keys = [k for k in before if "val_acc" in k]
     assert len(old_keys) == 2  # ModelCheckpoint{'monitor': 'val_acc', ...} and EarlyStopping{...}
 
-    resumed = run_template("tabular.py", "fit", "--trainer.max_epochs", "3", "--ckpt_path", "last", *data,
-                           cwd=tmp_path)
+    resumed = tabular("--trainer.max_epochs", "3", "--ckpt_path", "last", *data, cwd=tmp_path)
     assert_ok(resumed)
     output = resumed.stdout + resumed.stderr
     assert "best_checkpoint keeps ranking by val_acc (max)" in output and "Be aware" not in output, output[-3000:]
@@ -358,12 +335,12 @@ def test_a_run_started_under_another_ranking_resumes_with_its_state(small_digits
     stopping = next(k for k in old_keys if k.startswith("EarlyStopping"))
     assert after[stopping]["best_score"] >= before[stopping]["best_score"]  # carried on, not restarted from -inf
 
-    refused = run_template("tabular.py", "fit", "--trainer.max_epochs", "4", "--ckpt_path", "last",
-                           "--best_checkpoint.monitor", "train_loss_epoch", *data, cwd=tmp_path)
+    refused = tabular("--trainer.max_epochs", "4", "--ckpt_path", "last", "--best_checkpoint.monitor",
+                      "train_loss_epoch", *data, cwd=tmp_path)
     assert_one_error_line(refused, "ranked best_checkpoint by val_acc (max)")
 
 
-# ---- what survives what: failures injected into real runs ------------------------------------------------------------
+# ---- what survives what: failures injected into real runs ----
 def restored_from(result) -> str:
     match = re.search(r"Restored all states from the checkpoint at (\S+)", result.stdout + result.stderr)
     assert match, (result.stdout + result.stderr)[-3000:]
@@ -379,14 +356,56 @@ def train(template: str, *args, cwd: Path, **kwargs):
     return run_template(template, *args, cwd=cwd, tests_on_path=True, **kwargs)
 
 
+def lm_fit(*args, cwd: Path, **kwargs):
+    return train("causal_lm.py", "fit", *args, cwd=cwd, **kwargs)
+
+
+def injected(callback: str, init: dict, *args, cwd: Path, template: str = "causal_lm.py", **kwargs):
+    """A fit with one of conftest's callbacks added."""
+    config = callback_config(cwd / "inject.yaml", callback, **init)
+    return train(template, "fit", "--config", config, *args, cwd=cwd, **kwargs)
+
+
+def fails_at(step: int, *args, cwd: Path, micro_batch: int = 0):
+    failed = injected("RaiseInTrainingStep", {"step": step, "micro_batch": micro_batch}, *args, cwd=cwd)
+    assert failed.returncode == 1 and f"injected failure in training_step at step {step}" in failed.stderr
+    return failed
+
+
+def resumed_from_exception(*args, cwd: Path):
+    """--ckpt_path last: the newest last*.ckpt, the exception's."""
+    resumed = lm_fit(*args, "--ckpt_path", "last", cwd=cwd)
+    assert_ok(resumed)
+    assert restored_from(resumed).endswith("last-on-exception.ckpt")
+    return resumed
+
+
+def straight(template: str, *args, cwd: Path, **kwargs):
+    """The run without a failure, under straight/."""
+    result = train(template, "fit", *args, "--trainer.default_root_dir", "straight", cwd=cwd, **kwargs)
+    assert_ok(result)
+    return result
+
+
+def assert_same_run(resumed: Path, uninterrupted: dict, steps: int = None) -> None:
+    """The resumed run saved at the uninterrupted run's step (last.ckpt at 12; Lightning alone puts it at 11) and
+    trained on the same batches in the same order: bit-equal weights on CPU."""
+    resumed = load_ckpt(resumed)
+    assert resumed["global_step"] == uninterrupted["global_step"] == (steps or resumed["global_step"])
+    weights, expected = resumed["state_dict"], uninterrupted["state_dict"]
+    assert weights.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {different}"
+
+
+STRAIGHT = Path("straight/checkpoints/last.ckpt")
 CLASSIFIER = ["--trainer.max_epochs", "4", "--trainer.deterministic", "true", *QUIET]
 
 
 @pytest.mark.slow
 def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    killed = train("tabular.py", "fit", "--config", callback_config(tmp_path / "kill.yaml", "KillAfterEpoch",
-                                                                       epoch=1),
-                   *CLASSIFIER, "--trainer.default_root_dir", "killed", cwd=tmp_path)
+    killed = injected("KillAfterEpoch", {"epoch": 1}, *CLASSIFIER, "--trainer.default_root_dir", "killed",
+                      cwd=tmp_path, template="tabular.py")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert load_ckpt(last)["epoch"] == 1  # epochs count from 0: the epoch-2 checkpoint and nothing after it
@@ -397,40 +416,24 @@ def test_kill_9_after_epoch_2_resumes_to_the_same_weights_as_an_uninterrupted_ru
     assert restored_from(resumed) == str(last)
     metrics = csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
     assert {int(r["epoch"]) for r in metrics if r.get("val_acc")} == {2, 3}  # continued with epoch 3, nothing redone
-
-    straight = train("tabular.py", "fit", *CLASSIFIER, "--trainer.default_root_dir", "straight", cwd=tmp_path)
-    assert_ok(straight)
-    resumed_weights = load_ckpt(last)["state_dict"]
-    straight_weights = load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
-    assert resumed_weights.keys() == straight_weights.keys()
-    different = [k for k in straight_weights if not torch.equal(resumed_weights[k], straight_weights[k])]
-    assert not different, f"resumed weights differ from the uninterrupted run in {different}"
+    straight("tabular.py", *CLASSIFIER, cwd=tmp_path)
+    assert_same_run(last, load_ckpt(tmp_path / STRAIGHT))
 
 
 LM = ["--trainer.max_steps", "12", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", *CSV_LOGS,
       *QUIET]
+LM_LAST = checkpoints(Path()) / "last.ckpt"
 SLURM_UNSET = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")  # from a real job this test might run in
-SLURM_JOB = ["SLURM_JOB_ID=4242", "SLURM_JOB_NAME=causal_lm", "SLURM_NTASKS=1", "SLURM_NTASKS_PER_NODE=1",
-             "SLURM_PROCID=0", "SLURM_LOCALID=0", "SLURM_NODEID=0", "SLURM_JOB_NUM_NODES=1",
-             "SLURM_NODELIST=localhost"]
+SLURM_JOB = [f"SLURM_{v}" for v in ("JOB_ID=4242", "JOB_NAME=causal_lm", "NTASKS=1", "NTASKS_PER_NODE=1", "PROCID=0",
+                                    "LOCALID=0", "NODEID=0", "JOB_NUM_NODES=1", "NODELIST=localhost")]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_lm(tmp_path_factory) -> dict:
-    """causal_lm.py's 12 steps with no failure: what a resumed run must end with (last.ckpt at step 12)."""
+    """causal_lm.py's 12 steps with no failure: what a resumed run must end with."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    assert_ok(train("causal_lm.py", "fit", *LM, cwd=root))
-    return load_ckpt(root / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
-
-
-def assert_same_run(resumed_root: Path, uninterrupted: dict, steps: int = 12) -> None:
-    """The resumed run validated and saved at the uninterrupted run's steps (last.ckpt at 12; Lightning alone puts
-    it at 11) and trained on the same batches in the same order: bit-equal weights on CPU."""
-    resumed = load_ckpt(resumed_root / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
-    assert resumed["global_step"] == uninterrupted["global_step"] == steps
-    weights, expected = resumed["state_dict"], uninterrupted["state_dict"]
-    different = [k for k in expected if not torch.equal(weights[k], expected[k])]
-    assert not different, f"resumed weights differ from the uninterrupted run in {len(different)} tensors"
+    assert_ok(lm_fit(*LM, cwd=root))
+    return load_ckpt(root / LM_LAST)
 
 
 @pytest.mark.slow
@@ -442,84 +445,58 @@ def test_slurm_preemption_saves_requeues_and_resumes_at_the_same_step(tmp_path, 
     (stub_dir / "scontrol").chmod(0o755)
     env = (*SLURM_JOB, f"PATH={stub_dir}:{os.getenv('PATH', '/usr/bin:/bin')}")
 
-    first = train("causal_lm.py", "fit", "--config", callback_config(tmp_path / "usr1.yaml", "SignalAtStep", step=6),
-                  *LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)
+    first = injected("SignalAtStep", {"step": 6}, *LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert "Handling auto-requeue signal" in first.stdout + first.stderr
     assert calls.read_text().split() == ["requeue", "4242"]
-    hpc = tmp_path / "runs" / "causal_lm" / "hpc_ckpt_1.ckpt"
-    assert load_ckpt(hpc)["global_step"] == 6
+    assert load_ckpt(tmp_path / "runs" / "causal_lm" / "hpc_ckpt_1.ckpt")["global_step"] == 6
 
-    requeued = train("causal_lm.py", "fit", *LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)  # as SLURM reruns it
+    requeued = lm_fit(*LM, cwd=tmp_path, env=env, unset=SLURM_UNSET)  # as SLURM reruns it
     assert_ok(requeued)
     assert restored_from(requeued).endswith("hpc_ckpt_1.ckpt")
     assert logged_steps(tmp_path / "logs") == list(range(6, 12)) and final_step(requeued) == 12  # none redone
-    assert_same_run(tmp_path, uninterrupted_lm)  # the data went on at the batch after the last one trained
+    assert_same_run(tmp_path / LM_LAST, uninterrupted_lm, 12)  # the data went on after the last batch trained
 
 
 @pytest.mark.slow
 def test_exception_at_step_k_leaves_a_checkpoint_that_continues_at_step_k(tmp_path, uninterrupted_lm):
-    failed = train("causal_lm.py", "fit", "--config",
-                   callback_config(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=7), *LM, cwd=tmp_path)
-    assert failed.returncode == 1 and "injected failure in training_step at step 7" in failed.stderr
-    checkpoints = tmp_path / "runs" / "causal_lm" / "checkpoints"
-    saved = checkpoints / "last-on-exception.ckpt"
+    failed = fails_at(7, *LM, cwd=tmp_path)
+    saved = checkpoints(tmp_path) / "last-on-exception.ckpt"
     assert f"RuntimeError at step 7: saved {saved.relative_to(tmp_path)}" in failed.stderr
-    assert load_ckpt(saved)["global_step"] == 7 and load_ckpt(checkpoints / "last.ckpt")["global_step"] == 4
+    assert load_ckpt(saved)["global_step"] == 7 and load_ckpt(tmp_path / LM_LAST)["global_step"] == 4
 
-    resumed = train("causal_lm.py", "fit", *LM, "--ckpt_path", "last", cwd=tmp_path)  # the newest last*.ckpt
-    assert_ok(resumed)
-    assert restored_from(resumed).endswith("last-on-exception.ckpt")
+    resumed = resumed_from_exception(*LM, cwd=tmp_path)
     assert logged_steps(tmp_path / "logs") == list(range(7, 12)) and final_step(resumed) == 12  # step 7 redone
-    assert_same_run(tmp_path, uninterrupted_lm)
+    assert_same_run(tmp_path / LM_LAST, uninterrupted_lm, 12)
 
 
 @pytest.mark.slow
-def test_exception_inside_a_gradient_accumulation_group_resumes_to_the_uninterrupted_weights(tmp_path):
-    """2 batches per step, failure in the second batch of step 5: the first one's gradients were not saved, so the
-    resumed run redoes both (Lightning alone goes on with the second and steps on half the gradients)."""
-    accumulate = [*LM, "--trainer.accumulate_grad_batches", "2"]
-    straight = train("causal_lm.py", "fit", *accumulate, "--trainer.default_root_dir", "straight", cwd=tmp_path)
-    assert_ok(straight)
-    failed = train("causal_lm.py", "fit", "--config",
-                   callback_config(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=5, micro_batch=1), *accumulate,
-                   cwd=tmp_path)
-    assert failed.returncode == 1 and "injected failure in training_step at step 5" in failed.stderr
-    resumed = train("causal_lm.py", "fit", *accumulate, "--ckpt_path", "last", cwd=tmp_path)
-    assert_ok(resumed)
-    assert restored_from(resumed).endswith("last-on-exception.ckpt") and final_step(resumed) == 12
-    assert_same_run(tmp_path, load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt"))
-
-
-@pytest.mark.slow
-def test_failure_in_an_epochs_last_batch_right_after_a_validation_resumes_to_the_uninterrupted_weights(tmp_path):
-    """10 batches per epoch, validation after the 9th, failure in the 10th: the resumed run does not validate again,
-    trains that last batch (Lightning alone ended the epoch without it) and numbers its steps as before."""
-    corpus = tmp_path / "corpus.txt"  # 86,500 bytes: 641 training blocks of 128, 10 batches of 64 per epoch
-    corpus.write_text(("the quick brown fox jumps over the lazy dog " * 2000)[:86500])
-    args = [*LM, "--data.data_path", corpus, "--data.batch_size", "64", "--trainer.max_steps", "18",
-            "--trainer.val_check_interval", "9"]
-    straight = train("causal_lm.py", "fit", *args, "--trainer.default_root_dir", "straight", cwd=tmp_path)
-    assert_ok(straight)
-    failed = train("causal_lm.py", "fit", "--config",
-                   callback_config(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=9), *args, cwd=tmp_path)
-    assert failed.returncode == 1 and "injected failure in training_step at step 9" in failed.stderr
-    resumed = train("causal_lm.py", "fit", *args, "--ckpt_path", "last", cwd=tmp_path)
-    assert_ok(resumed)
-    assert restored_from(resumed).endswith("last-on-exception.ckpt")
-    assert logged_steps(tmp_path / "logs") == list(range(9, 18)) and final_step(resumed) == 18
-    assert_same_run(tmp_path, load_ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt"), steps=18)
+@pytest.mark.parametrize("extra, step, micro_batch, steps", [
+    # 2 batches per step, failure in the second batch of step 5: the first one's gradients were not saved, so the
+    # resumed run redoes both (Lightning alone goes on with the second and steps on half the gradients)
+    (["--trainer.accumulate_grad_batches", "2"], 5, 1, 12),
+    # 10 batches per epoch, validation after the 9th, failure in the 10th: the resumed run does not validate again,
+    # trains that last batch (Lightning alone ended the epoch without it) and numbers its steps as before
+    (["--data.data_path", "corpus.txt", "--data.batch_size", "64", "--trainer.max_steps", "18",
+      "--trainer.val_check_interval", "9"], 9, 0, 18),
+], ids=["inside_a_gradient_accumulation_group", "in_an_epochs_last_batch_right_after_a_validation"])
+def test_a_failure_resumes_to_the_uninterrupted_weights(extra, step, micro_batch, steps, tmp_path):
+    # 86,500 bytes: 641 training blocks of 128, 10 batches of 64 per epoch
+    (tmp_path / "corpus.txt").write_text(("the quick brown fox jumps over the lazy dog " * 2000)[:86500])
+    args = [*LM, *extra]
+    straight("causal_lm.py", *args, cwd=tmp_path)
+    fails_at(step, *args, cwd=tmp_path, micro_batch=micro_batch)
+    resumed = resumed_from_exception(*args, cwd=tmp_path)
+    assert logged_steps(tmp_path / "logs") == list(range(step, steps)) and final_step(resumed) == steps
+    assert_same_run(tmp_path / LM_LAST, load_ckpt(tmp_path / STRAIGHT), steps)
 
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
     """SIGINT is what Ctrl-C sends: Lightning turns the KeyboardInterrupt into on_exception and exits 1."""
-    interrupted = train("causal_lm.py", "fit", "--config", callback_config(tmp_path / "int.yaml", "SignalAtStep",
-                                                                           step=5, signal_name="SIGINT"),
-                        *LM, cwd=tmp_path)
+    interrupted = injected("SignalAtStep", {"step": 5, "signal_name": "SIGINT"}, *LM, cwd=tmp_path)
     assert interrupted.returncode == 1 and "KeyboardInterrupt at step 5" in interrupted.stderr
-    saved = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last-on-exception.ckpt"
-    assert load_ckpt(saved)["global_step"] == 5
+    assert load_ckpt(checkpoints(tmp_path) / "last-on-exception.ckpt")["global_step"] == 5
 
 
 @pytest.mark.slow
@@ -528,21 +505,18 @@ def test_ctrl_c_leaves_a_checkpoint_at_its_step(tmp_path):
 def test_sigterm_leaves_a_checkpoint_and_exits_143(template, args, tmp_path):
     """SIGTERM (docker stop, Kubernetes, timeout): Lightning ends the batch and raises SIGTERMException, a SystemExit
     without a code (exit 0, success); the templates exit 128 + 15, so `&&` or a scheduler sees the interruption."""
-    stopped = train(template, "fit", "--config", callback_config(tmp_path / "term.yaml", "SignalAtStep", step=5,
-                                                                 signal_name="SIGTERM"), *args, cwd=tmp_path)
+    stopped = injected("SignalAtStep", {"step": 5, "signal_name": "SIGTERM"}, *args, cwd=tmp_path, template=template)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "stopped by SIGTERM" in stopped.stderr.splitlines()[-1]
-    saved = tmp_path / "runs" / template[:-3] / "checkpoints" / "last-on-exception.ckpt"
+    saved = checkpoints(tmp_path, template) / "last-on-exception.ckpt"
     assert load_ckpt(saved)["global_step"] == 6  # the batch under way when the signal came is finished first
 
 
 @pytest.mark.slow
 def test_a_fit_without_ckpt_path_starts_fresh_next_to_an_exception_checkpoint(tmp_path):
     """Lightning's own OnExceptionCheckpoint makes every fit without --ckpt_path resume; the templates' does not."""
-    failed = train("causal_lm.py", "fit", "--config",
-                   callback_config(tmp_path / "raise.yaml", "RaiseInTrainingStep", step=2), *LM, cwd=tmp_path)
-    assert failed.returncode == 1
-    fresh = train("causal_lm.py", "fit", *LM, "--trainer.max_steps", "3", cwd=tmp_path)
+    fails_at(2, *LM, cwd=tmp_path)
+    fresh = lm_fit(*LM, "--trainer.max_steps", "3", cwd=tmp_path)
     assert_ok(fresh)
     assert "Restored all states" not in fresh.stdout + fresh.stderr and min(logged_steps(tmp_path / "logs")) == 0
 
@@ -553,7 +527,7 @@ def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses
     error = assert_one_error_line(result, "NaN or inf at step 1", code=1)
     assert "learning rate" in error and "bf16-mixed" in error and "NaN/inf in the data" in error
     assert logged_steps(tmp_path / "logs", "train_loss") == [0]  # stopped at once instead of running on
-    assert not (tmp_path / "runs" / "tabular" / "checkpoints").exists()  # no checkpoint of poisoned weights
+    assert not checkpoints(tmp_path, "tabular.py").exists()  # no checkpoint of poisoned weights
 
     smoke = run_script("smoke_test.py", TEMPLATES / "tabular.py", "--cpu", "--format", "json", "--",
                        "--model.lr", "1e30", cwd=tmp_path)
@@ -563,9 +537,8 @@ def test_nan_loss_stops_at_its_step_with_the_causes_and_the_smoke_test_diagnoses
 @pytest.mark.slow
 def test_nan_loss_stops_every_rank_of_a_ddp_run_together(tmp_path):
     """The ranks decide together: one rank stopping alone would leave the other waiting in its next collective."""
-    result = train("tabular.py", "fit", "--model.lr", "1e30", "--config", CONFIGS / "ddp.yaml",
-                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true", *QUIET,
-                   cwd=tmp_path, timeout=300)
+    result = train("tabular.py", "fit", "--model.lr", "1e30", "--config", CONFIGS / "ddp.yaml", "--trainer.accelerator",
+                   "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true", *QUIET, cwd=tmp_path, timeout=300)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode == 1 and len(errors) == 2, result.stderr[-3000:]  # one line from each rank
     assert all("NaN or inf at step 1" in line for line in errors)
@@ -580,11 +553,10 @@ FSDP2 = ["--config", CONFIGS / "fsdp2.yaml", "--trainer.accelerator", "cpu", "--
 
 @pytest.mark.slow
 def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_to_one_file(tmp_path):
-    kill_all = callback_config(tmp_path / "kill.yaml", "SignalAtStep", step=3, signal_name="SIGKILL",
-                               process_group=True)
-    killed = train("causal_lm.py", "fit", "--config", kill_all, *FSDP2, cwd=tmp_path, new_session=True)
+    killed = injected("SignalAtStep", {"step": 3, "signal_name": "SIGKILL", "process_group": True}, *FSDP2,
+                      cwd=tmp_path, new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    last = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    last = tmp_path / LM_LAST
     assert (last / ".metadata").is_file() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
 
     single, val_loss = consolidate_and_validate(last, tmp_path)
@@ -594,7 +566,7 @@ def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_t
                             if key.startswith("ModelCheckpoint{'monitor': 'val_loss'"))
     assert abs(val_loss - float(val_loss_at_save)) < 1e-4, (val_loss, val_loss_at_save)
 
-    resumed = train("causal_lm.py", "fit", *FSDP2, "--ckpt_path", "last", cwd=tmp_path, timeout=900)
+    resumed = lm_fit(*FSDP2, "--ckpt_path", "last", cwd=tmp_path, timeout=900)
     assert_ok(resumed)
     assert restored_from(resumed).endswith("last.ckpt")
     held = re.findall(r"\[rank (\d)\] FSDP2: this rank holds ([\d,]+) of ([\d,]+) parameter elements", resumed.stdout)
@@ -604,21 +576,17 @@ def test_distributed_checkpoint_survives_a_kill_of_every_rank_and_consolidates_t
     assert logged_steps(tmp_path / "logs") == list(range(3, 9)) and final_step(resumed) == 9
 
     # Each rank went on with its own shard of the data where it stopped: the same result as an uninterrupted run.
-    straight = train("causal_lm.py", "fit", *FSDP2, "--trainer.default_root_dir", "straight", cwd=tmp_path,
-                     timeout=900)
-    assert_ok(straight)
-    losses = [final_val_loss(result.stdout) for result in (resumed, straight)]
+    losses = [final_val_loss(r.stdout) for r in (resumed, straight("causal_lm.py", *FSDP2, cwd=tmp_path, timeout=900))]
     assert set(losses[0]) == {0, 1} and losses[0] == losses[1], losses
 
 
 def test_templates_checkpoints_load_with_weights_only(tmp_path):
-    result = run_template("causal_lm.py", "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                          "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path)
-    assert_ok(result)
-    written = sorted(p.name for p in (tmp_path / "runs" / "causal_lm" / "checkpoints").glob("*.ckpt"))
+    assert_ok(run_template("causal_lm.py", "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                           "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path))
+    written = sorted(p.name for p in checkpoints(tmp_path).glob("*.ckpt"))
     assert written == ["best.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"], written
     for name in written:
-        assert load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / name)["global_step"] == 2
+        assert load_ckpt(checkpoints(tmp_path) / name)["global_step"] == 2
 
 
 def test_every_test_named_in_the_survival_table_exists():

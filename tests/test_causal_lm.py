@@ -1,64 +1,99 @@
-"""templates/causal_lm.py on CPU: training, its data (text, JSONL, token files, conversations), pretrained and built-in
-models, LoRA fine-tuning, generate and export, attention, throughput and MFU, multi-process strategies, the configs it
-runs under, and bad input.
-
-Hugging Face models and tokenizers are built tiny and random, saved with save_pretrained, and loaded by the template
-with from_pretrained: the real loading code, offline.
-"""
+"""templates/causal_lm.py on CPU: training, data, models, LoRA, generate and export, attention, speed, strategies, bad
+input. Hugging Face models are tiny, random and saved with save_pretrained: the template's loading code runs offline."""
 
 import copy
 import csv
 import json
+import os
 import pickle
 import re
 import shlex
+import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Union
 
+import lightning as L
 import numpy as np
 import pytest
 import peft
 import torch
 import transformers
 import yaml
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 from conftest import (CONFIGS, QUIET, REPO, TEMPLATES, assert_bad_input_changes_nothing, assert_ddp_ranks_agree,
                       assert_ok, assert_one_error_line, callback_config, consolidate_and_validate, final_val_loss,
                       load_ckpt, load_module, refused_in_process, run, run_facts, run_template, save_tiny_tokenizer)
 
+LAST = Path("runs/causal_lm/checkpoints/last.ckpt")
+FILM = "the film was great . the plot was dull .\n"
+FSDP2 = ["--config", CONFIGS / "fsdp2.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--trainer.precision", "32-true", "--trainer.strategy.init_args.data_parallel_size", "auto",
+         "--trainer.strategy.init_args.tensor_parallel_size", "auto"]
 
-# ---- training ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def lm(request):
+    """causal_lm.py, loaded for this test alone."""
+    return load_module(TEMPLATES / "causal_lm.py", "causal_lm_" + re.sub(r"\W", "_", request.node.name))
+
+
+def lm_run(*args, cwd: Path, **kwargs):
+    return run_template("causal_lm.py", *args, cwd=cwd, **kwargs)
+
+
+def vocab_of(model_folder: Path) -> int:
+    return json.loads((model_folder / "config.json").read_text())["vocab_size"]
+
+
+def float_dtypes(tensors) -> set:
+    return {t.dtype for t in tensors if t.is_floating_point()}
+
+
+@pytest.fixture
+def refused(template_main, tmp_path, monkeypatch, capsys):
+    """refused(args): causal_lm.py's main(args) in tmp_path, in this process: exit 2 and one error line, returned."""
+    monkeypatch.chdir(tmp_path)
+    main = template_main("causal_lm.py")
+
+    def refuse(args):
+        return refused_in_process(main, args, capsys)
+    refuse.main = main
+    return refuse
+
+
+# ---- training ----
 def test_causal_lm_fast_dev_run_default(tmp_path):
-    assert_ok(run_template("causal_lm.py", "fit", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path))
+    assert_ok(lm_run("fit", "--trainer.fast_dev_run", "true", *QUIET, cwd=tmp_path))
 
 
 @pytest.mark.slow
 def test_causal_lm_overfits_tiny_corpus(tmp_path):
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 120)
-    result = run_template("causal_lm.py", "fit", "--data.data_path", "corpus.txt", "--data.block_size", "64",
-                          "--data.val_fraction", "0.1", "--trainer.max_steps", "120", "--trainer.val_check_interval",
-                          "40", *QUIET, cwd=tmp_path)
+    result = lm_run("fit", "--data.data_path", "corpus.txt", "--data.block_size", "64", "--data.val_fraction", "0.1",
+                    "--trainer.max_steps", "120", "--trainer.val_check_interval", "40", *QUIET, cwd=tmp_path)
     assert_ok(result)
-    loss = final_val_loss(result.stdout)[0]
-    print(f"val_loss after 120 steps: {loss:.3f} (uniform over bytes: {torch.log(torch.tensor(256.0)):.2f})")
-    assert loss < 0.5  # bar: a memorized repeating sentence
+    assert final_val_loss(result.stdout)[0] < 0.5  # bar: a memorized repeating sentence (uniform: ln 256 = 5.5)
     # the documented generate command, greedy: the memorized sentence comes back
-    sampled = run_template("causal_lm.py", "generate", "--prompt", "the quick b", "--max_new_tokens", "60",
-                           "--temperature", "0", cwd=tmp_path)
+    sampled = lm_run("generate", "--prompt", "the quick b", "--max_new_tokens", "60",
+                     "--temperature", "0", cwd=tmp_path)
     assert_ok(sampled)
     assert "fox jumps over the lazy dog. the quick brown fox" in sampled.stdout, sampled.stdout
 
 
 @pytest.mark.slow
 def test_causal_lm_trains_on_a_token_file_as_on_its_text(tmp_path):
-    """A .npy of the ids the template's byte tokenizer gives a text (memory-mapped, read by 2 DataLoader workers)
-    trains to the same weights as the text itself: same blocks, same split, same order."""
+    """A .npy of the text's byte ids (memory-mapped, 2 DataLoader workers) trains to the text's weights."""
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
     (tmp_path / "corpus.txt").write_text(text)
     np.save(tmp_path / "tokens.npy", np.array(list(text.encode()) + [10], dtype=np.uint16))  # a newline ends it
@@ -66,16 +101,14 @@ def test_causal_lm_trains_on_a_token_file_as_on_its_text(tmp_path):
               "--model.model_config", '{"vocab_size": 256}', *QUIET]  # the token file's own vocabulary is 123 ids
     for name, data in (("text", ["--data.data_path", "corpus.txt"]),
                        ("tokens", ["--data.data_path", "tokens.npy", "--data.num_workers", "2"])):
-        assert_ok(run_template("causal_lm.py", "fit", *data, *common, "--trainer.default_root_dir", name,
-                               cwd=tmp_path))
+        assert_ok(lm_run("fit", *data, *common, "--trainer.default_root_dir", name, cwd=tmp_path))
     text_run, token_run = (load_ckpt(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("text", "tokens"))
     assert token_run["global_step"] == 6
     assert all(torch.equal(token_run["state_dict"][k], w) for k, w in text_run["state_dict"].items())
 
 
 def test_a_token_file_reaches_spawned_workers_as_its_path_not_its_tokens(tmp_path, monkeypatch):
-    """DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: the memory map must travel
-    as its path, not as a copy of the corpus, and the worker must map the file again."""
+    """A spawned worker (macOS, Windows) gets the dataset pickled: the map travels as its path, not the corpus."""
     monkeypatch.syspath_prepend(str(TEMPLATES))
     import causal_lm  # by name, as a spawned worker imports it
 
@@ -94,11 +127,9 @@ def test_a_token_file_reaches_spawned_workers_as_its_path_not_its_tokens(tmp_pat
 @pytest.mark.parametrize("content, expected", [
     (b"", "as token ids (No data left in file)"),  # an interrupted write
     ("npz", "as token ids: save a 1-D integer array"),  # numpy.savez's archive under a .npy name
-    (np.array([3, -1, 5], dtype=np.int32), "holds token id -1: ids must be in 0..16,777,215"),
     (np.array([3, 20, 5], dtype=np.uint16), "holds token id 20, outside the 20 tokens of"),  # the tokenizer's ids: 0-19
 ])
-def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expected):
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_refusals")
+def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expected, lm):
     path = tmp_path / "tokens.npy"
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -112,10 +143,8 @@ def test_a_token_file_that_cannot_be_right_is_refused(tmp_path, content, expecte
         lm.TextData(data_path=str(path), tokenizer=str(tmp_path / "tokenizer"))
 
 
-def test_a_corpus_folder_is_read_as_the_user_left_it(tmp_path):
-    """Upper-case and .markdown suffixes are read, hidden folders skipped, a byte-order mark dropped; a file in
-    another encoding is refused by name (it trained as U+FFFD characters before)."""
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_corpus")
+def test_a_corpus_folder_is_read_as_the_user_left_it(tmp_path, lm):
+    """Hidden folders skipped, a byte-order mark dropped; another encoding refused by name (not trained as U+FFFD)."""
     (tmp_path / ".ipynb_checkpoints").mkdir()
     (tmp_path / ".ipynb_checkpoints" / "a.md").write_text("a stale copy")
     (tmp_path / "README.TXT").write_bytes("\ufeffcafé au lait".encode("utf-8"))
@@ -128,43 +157,29 @@ def test_a_corpus_folder_is_read_as_the_user_left_it(tmp_path):
         list(lm.TextData(data_path=str(tmp_path), block_size=4).documents())
 
 
-def test_a_pretrained_float16_model_trains_in_float32(tmp_path, tiny_llama):
-    """A model saved in float16 (Llama-2's dtype) fine-tunes with float32 weights and AdamW state under bf16-mixed:
-    transformers 5 loads a checkpoint in its saved dtype, and float16 second moments underflow to zero. It learns,
-    and the model comes out of from_pretrained's eval mode (dropout on)."""
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_a_pretrained_float16_model_trains_in_the_precisions_dtype(precision, dtype, tmp_path, tiny_llama):
+    """Saved in float16 (Llama-2's dtype; transformers 5 loads the saved dtype), out of from_pretrained's eval mode:
+    -true trains in its own dtype; -mixed in float32 weights and AdamW state (float16 second moments underflow)."""
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"body": "the film was great . " * 8}) + "\n"
                                                    for _ in range(30)))
-    result = run_template("causal_lm.py", "fit", "--model.name_or_path", tiny_llama, "--data.data_path",
-                          "corpus.jsonl", "--data.text_field", "body", "--data.block_size", "16",
-                          "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "10",
-                          "--trainer.val_check_interval", "5", *QUIET, cwd=tmp_path)
+    result = lm_run("fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.jsonl", "--data.text_field",
+                    "body", "--data.block_size", "16", "--trainer.precision", precision, "--trainer.max_steps", "10",
+                    "--trainer.val_check_interval", "5", *QUIET, cwd=tmp_path)
     assert_ok(result)
-    assert final_val_loss(result.stdout)[0] < 3.0
     assert "in eval mode at the start of training" not in result.stderr
-    ckpt = load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
-    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.float32}
-    moments = [t for state in ckpt["optimizer_states"][0]["state"].values() for k, t in state.items()
-               if k in ("exp_avg", "exp_avg_sq")]
-    assert moments and {t.dtype for t in moments} == {torch.float32}
+    ckpt = load_ckpt(tmp_path / LAST)
+    assert float_dtypes(ckpt["state_dict"].values()) == {dtype}
+    if precision == "bf16-mixed":  # it learns
+        moments = [t for state in ckpt["optimizer_states"][0]["state"].values() for k, t in state.items()
+                   if k in ("exp_avg", "exp_avg_sq")]
+        assert moments and float_dtypes(moments) == {torch.float32} and final_val_loss(result.stdout)[0] < 3.0
 
 
-def test_a_true_precision_trains_in_its_own_dtype(tmp_path, tiny_llama):
-    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 40)
-    result = run_template("causal_lm.py", "fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.txt",
-                          "--data.block_size", "16", "--trainer.precision", "bf16-true", "--trainer.max_steps", "2",
-                          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path)
-    assert_ok(result)
-    ckpt = load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
-    assert {v.dtype for v in ckpt["state_dict"].values() if v.is_floating_point()} == {torch.bfloat16}
-
-
-def test_activation_checkpointing_of_a_pretrained_model_uses_the_current_api(tiny_llama):
-    """transformers 5.25 renamed gradient_checkpointing_enable (a FutureWarning now, gone in v6): the template turns
-    checkpointing on without the warning, and every decoder block of a training step runs under the checkpoint."""
-    import warnings
-
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_checkpointing")
-    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+def test_activation_checkpointing_of_a_pretrained_model_uses_the_current_api(tiny_llama, lm):
+    """No FutureWarning (transformers 5.25 renamed gradient_checkpointing_enable), and every decoder block runs
+    under the checkpoint."""
+    vocab = vocab_of(tiny_llama)
     module = lm.CausalLM(name_or_path=str(tiny_llama), vocab_size=vocab, activation_checkpointing=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
@@ -178,35 +193,29 @@ def test_activation_checkpointing_of_a_pretrained_model_uses_the_current_api(tin
     assert len(checkpointed) == len(module.model.model.layers) == 2
 
 
-# ---- models: pretrained, built-in GPT, transformers types, attention --------------------------------------------
+# ---- models: pretrained, built-in GPT, transformers types, attention ----
 @pytest.mark.parametrize("model_type", ["gpt", "gpt2"])
-def test_a_block_longer_than_a_learned_position_table_is_refused(model_type, template_main, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_a_block_longer_than_a_learned_position_table_is_refused(model_type, refused):
     """Not an IndexError deep in an embedding lookup (rotary models only get a warning)."""
-    monkeypatch.chdir(tmp_path)
-    error = refused_in_process(template_main("causal_lm.py"), [
-        "fit", "--model.model_type", model_type, "--data.block_size", "2048", "--trainer.fast_dev_run", "true",
-        *QUIET], capsys)
-    assert "longer than the model's 1024 positions" in error
+    assert "longer than the model's 1024 positions" in refused([
+        "fit", "--model.model_type", model_type, "--data.block_size", "2048", "--trainer.fast_dev_run", "true", *QUIET])
 
 
-def test_model_config_overrides_the_tiny_defaults_under_either_name():
-    """GPT-2 names its width n_embd, an alias of the tiny default's hidden_size: the user's value must win."""
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_config")
-    gpt2 = lm.load_or_build(None, "gpt2", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}, 256,
-                            False, meta=True)
+def test_model_config_overrides_the_tiny_defaults_under_either_name(lm):
+    """GPT-2's n_embd aliases the tiny default's hidden_size: the user's value wins. GPT-2 small (its vocabulary
+    padded to 50304) has the same parameter count in transformers and built in (model_type gpt)."""
+    small = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}
+    gpt2, gpt = (lm.load_or_build(None, kind, small, 256, False, meta=True) for kind in ("gpt2", "gpt"))
     assert (gpt2.config.n_layer, gpt2.config.n_embd, gpt2.config.vocab_size) == (12, 768, 50304)
-    assert sum(p.numel() for p in gpt2.parameters()) == 124_475_904  # GPT-2 small with its vocabulary padded to 50304
+    assert sum(p.numel() for p in gpt2.parameters()) == sum(p.numel() for p in gpt.parameters()) == 124_475_904
     tiny = lm.load_or_build(None, "llama", {"hidden_size": 64, "num_attention_heads": 2}, 256, False, meta=True)
     assert (tiny.config.hidden_size, tiny.config.num_hidden_layers, tiny.config.vocab_size) == (64, 4, 256)
 
 
 def gpt2_weights_for_builtin_gpt(hf_state: dict, n_layer: int) -> dict:
-    """GPT2LMHeadModel's state dict under the built-in GPT's names (its Conv1D weights are stored transposed)."""
-    names = {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
-             "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
-             "lm_head.weight": "lm_head.weight"}
-    state = {ours: hf_state[theirs] for ours, theirs in names.items()}
+    """GPT2LMHeadModel's state dict under the built-in GPT's names (Conv1D weights transposed)."""
+    state = {k: hf_state[f"transformer.{k}"] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    state["lm_head.weight"] = hf_state["lm_head.weight"]
     for i in range(n_layer):
         for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("qkv", "attn.c_attn"), ("attn_out", "attn.c_proj"),
                              ("fc", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")):
@@ -216,12 +225,9 @@ def gpt2_weights_for_builtin_gpt(hf_state: dict, n_layer: int) -> dict:
     return state
 
 
-def test_builtin_gpt_is_gpt2():
-    """model_type gpt computes what transformers' GPT2LMHeadModel computes, with the same parameter count; activation
-    checkpointing leaves the gradients as they are; bias false drops every bias."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_gpt")
+def test_builtin_gpt_is_gpt2(lm):
+    """model_type gpt computes GPT2LMHeadModel's logits (parameter count and bias false: the tests above and below);
+    activation checkpointing leaves the gradients as they are."""
     torch.manual_seed(0)
     sizes = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=96, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **sizes)).eval()
@@ -239,23 +245,14 @@ def test_builtin_gpt_is_gpt2():
     for name, p in gpt.named_parameters():
         torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-6)
 
-    small = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}
-    builtin = lm.load_or_build(None, "gpt", small, 256, False, meta=True)
-    assert sum(p.numel() for p in builtin.parameters()) == 124_475_904
-    no_bias = lm.load_or_build(None, "gpt", {**small, "bias": False}, 256, False, meta=True)
-    assert not any(name.endswith("bias") for name, _ in no_bias.named_parameters())
-    with pytest.raises(lm.ConfigError, match="unknown model_config key"):
-        lm.build_gpt({"n_embed": 64}, 256)
-
     deep = lm.build_gpt({"n_layer": 8, "n_head": 4, "n_embd": 256}, 256)  # GPT-2's init: residual std 0.02 / 4
     block = deep.blocks[3]
     assert abs(block.fc.weight.std().item() - 0.02) < 1e-3 and abs(block.mlp_out.weight.std().item() - 0.005) < 3e-4
     assert deep.lm_head.weight is deep.wte.weight and not block.qkv.bias.any()
 
 
-def test_gpt2_small_recipe_builds_the_benchmarked_model(tmp_path, monkeypatch):
-    """The GPT-2-small command of performance.md and of causal_lm.py's docstring (the one bench.py timed) parses, and
-    builds a 12-layer, width-768 GPT without biases at batch 32 x 1024, compiled."""
+def test_gpt2_small_recipe_builds_the_benchmarked_model(tmp_path, monkeypatch, lm):
+    """performance.md's GPT-2-small command, also in causal_lm.py's docstring, builds the benchmarked model."""
     doc = (REPO / "references" / "performance.md").read_text()
     recipe = re.search(r"```bash\n(python causal_lm.py fit --config configs/gpu.yaml .*?)\n```", doc, re.S).group(1)
     docstring = (TEMPLATES / "causal_lm.py").read_text().split('"""')[1]
@@ -265,7 +262,6 @@ def test_gpt2_small_recipe_builds_the_benchmarked_model(tmp_path, monkeypatch):
     np.save(tmp_path / "tokens.npy", np.arange(40_000, dtype=np.uint16) % 50257)
     monkeypatch.chdir(tmp_path)
     args[args.index("configs/gpu.yaml")] = str(CONFIGS / "gpu.yaml")
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_recipe")
     cli = lm.main([*args, "--trainer.accelerator", "cpu"], run=False)
     data, hp = cli.datamodule.hparams, cli.model.hparams
     assert (data.batch_size, data.block_size, hp.model_type, hp.compile) == (32, 1024, "gpt", True)
@@ -274,15 +270,11 @@ def test_gpt2_small_recipe_builds_the_benchmarked_model(tmp_path, monkeypatch):
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
 
 
-def test_sdpa_backend_selects_the_attention_kernel_that_runs():
-    """--model.sdpa_backend sets PyTorch's fused-attention switches for the whole process, so the kernel chosen also
-    runs in activation checkpointing's recomputation (a context around forward alone would not reach it). On CPU the
-    profiler shows "math" replacing the default flash kernel, in the forward and the backward."""
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_sdpa")
-    switches = [(torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
-                (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
-                (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp)]
-    before = [enabled() for enabled, _ in switches]
+def test_sdpa_backend_selects_the_attention_kernel_that_runs(lm):
+    """--model.sdpa_backend sets PyTorch's process-wide switches, so activation checkpointing's recomputation runs the
+    chosen kernel too: on CPU "math" replaces the default flash kernel, forward and backward."""
+    kernels = ("flash", "mem_efficient", "cudnn")
+    before = [getattr(torch.backends.cuda, f"{kernel}_sdp_enabled")() for kernel in kernels]
     x, ran = torch.randint(0, 256, (2, 16)), {}
     try:
         for backend in (None, "math"):
@@ -292,14 +284,14 @@ def test_sdpa_backend_selects_the_attention_kernel_that_runs():
                 module.loss(x, x).backward()
             ran[backend] = {e.name for e in profile.events() if e.name.startswith("aten::_scaled_dot_product")}
     finally:  # the switches are global: leave them as they were for the other tests in this process
-        for (_, enable), value in zip(switches, before):
-            enable(value)
+        for kernel, value in zip(kernels, before):
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(value)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ran[None]
     assert ran["math"] == {"aten::_scaled_dot_product_attention_math"}
 
 
 def sdpa_calls_in_compiled_graph(fn, *args) -> list:
-    """The arguments of every fused-attention call in the graph torch.compile captures (traced, not run by inductor)."""
+    """The arguments of each fused-attention call in the graph torch.compile captures."""
     calls = []
 
     def record(graph_module, example_inputs):
@@ -311,13 +303,10 @@ def sdpa_calls_in_compiled_graph(fn, *args) -> list:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_transformers_causal_lms_attend_without_a_mask(model_type, monkeypatch):
-    """transformers' mask code builds a batch x 1 x seq x seq mask under torch.compile (no flash kernels) and reads a
-    value every eager forward. The template's models skip it and give the logits of transformers' eager attention;
-    an attention mask passed later is refused, not ignored; a sliding-window model keeps its mask."""
-    from transformers import AutoModelForCausalLM
-
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_attention")
+def test_transformers_causal_lms_attend_without_a_mask(model_type, monkeypatch, lm):
+    """transformers' mask code builds a batch x seq x seq mask under compile (no flash kernels) and reads a value every
+    eager forward: the template's models skip it with eager attention's logits; a later mask is refused, not ignored;
+    a sliding-window model keeps its mask."""
     monkeypatch.setitem(sys.modules, lm.__name__, lm)  # importable, as a run script is: compile traces its hook
     sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 2}
@@ -342,31 +331,24 @@ def test_transformers_causal_lms_attend_without_a_mask(model_type, monkeypatch):
     assert sliding.config._attn_implementation == "sdpa"
 
 
-# ---- speed: throughput, MFU, no waiting for the device, clipping, the benchmark ---------------------------------
+# ---- speed: throughput, MFU, no waiting for the device, the benchmark ----
 class SlowSteps(Callback):
-    """Makes every training batch take at least `seconds`: a known ceiling on the batches per second."""
+    """Every training batch takes 0.1 s at least: a ceiling of 10 batches per second."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        time.sleep(self.seconds)
+    def on_train_batch_start(self, *args):
+        time.sleep(0.1)
 
 
-def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path):
-    """The monitor times training at logging steps and validation starts only (the path GPUs take, here on CPU). Its
-    FLOPs must still cover every batch (FLOPs/s over tokens/s is measure_flops per token, MFU is FLOPs/s over the
-    peak), and a validation between logging steps must not take the training batch before it out of the training
-    time: with a window of 2 timings, that would show as 2 batches in the time of one, above the ceiling that
-    0.1 s per batch sets (checkpoints are off here: their save time counts as training time and would hide it)."""
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_throughput")
+def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path, lm):
+    """Timed at logging steps and validation starts only, its FLOPs cover every batch; a validation between logging
+    steps must not drop the batch before it from the training time (checkpoints off: their save time would hide it)."""
     cli = lm.main(["--trainer.max_steps", "14", "--trainer.val_check_interval", "5", "--trainer.limit_val_batches",
                    "2", "--trainer.log_every_n_steps", "2", "--data.batch_size", "4", "--throughput.window_size", "2",
                    "--throughput.peak_tflops", "0.5", "--best_checkpoint.save_top_k", "0",
                    "--last_checkpoint.save_top_k", "0", "--last_checkpoint.save_last", "false",
                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
                    str(tmp_path / "logs"), "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET],
-                  run=False, callbacks=(SlowSteps(0.1),))
+                  run=False, callbacks=(SlowSteps(),))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows = [r for r in csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv"))))
             if r.get("train/device/flops_per_sec")]
@@ -381,10 +363,8 @@ def test_throughput_logs_tokens_per_second_and_mfu_of_every_batch(tmp_path):
 
 
 class HostReads(TorchFunctionMode, Callback):
-    """Records every read of a tensor's value in Python during training steps, with its step and caller: on a GPU
-    each one waits for the queued work to finish, so Lightning's per-step Python work would no longer overlap it.
-    Left out: torch.optim's and the DataLoader's own host-side values (step counters, seeds, indices), and the NaN
-    check, which reads on CPU at every step and on GPUs at logging steps only."""
+    """Each Python read of a tensor value in a training step (on a GPU, a wait for the queued work), but not
+    torch.optim's and the DataLoader's host-side values, nor the NaN check (every step on CPU)."""
 
     METHODS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
     HOST_SIDE = ("/torch/optim/", "/torch/utils/data/")
@@ -413,15 +393,13 @@ class HostReads(TorchFunctionMode, Callback):
 
 
 @pytest.mark.parametrize("template, args", [
-    pytest.param("causal_lm.py", ["--model.model_type", "gpt", "--trainer.max_steps", "12", "--data.batch_size", "4"],
-                 id="causal_lm-gpt"),
-    pytest.param("causal_lm.py", ["--trainer.max_steps", "12", "--data.batch_size", "4"], id="causal_lm-llama"),
-    pytest.param("tabular.py", ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "12"],
-                 id="tabular")])
+    ("causal_lm.py", ["--model.model_type", "gpt", "--trainer.max_steps", "12", "--data.batch_size", "4"]),
+    ("causal_lm.py", ["--trainer.max_steps", "12", "--data.batch_size", "4"]),
+    ("tabular.py", ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "12"])],
+    ids=["causal_lm-gpt", "causal_lm-llama", "tabular"])
 def test_training_steps_do_not_wait_for_the_device(tmp_path, template, args):
-    """With the template's own logging and progress bar, only logging steps read a tensor value (Lightning hands
-    the logged loss to the logger): the other steps queue their work without waiting, which is what lets the
-    Trainer keep pace with a plain loop on a GPU (bench/bench.py measures that)."""
+    """Only logging steps read a tensor value (the logged loss): the others queue their work without waiting, as a
+    plain loop does (bench/bench.py measures it on a GPU)."""
     module = load_module(TEMPLATES / template, f"{template[:-3]}_host_reads")
     reads = HostReads()
     cli = module.main([*args, "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path)],
@@ -433,9 +411,21 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path, template, args):
     assert {r[0] for r in reads.reads} == {9}  # the positive control: the one logging step reads the loss
 
 
+LITGPT = os.environ.get("LITGPT_PYTHON")
+
+
+@pytest.mark.skipif(not LITGPT, reason="needs LITGPT_PYTHON: litgpt's own environment")
+def test_bench_tiny_litgpt_row(tmp_path):
+    """litgpt pins packages transformers 5 cannot live with: its row runs where LITGPT_PYTHON names its Python."""
+    result = run([sys.executable, REPO / "bench" / "bench.py", "--tiny", "--rows", "litgpt", "--litgpt-python", LITGPT,
+                  "--format", "json"], cwd=tmp_path)
+    assert_ok(result)
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["variant"].split(" ")[0] for r in rows] == ["litgpt", "causal_lm.py"] and all(r["tokens/s"] for r in rows)
+
+
 def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
-    """bench/bench.py --tiny: the GPU benchmark's code on CPU, so it cannot rot; speed is read from its table, not
-    asserted here."""
+    """bench/bench.py --tiny: the GPU benchmark's code on CPU, so it cannot rot; speed is not asserted."""
     result = run([sys.executable, TEMPLATES.parent / "bench" / "bench.py", "--tiny", "--peak-tflops", "1", "--format",
                   "json"], cwd=tmp_path)
     assert_ok(result)
@@ -465,7 +455,7 @@ def test_bench_tiny_compares_trainer_and_plain_loop(tmp_path):
     assert checks["sdpa_kernel"] in ("FLASH_ATTENTION", "MATH")  # what PyTorch picks for these shapes on CPU
 
 
-# ---- several processes and the strategies of the configs --------------------------------------------------------
+# ---- several processes and the strategies of the configs ----
 @pytest.mark.slow
 def test_causal_lm_ddp_two_processes(tmp_path):
     """Every rank ends with the same val_loss (sync_dist) and logs no sync_dist warning."""
@@ -476,31 +466,24 @@ def test_causal_lm_ddp_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_builtin_gpt_fsdp2_two_processes_consolidates_and_validates(tmp_path):
-    """Tied input/output embeddings under FSDP2 with "auto" mesh sizes (one node: sharded over the tensor_parallel
-    dimension): each process trains on its own half of the data; the sharded checkpoint consolidates with
-    Lightning's utility and a one-process validate of that file gives the val_loss of the 2-process run."""
-    result = run_template("causal_lm.py", "fit", "--model.model_type", "gpt", "--config", CONFIGS / "fsdp2.yaml",
-                          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
-                          "--trainer.strategy.init_args.data_parallel_size", "auto",
-                          "--trainer.strategy.init_args.tensor_parallel_size", "auto", "--trainer.max_steps", "4",
-                          "--trainer.use_distributed_sampler", "false",  # both ranks validate what one process will
-                          "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "4", *QUIET,
-                          cwd=tmp_path, timeout=600)
+    """Tied embeddings under FSDP2, "auto" mesh sizes: each process trains on its half of the data; the consolidated
+    checkpoint validates alone to the 2-process val_loss."""
+    result = lm_run("fit", "--model.model_type", "gpt", *FSDP2, "--trainer.max_steps", "4",
+                    "--trainer.use_distributed_sampler", "false",  # both ranks validate what one process will
+                    "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "4", *QUIET,
+                    cwd=tmp_path, timeout=600)
     assert_ok(result)
     losses = final_val_loss(result.stdout)
     assert set(losses) == {0, 1} and losses[0] == losses[1]
-    sharded = tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt"
+    sharded = tmp_path / LAST
     _, processes, _ = load_ckpt(sharded / "meta.pt")["TextData"]["order"]  # the sampler's split
     assert processes == 2, f"the training data was split over {processes} process(es), not both"
-    _, val_loss = consolidate_and_validate(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt", tmp_path)
+    _, val_loss = consolidate_and_validate(tmp_path / LAST, tmp_path)
     assert abs(val_loss - losses[0]) < 1e-4, (val_loss, losses[0])
 
 
 def build_strategy(config_name: str):
     """Instantiates the config's trainer.strategy the way LightningCLI does (no Trainer, so no GPU needed)."""
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.strategies import Strategy
-
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Union[str, Strategy])
     strategy = yaml.safe_load((CONFIGS / config_name).read_text())["trainer"]["strategy"]
@@ -508,18 +491,13 @@ def build_strategy(config_name: str):
 
 
 def test_fsdp_configs_build_their_strategy():
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
     fsdp = build_strategy("fsdp.yaml")
     assert isinstance(fsdp, FSDPStrategy) and fsdp._state_dict_type == "sharded"
-    fsdp2 = build_strategy("fsdp2.yaml")
-    assert isinstance(fsdp2, ModelParallelStrategy)
+    assert isinstance(build_strategy("fsdp2.yaml"), ModelParallelStrategy)
 
 
 @pytest.mark.parametrize("strategy, stage, offload", [(None, 2, False), ("deepspeed_stage_3_offload", 3, True)])
 def test_deepspeed_config_and_its_documented_override_name_registered_strategies(strategy, stage, offload):
-    from lightning.pytorch.strategies import StrategyRegistry
-
     config = (CONFIGS / "deepspeed.yaml").read_text()
     assert strategy is None or f"--trainer.strategy {strategy}" in config  # the override the file documents
     strategy = strategy or build_strategy("deepspeed.yaml")
@@ -533,53 +511,44 @@ def test_deepspeed_config_and_its_documented_override_name_registered_strategies
     ("deepspeed.yaml", "you must have DeepSpeed installed"),
     ("fsdp2.yaml", "must equal devices x num_nodes = 1"),  # runs on CPU, but 8 shards need 8 processes
 ])
-def test_strategy_that_cannot_run_here_is_one_clear_line(template_main, tmp_path, monkeypatch, capsys, config,
-                                                         expected):
-    monkeypatch.chdir(tmp_path)
-    assert expected in refused_in_process(template_main("causal_lm.py"), [
-        "fit", "--config", str(CONFIGS / config), "--trainer.accelerator", "cpu", "--trainer.devices", "1"], capsys)
+def test_strategy_that_cannot_run_here_is_one_clear_line(refused, config, expected):
+    assert expected in refused(["fit", "--config", str(CONFIGS / config), "--trainer.accelerator", "cpu",
+                                "--trainer.devices", "1"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config, model_type", [("gpu.yaml", "llama"), ("fsdp.yaml", "llama"), ("gpu.yaml", "gpt"),
                                                 ("fsdp.yaml", "gpt")])
 def test_gpu_training(tmp_path, config, model_type):
-    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / config, "--model.model_type", model_type,
-                          "--trainer.devices", "1", "--model.compile", "true", "--trainer.max_steps", "20",
-                          "--trainer.val_check_interval", "10", "--throughput.window_size", "2",  # 2 logging steps
-                          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
-                          "logs", *QUIET, cwd=tmp_path, timeout=600)
+    result = lm_run("fit", "--config", CONFIGS / config, "--model.model_type", model_type,
+                    "--trainer.devices", "1", "--model.compile", "true", "--trainer.max_steps", "20",
+                    "--trainer.val_check_interval", "10", "--throughput.window_size", "2",  # 2 logging steps
+                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+                    "logs", *QUIET, cwd=tmp_path, timeout=600)
     assert_ok(result)
     header = open(next((tmp_path / "logs").rglob("metrics.csv"))).readline()
     assert "train/device/items_per_sec" in header and "train/device/mfu" in header
 
 
-# ---- bad input --------------------------------------------------------------------------------------------------
-def test_bad_input_one_line_exit_2(template_main, tmp_path, monkeypatch, capsys):
-    """Data and model input the template refuses, each in one line (the run in a real process: one line in all)."""
+# ---- bad input ----
+def test_bad_input_one_line_exit_2(refused, tmp_path):
+    """More cases: test_bad_inputs.py, and test_lightning_support.py's BAD_INPUTS (a missing data path)."""
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
-    np.save(tmp_path / "f.npy", np.zeros(100, dtype=np.float32))  # embeddings, say, not token ids
-    monkeypatch.chdir(tmp_path)
-    main = template_main("causal_lm.py")
-    for args, expected in ((["--data.data_path", "missing.txt"], "data not found"),
-                           (["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no text field 'content'"),
+    for args, expected in ((["--data.data_path", "c.jsonl", "--data.text_field", "content"], "no text field 'content'"),
                            (["--model.name_or_path", "./no_such_model"], "folder not found"),
-                           (["--data.data_path", "c.jsonl", "--data.block_size", "4096"], "too few for block_size"),
-                           (["--data.data_path", "f.npy"], "cannot read f.npy as token ids (it holds float32 values")):
-        assert expected in refused_in_process(main, ["fit", *args, "--trainer.fast_dev_run", "true"], capsys), args
-    result = run_template("causal_lm.py", "fit", "--data.data_path", "missing.txt", cwd=tmp_path)
+                           (["--data.data_path", "c.jsonl", "--data.block_size", "4096"], "too few for block_size")):
+        assert expected in refused(["fit", *args, "--trainer.fast_dev_run", "true"]), args
+    result = lm_run("fit", "--data.data_path", "missing.txt", cwd=tmp_path)
     assert_one_error_line(result, "data not found")
 
 
-def test_subcommands_without_a_step_are_one_line(template_main, tmp_path, monkeypatch, capsys):
-    """test and predict are listed by LightningCLI, but causal_lm.py has no such step: one line, exit 2, not a
-    traceback. A short run still validates at its end."""
-    monkeypatch.chdir(tmp_path)
-    main = template_main("causal_lm.py")
+def test_subcommands_without_a_step_are_one_line(refused):
+    """LightningCLI lists test and predict, which causal_lm.py lacks. A short run still validates at its end."""
     for subcommand in ("test", "predict"):
-        assert f"has no {subcommand} step" in refused_in_process(main, [subcommand], capsys)
-    cli = main(["--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2"], run=False)
+        assert f"has no {subcommand} step" in refused([subcommand])
+    cli = refused.main(["--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2"], run=False)
     assert cli.trainer.val_check_interval == 40  # batches, as val_check_interval counts them (default 50)
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a GPU")
 def test_bench_without_a_gpu_is_one_line(tmp_path):
@@ -591,15 +560,13 @@ def test_bench_without_a_gpu_is_one_line(tmp_path):
     (["--model.model_type", "gpt2", "--model.model_config", '{"n_layers": 2}'], "did you mean: n_layer"),
     (["--model.model_type", "gpt", "--model.model_config", '{"n_embed": 64}'], "unknown model_config key"),
 ], ids=["llama", "gpt2", "gpt"])
-def test_a_misspelt_model_config_key_is_refused_before_anything_is_built(args, expected, template_main, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_a_misspelt_model_config_key_is_refused_before_anything_is_built(args, expected, refused, tmp_path):
     """transformers configs keep any keyword, so the typo would change nothing, silently."""
-    monkeypatch.chdir(tmp_path)
-    assert expected in refused_in_process(template_main("causal_lm.py"), ["fit", *args], capsys)
+    assert expected in refused(["fit", *args])
     assert not (tmp_path / "runs").exists()
 
 
-# ---- LoRA fine-tuning, instruction data, generate and export ------------------------------------------------------
+# ---- LoRA fine-tuning, instruction data, generate and export ----
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '[CLS] ' + m['role'] + ' ' + m['content'] + ' [SEP] ' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '[CLS] assistant ' }}{% endif %}")
 
@@ -607,10 +574,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '[CLS] ' + m['role'] + ' ' + m['cont
 @pytest.fixture(scope="module")
 def chat_llama(tiny_llama, tmp_path_factory):
     """The tiny Llama with a chat template: a turn is [CLS] role text [SEP]."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
     folder = tmp_path_factory.mktemp("chat_llama")
     shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -625,16 +588,12 @@ def learned(tokenizer, ids, labels) -> str:
         i for i in labels if i != -100).decode()
 
 
-def test_instruction_data_learns_the_answers_only(chat_llama, tmp_path):
-    """Labels are the assistant's tokens with its end of turn, -100 elsewhere: with the tokenizer's chat template
-    (every assistant turn of a conversation), without one (the plain layout) and on UTF-8 bytes; TextData reads
-    prompt/response JSONL as conversations by itself and its targets are those labels shifted by one."""
-    from transformers import AutoTokenizer
-
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_chat")
+def test_instruction_data_learns_the_answers_only(chat_llama, tmp_path, lm):
+    """Labels are the assistant's tokens and end of turn, -100 elsewhere: with the tokenizer's chat template (every
+    assistant turn), without one and on UTF-8 bytes; TextData reads prompt/response JSONL as conversations."""
     tokenizer = AutoTokenizer.from_pretrained(chat_llama)
-    talk = [{"role": "user", "content": "the film was"}, {"role": "assistant", "content": "great ."},
-            {"role": "user", "content": "the plot was"}, {"role": "assistant", "content": "dull ."}]
+    talk = [{"role": role, "content": text} for role, text in (("user", "the film was"), ("assistant", "great ."),
+                                                                ("user", "the plot was"), ("assistant", "dull ."))]
     ids, labels = lm.chat_tokens(tokenizer, talk)
     assert tokenizer.decode(ids) == ("[CLS] [UNK] the film was [SEP] [CLS] [UNK] great . [SEP] [CLS] [UNK] the plot"
                                      " was [SEP] [CLS] [UNK] dull . [SEP]")  # roles are not in the tiny vocabulary
@@ -664,11 +623,10 @@ def test_instruction_data_learns_the_answers_only(chat_llama, tmp_path):
     assert (targets[:-3] == -100).all()
 
 
-def test_packed_conversations_attend_only_to_themselves(tiny_llama):
-    """Packing puts several conversations in one row, positions restarting at each: with transformers' sdpa (what
-    the template switches to for packing) each one's logits are those it gets alone; the padding gets -100."""
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_packing")
-    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+def test_packed_conversations_attend_only_to_themselves(tiny_llama, lm):
+    """Packed in one row, positions restarting at each, under sdpa (the template's choice for packing), each
+    conversation gets the logits it gets alone; the padding gets -100."""
+    vocab = vocab_of(tiny_llama)
     module = lm.CausalLM(name_or_path=str(tiny_llama), vocab_size=vocab)
     module.configure_model()
     module.model.set_attn_implementation("sdpa")
@@ -687,14 +645,10 @@ def test_packed_conversations_attend_only_to_themselves(tiny_llama):
             torch.testing.assert_close(packed[row, start:start + len(x)], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_keeps_the_frozen_model_in_the_autocast_dtype(tiny_llama):
-    """Under bf16-mixed the frozen weights load in bfloat16 (2 bytes each; float32 ones would also get a bfloat16
-    copy at every use, which autocast keeps for backward), and the adapters, which the optimizer updates, in
-    float32. Under 32-true everything is float32."""
-    import lightning as L
-
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_lora_dtype")
-    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+def test_lora_keeps_the_frozen_model_in_the_autocast_dtype(tiny_llama, lm):
+    """bf16-mixed: frozen weights in bfloat16 (float32 ones would also get an autocast copy, kept for backward),
+    adapters in float32; 32-true: all float32."""
+    vocab = vocab_of(tiny_llama)
     for precision, frozen in (("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)):
         module = lm.CausalLM(name_or_path=str(tiny_llama), vocab_size=vocab, finetune="lora")
         module.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False)
@@ -704,12 +658,9 @@ def test_lora_keeps_the_frozen_model_in_the_autocast_dtype(tiny_llama):
         assert dtypes == {False: {frozen}, True: {torch.float32}}, precision
 
 
-def test_packing_is_allowed_for_the_types_whose_attention_follows_positions():
-    """For every type in PACKABLE_TYPES, a row of two conversations (positions restarting at the second) gives the
-    second conversation's logits as it gets them alone; OPT, which builds its mask without positions, would not."""
-    from transformers import AutoModelForCausalLM
-
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_packable")
+def test_packing_is_allowed_for_the_types_whose_attention_follows_positions(lm):
+    """Each PACKABLE_TYPES model gives a packed row's second conversation its logits alone; OPT (a mask without
+    positions) would not."""
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 2, "vocab_size": 40000}  # phi3's pad id 32000 must be in the vocabulary
     a, b = torch.randint(0, 30000, (5,)), torch.randint(0, 30000, (7,))
@@ -728,6 +679,11 @@ def adapters(checkpoint: Path) -> dict:
     return load_ckpt(checkpoint)["state_dict"]
 
 
+def film_corpus(tmp_path: Path, model: Path) -> list:
+    (tmp_path / "corpus.txt").write_text(FILM * 200)
+    return ["--model.name_or_path", model, "--data.data_path", "corpus.txt"]
+
+
 LORA_FIT = ["--model.finetune", "lora", "--model.learning_rate", "1e-2", "--model.lora_r", "4",
             "--data.batch_size", "4", "--data.block_size", "32", "--trainer.max_steps", "8",
             "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2", "--trainer.deterministic", "true",
@@ -735,31 +691,24 @@ LORA_FIT = ["--model.finetune", "lora", "--model.learning_rate", "1e-2", "--mode
 
 
 @pytest.mark.slow
-def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, tmp_path):
-    """A LoRA fine-tune on conversations (packed): the frozen weights do not change and checkpoints hold the
-    adapters only; kill -9 after step 4 and --ckpt_path last ends with the adapters of an uninterrupted run;
-    generate answers; export writes a folder that transformers loads with the module's logits, merged or (--adapter)
-    as a peft adapter on the base model."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, tmp_path, lm):
+    """LoRA on packed conversations: checkpoints hold the adapters only; kill -9 and --ckpt_path last end as an
+    uninterrupted run; export, merged or as a peft adapter, gives the module's logits in transformers."""
     talk = [{"prompt": f"the {noun} was", "response": f"{word} ."} for noun in ("film", "movie", "plot")
             for word in ("great", "dull")]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(t) + "\n" for t in talk * 10))
     fit = ["fit", "--model.name_or_path", chat_llama, "--data.data_path", "chat.jsonl", "--data.packing", "true",
            *LORA_FIT]
-    whole = run_template("causal_lm.py", *fit, "--trainer.default_root_dir", "whole", cwd=tmp_path)
+    whole = lm_run(*fit, "--trainer.default_root_dir", "whole", cwd=tmp_path)
     assert_ok(whole)
     best = tmp_path / "whole" / "checkpoints" / "best.ckpt"
     for command in ("generate --prompt TEXT", "export --out hf_model"):  # fit's last lines name them
         assert f"causal_lm.py {command} --ckpt_path {best}" in whole.stdout, whole.stdout[-2000:]
     kill = callback_config(tmp_path / "kill.yaml", "SignalAtStep", step=5, signal_name="SIGKILL")
-    killed = run_template("causal_lm.py", *fit, "--config", kill, "--trainer.default_root_dir", "cut", cwd=tmp_path,
-                          tests_on_path=True)
+    killed = lm_run(*fit, "--config", kill, "--trainer.default_root_dir", "cut", cwd=tmp_path, tests_on_path=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert load_ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")["global_step"] == 4
-    resumed = run_template("causal_lm.py", *fit, "--trainer.default_root_dir", "cut", "--ckpt_path", "last",
-                           cwd=tmp_path)
+    resumed = lm_run(*fit, "--trainer.default_root_dir", "cut", "--ckpt_path", "last", cwd=tmp_path)
     assert_ok(resumed)
     ckpt = tmp_path / "whole" / "checkpoints" / "last.ckpt"
     trained, again = adapters(ckpt), adapters(tmp_path / "cut" / "checkpoints" / "last.ckpt")
@@ -768,7 +717,6 @@ def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, 
     assert any(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B." in k)  # B starts at zero: it trained
     assert ckpt.stat().st_size < 2 * sum(v.numel() * 4 for v in trained.values()) * 3 + 200_000  # + AdamW state
 
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_lora")
     module, tokenizer, data = lm.load_trained(str(ckpt))
     original = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32)
     frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
@@ -776,62 +724,54 @@ def test_lora_trains_adapters_only_resumes_after_kill_9_and_exports(chat_llama, 
     assert all(torch.equal(frozen[k], v) for k, v in original.state_dict().items())
     assert data["data_format"] == "instruction"
 
-    answer = run_template("causal_lm.py", "generate", "--root", "whole", "--prompt", "the film was",
-                          "--temperature", "0", "--max_new_tokens", "5", cwd=tmp_path)
+    answer = lm_run("generate", "--root", "whole", "--prompt", "the film was",
+                    "--temperature", "0", "--max_new_tokens", "5", cwd=tmp_path)
     assert_ok(answer)
     assert answer.stdout.strip() and "the film was" not in answer.stdout  # the answer only
 
     x = torch.randint(6, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = module(x)
-    merged = run_template("causal_lm.py", "export", "--root", "whole", "--out", "merged", cwd=tmp_path)
+    merged = lm_run("export", "--root", "whole", "--out", "merged", cwd=tmp_path)
     assert_ok(merged)
     assert not list((tmp_path / "merged").glob("adapter_*"))
     with torch.no_grad():
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         torch.testing.assert_close(loaded(x).logits, expected, atol=1e-5, rtol=1e-5)
     assert tokenizer.sep_token_id in loaded.generation_config.eos_token_id  # the chat template's end of a turn
-    assert_ok(run_template("causal_lm.py", "export", "--root", "whole", "--out", "adapter", "--adapter",
-                           cwd=tmp_path))
+    assert_ok(lm_run("export", "--root", "whole", "--out", "adapter", "--adapter", cwd=tmp_path))
     with torch.no_grad():
-        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32),
-                                         tmp_path / "adapter")
-        torch.testing.assert_close(peft(x).logits, expected, atol=1e-5, rtol=1e-5)
-    again = run_template("causal_lm.py", "export", "--root", "whole", "--out", "merged", cwd=tmp_path)
+        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32),
+                                                 tmp_path / "adapter")
+        torch.testing.assert_close(adapted(x).logits, expected, atol=1e-5, rtol=1e-5)
+    again = lm_run("export", "--root", "whole", "--out", "merged", cwd=tmp_path)
     assert_one_error_line(again, "exists and is not empty")
 
 
-def test_lora_and_export_refuse_what_cannot_work_in_one_line(tiny_llama, template_main, tmp_path, monkeypatch,
-                                                             capsys):
-    monkeypatch.chdir(tmp_path)
-    main = template_main("causal_lm.py")
-    assert "adapts a pretrained model: set --model.name_or_path" in refused_in_process(
-        main, ["fit", "--model.finetune", "lora", "--trainer.max_steps", "1"], capsys)
-    if not torch.cuda.is_available():
-        assert "on a CUDA GPU only" in refused_in_process(main, [
-            "fit", "--model.name_or_path", str(tiny_llama), "--model.finetune", "qlora", "--trainer.max_steps", "1"],
-            capsys)
-    assert "set --model.lora_targets" in refused_in_process(main, [
-        "fit", "--model.name_or_path", str(tiny_llama), "--model.finetune", "lora", "--model.lora_targets",
-        "[no_such_layer]", "--trainer.max_steps", "1"], capsys)
-    assert "checkpoint not found" in refused_in_process(main, ["export", "--out", "x", "--root", "nowhere"], capsys)
+def test_lora_and_export_refuse_what_cannot_work_in_one_line(tiny_llama, refused, tmp_path):
     (tmp_path / "zero").mkdir()
     (tmp_path / "zero" / "latest").write_text("global_step4")
-    assert "convert_zero_checkpoint_to_fp32_state_dict" in refused_in_process(
-        main, ["generate", "--ckpt_path", "zero"], capsys)
+    fit = ["fit", "--model.name_or_path", str(tiny_llama), "--trainer.max_steps", "1"]
+    for args, expected in ((["fit", "--model.finetune", "lora", "--trainer.max_steps", "1"],
+                            "adapts a pretrained model: set --model.name_or_path"),
+                           ([*fit, "--model.finetune", "qlora"], "on a CUDA GPU only"),
+                           ([*fit, "--model.finetune", "lora", "--model.lora_targets", "[no_such_layer]"],
+                            "set --model.lora_targets"),
+                           (["export", "--out", "x", "--root", "nowhere"], "checkpoint not found"),
+                           (["generate", "--ckpt_path", "zero"], "convert_zero_checkpoint_to_fp32_state_dict")):
+        if "qlora" not in args or not torch.cuda.is_available():
+            assert expected in refused(args), args
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
-def test_a_lora_checkpoint_loaded_with_other_adapters_is_refused(tiny_llama, tmp_path):
-    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 200)
-    fit = ["fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.txt", *LORA_FIT]
-    assert_ok(run_template("causal_lm.py", *fit, "--trainer.max_steps", "4", cwd=tmp_path))
-    other = run_template("causal_lm.py", *fit, "--model.lora_targets", "[q_proj, v_proj]", "--ckpt_path", "last",
-                         cwd=tmp_path)
+def test_a_lora_checkpoint_loaded_with_other_adapters_is_refused(tiny_llama, tmp_path, lm):
+    fit = ["fit", *film_corpus(tmp_path, tiny_llama), *LORA_FIT]
+    assert_ok(lm_run(*fit, "--trainer.max_steps", "4", cwd=tmp_path))
+    other = lm_run(*fit, "--model.lora_targets", "[q_proj, v_proj]", "--ckpt_path", "last", cwd=tmp_path)
     assert_one_error_line(other, "was trained with model.lora_targets=None")
-    lm = load_module(TEMPLATES / "causal_lm.py", "causal_lm_other_adapters")  # loaded from Python: the same check
-    saved = load_ckpt(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    # loaded from Python: the same check
+    saved = load_ckpt(tmp_path / LAST)
     trained = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
     module = lm.CausalLM(**{**trained, "lora_targets": ["q_proj", "v_proj"]})
     module.configure_model()
@@ -841,46 +781,38 @@ def test_a_lora_checkpoint_loaded_with_other_adapters_is_refused(tiny_llama, tmp
 
 @pytest.mark.slow
 def test_lora_under_fsdp2_resumes_from_its_shards_and_consolidates(tiny_llama, tmp_path):
-    """Two processes, FSDP2: the adapters train sharded with the frozen weights; a sharded checkpoint keeps every
-    weight (torch's distributed checkpoint loads complete states only) and resumes; Lightning's consolidation gives
-    a file that generate and export read."""
-    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 200)
-    fit = ["fit", "--model.name_or_path", tiny_llama, "--data.data_path", "corpus.txt", "--config",
-           CONFIGS / "fsdp2.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision",
-           "32-true", "--trainer.strategy.init_args.data_parallel_size", "auto",
-           "--trainer.strategy.init_args.tensor_parallel_size", "auto", *LORA_FIT]
-    assert_ok(run_template("causal_lm.py", *fit, "--trainer.max_steps", "4", cwd=tmp_path, timeout=600))
-    resumed = run_template("causal_lm.py", *fit, "--ckpt_path", "last", cwd=tmp_path, timeout=600)
+    """FSDP2, two processes: the sharded checkpoint keeps every weight (torch's distributed checkpoint loads complete
+    states only) and resumes; its consolidation is a file generate and export read."""
+    fit = ["fit", *film_corpus(tmp_path, tiny_llama), *FSDP2, *LORA_FIT]
+    assert_ok(lm_run(*fit, "--trainer.max_steps", "4", cwd=tmp_path, timeout=600))
+    resumed = lm_run(*fit, "--ckpt_path", "last", cwd=tmp_path, timeout=600)
     assert_ok(resumed)
     assert "step 8 val_loss" in resumed.stdout
-    single, _ = consolidate_and_validate(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt", tmp_path)
+    single, _ = consolidate_and_validate(tmp_path / LAST, tmp_path)
     assert any(".lora_B." in k for k in load_ckpt(single)["state_dict"])
-    assert_ok(run_template("causal_lm.py", "generate", "--ckpt_path", single, "--max_new_tokens", "3", cwd=tmp_path))
-    assert_ok(run_template("causal_lm.py", "export", "--ckpt_path", single, "--out", "hf", cwd=tmp_path))
+    assert_ok(lm_run("generate", "--ckpt_path", single, "--max_new_tokens", "3", cwd=tmp_path))
+    assert_ok(lm_run("export", "--ckpt_path", single, "--out", "hf", cwd=tmp_path))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])
 def test_lora_peak_memory_on_gpu_is_what_the_planner_says(tmp_path, finetune):
-    """A random model of TinyLlama-1.1B's shape, sequence 1024, micro-batch 2, bf16-mixed: the peak memory torch
-    allocated against detect_hardware.py's estimate for the same run (both printed: the planner's GPU check)."""
+    """TinyLlama-1.1B's shape, random, sequence 1024, micro-batch 2, bf16-mixed: peak allocated memory against
+    detect_hardware.py's estimate (both printed)."""
     if finetune == "qlora":
         pytest.importorskip("bitsandbytes")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path / "model"
     save_tiny_tokenizer(folder)
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     with torch.device("cuda"):
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 5000)
+    (tmp_path / "corpus.txt").write_text(FILM * 5000)
     facts = callback_config(tmp_path / "facts.yaml", "PrintRunFacts")
-    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / "gpu.yaml", "--config", facts,
-                          "--model.name_or_path", folder, "--model.finetune", finetune, "--data.data_path",
-                          "corpus.txt", "--data.block_size", "1024", "--data.batch_size", "2", "--trainer.max_steps",
-                          "6", "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "1", *QUIET,
-                          cwd=tmp_path, tests_on_path=True, timeout=600)
+    result = lm_run("fit", "--config", CONFIGS / "gpu.yaml", "--config", facts, "--model.name_or_path", folder,
+                    "--model.finetune", finetune, "--data.data_path", "corpus.txt", "--data.block_size", "1024",
+                    "--data.batch_size", "2", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+                    "--trainer.limit_val_batches", "1", *QUIET, cwd=tmp_path, tests_on_path=True, timeout=600)
     assert_ok(result)
     peak = run_facts(result.stdout)[0]["peak_gb"]
     planner = load_module(REPO / "scripts" / "detect_hardware.py", "detect_hardware_gpu_check")
@@ -891,14 +823,13 @@ def test_lora_peak_memory_on_gpu_is_what_the_planner_says(tmp_path, finetune):
 
 @pytest.mark.gpu
 def test_qlora_fine_tunes_a_4_bit_model_on_gpu(tiny_llama, tmp_path):
-    """QLoRA on CUDA: the frozen Linear weights load in 4 bits, the adapters train and the checkpoint holds only
-    them; generate and a merged export work from it."""
+    """QLoRA on CUDA: 4-bit frozen Linear weights, the checkpoint holds the adapters only; generate and a merged
+    export work."""
     pytest.importorskip("bitsandbytes")
-    (tmp_path / "corpus.txt").write_text("the film was great . the plot was dull .\n" * 200)
-    result = run_template("causal_lm.py", "fit", "--config", CONFIGS / "gpu.yaml", "--model.name_or_path", tiny_llama,
-                          "--data.data_path", "corpus.txt", *LORA_FIT[2:], "--model.finetune", "qlora", cwd=tmp_path)
+    result = lm_run("fit", "--config", CONFIGS / "gpu.yaml", *film_corpus(tmp_path, tiny_llama),
+                    *LORA_FIT[2:], "--model.finetune", "qlora", cwd=tmp_path)
     assert_ok(result)
-    trained = adapters(tmp_path / "runs" / "causal_lm" / "checkpoints" / "last.ckpt")
+    trained = adapters(tmp_path / LAST)
     assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
-    assert_ok(run_template("causal_lm.py", "generate", "--prompt", "the film", "--max_new_tokens", "4", cwd=tmp_path))
-    assert_ok(run_template("causal_lm.py", "export", "--out", "merged", cwd=tmp_path))
+    assert_ok(lm_run("generate", "--prompt", "the film", "--max_new_tokens", "4", cwd=tmp_path))
+    assert_ok(lm_run("export", "--out", "merged", cwd=tmp_path))

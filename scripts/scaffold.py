@@ -7,15 +7,20 @@ Usage:
     python scripts/scaffold.py custom my_model     # your own network, loss, optimizer, data (a converted loop)
     python scripts/scaffold.py tabular my_project --hardware none        # skip hardware detection
     python scripts/scaffold.py tabular my_project --hardware hw.yaml     # a trainer: section from a file
+    python scripts/scaffold.py causal_lm my_lm --target-profile a100x8.json # for the machine it will run on
     python scripts/scaffold.py tabular my_project --force                # replace files that already exist
 
-config.yaml = the `trainer:` section and the float32 matmul precision that detect_hardware.py recommends for this
-machine (--hardware auto, the default), then every --set key=value: only what differs from the template's defaults,
+config.yaml = the `trainer:` section and float32 matmul precision that detect_hardware.py recommends for this
+machine (--hardware auto, the default) or for the one described in --target-profile FILE.json (detect_hardware.py
+--help shows the format), then every --set key=value: only what differs from the template's defaults,
 so that an option you later change or remove in the template's code is not pinned by a stale copy
 (`TEMPLATE.py fit --config config.yaml --print_config` shows every setting).
 Keys are checked against the template's LightningCLI; values are YAML data (numbers, true/false, null, lists),
-anything else stays a plain string. A relative path in a *_path value is read from the current folder and
-written absolute (the commands run in DEST). lightning_support.py holds the run machinery every template imports
+anything else stays a plain string. A relative path in a *_path value is read from the current folder; inside DEST
+it is written relative to DEST, elsewhere absolute (and listed in RUN.md as data to copy), so the folder moves as one;
+the template's embedded example data is copied into DEST/data/. RUN.md is the run card for the target machine: its
+install line, the commands to train, resume, evaluate, predict (and export), and what smoke_test.py checked here
+(it writes that section). lightning_support.py holds the run machinery every template imports
 (checkpoints, exact resume, NaN stop, one-line errors); a second template scaffolded into the same folder shares it.
 Nothing is written unless everything succeeds; existing files are never replaced without --force (identical ones,
 such as the support module and configs a second template shares, are left as they are). Exit codes: 0 ok, 2 bad
@@ -33,6 +38,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -170,14 +176,22 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def hardware_settings(choice: str) -> dict:
-    """The trainer: section and the float32 matmul precision for the machine: detected (auto), none, or a file
-    (detect_hardware.py --format yaml writes one)."""
+def hardware_settings(choice: str, target_profile=None) -> dict:
+    """The trainer: section and the float32 matmul precision for the machine the project will run on: a described
+    target (--target-profile), this one (auto), none, or a file (detect_hardware.py --format yaml writes one);
+    "machine" describes it for the run card. DataLoader workers stay the template's choice (in-memory data: none)."""
+    if target_profile or choice == "auto":
+        try:
+            machine = (detect_hardware.load_profile(target_profile) if target_profile
+                       else detect_hardware.detect_machine())
+        except detect_hardware.UsageError as err:
+            raise UsageError(f"--target-profile {target_profile}: {err}") from None
+        plan = detect_hardware.plan(machine)
+        return {"trainer": plan["trainer"], "matmul_precision": plan["matmul_precision"],
+                "machine": detect_hardware.describe(machine),
+                "accelerator": machine["accelerator"]}
     if choice == "none":
         return {}
-    if choice == "auto":
-        plan = detect_hardware.plan(detect_hardware.detect_machine())
-        return {"trainer": plan["trainer"], "matmul_precision": plan["matmul_precision"]}
     try:
         data = read_yaml(Path(choice))
     except ValueError as err:  # launch.py's UsageError
@@ -200,12 +214,98 @@ def template_files(name: str) -> tuple:
     return SKILL / entry["file"], configs, SKILL / manifest["support"]["file"], entry
 
 
-def default_data(entry: dict, defaults: dict) -> dict:
-    """The embedded data the template finds next to itself; a copy elsewhere needs its absolute path."""
-    data = defaults.get("data") or {}
-    if not entry.get("default_data") or data.get("data_path"):
+def default_data(entry: dict, defaults: dict, dest: Path) -> dict:
+    """The embedded data the template finds next to itself, copied into DEST/data/ (so that the folder moves as one):
+    {target: source}."""
+    if not entry.get("default_data") or (defaults.get("data") or {}).get("data_path"):
         return {}
-    return {"data.data_path": str(SKILL / entry["default_data"])}
+    source = SKILL / entry["default_data"]
+    files = sorted(source.glob("*.md")) if source.is_dir() else [source]  # the references/ corpus: its documents
+    return {dest / "data" / f.relative_to(source.parent): f for f in files}
+
+
+def relative_to_dest(sets: list, dest: Path) -> tuple:
+    """Absolute paths inside DEST become relative to it (its commands run there, so the folder can move); paths
+    outside stay absolute and are listed for the run card: (sets, [(key, path) outside])."""
+    inside, outside = [], []
+    for key, value in sets:
+        if isinstance(value, str) and os.path.isabs(value) and Path(value).exists():
+            if Path(value).is_relative_to(dest.resolve()):
+                value = Path(value).relative_to(dest.resolve()).as_posix() or "."
+            elif key.startswith("data."):
+                outside.append((key, value))
+        inside.append((key, value))
+    return inside, outside
+
+
+def packages(script: Path, config: dict) -> list:
+    """`name==version` of what the template needs on the target: this machine's versions, the smoke test's."""
+    from importlib import metadata
+
+    source, finetune = script.read_text(), (config.get("model") or {}).get("finetune")
+    needed = ["torch", "lightning", "torchmetrics", "jsonargparse", "tensorboard"] + [
+        name for name, used in (("transformers", "transformers" in source), ("numpy", "import numpy" in source),
+                                ("pillow", "from PIL" in source), ("peft", finetune in ("lora", "qlora")),
+                                ("bitsandbytes", finetune == "qlora")) if used]
+    pinned = []
+    for name in needed:
+        try:
+            pinned.append(f"{name}{'[signatures]' * (name == 'jsonargparse')}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pinned.append(name)  # not installed here (bitsandbytes on a CPU machine)
+    return pinned
+
+
+def install_line(accelerator: str, pinned: list) -> str:
+    """PyPI's torch wheels for Linux are CUDA builds (macOS ones include MPS); a CPU target takes the smaller CPU
+    build from PyTorch's index."""
+    rest = shlex.join(pinned[1:])
+    if accelerator == "cpu":
+        return f"pip install {pinned[0]} --index-url https://download.pytorch.org/whl/cpu && pip install {rest}"
+    return f"pip install {pinned[0]} {rest}"
+
+
+CHECKED = "## Checked here"  # smoke_test.py rewrites this section of RUN.md with what it ran
+
+
+def run_card(script: Path, config: dict, hardware: dict, outside: list, smoke_command: str) -> str:
+    """DEST/RUN.md: what the project is for, what was checked where it was prepared, and the commands and packages
+    for the machine it will run on."""
+    base = getattr(LOADED[script], "TemplateCLI", None)  # the template's CLI class names what follows a fit
+    cli = next((v for v in vars(LOADED[script]).values() if isinstance(v, type) and base and issubclass(v, base)
+                and v is not base), base)
+    trainer = config.get("trainer") or {}
+    fit = f"python {script.name} fit --config config.yaml"
+    lines = [f"# Run card: {script.name}", "",
+             f"Prepared on {time.strftime('%Y-%m-%d')} with the pytorch-lightning skill. Target machine: "
+             f"{hardware.get('machine') or 'not described (config.yaml has the trainer settings it was given)'}.",
+             "config.yaml holds its trainer settings: " + ", ".join(f"{k} {trainer[k]}" for k in
+                                                                   ("accelerator", "devices", "num_nodes", "strategy",
+                                                                    "precision") if k in trainer) + ".", "",
+             CHECKED, "", f"Not yet: `{smoke_command}` (with `--simulate-ddp` for a multi-GPU config).", "",
+             "## On the target machine", "",
+             "Copy this folder there; every path in config.yaml inside it is relative to it. Then, in the folder:", "",
+             "```", install_line(hardware.get("accelerator", "cuda"), packages(script, config)),
+             f"{fit:<60} # train",
+             f"{fit + ' --ckpt_path last':<60} # resume after a stop",
+             f"{f'python {script.name} {cli.evaluate} --config config.yaml --ckpt_path best':<60} # evaluate the best"]
+    for command in cli.then:  # predict (with the fit's config), and the template's tools (export, generate)
+        words = ["predict", "--config", "config.yaml", "--ckpt_path", "best", *command.split()[1:]] if \
+            command.startswith("predict") else command.split()
+        lines.append(f"{f'python {script.name} {shlex.join(words)}':<60} # {words[0]}")
+    lines.append("```")
+    if int(trainer.get("num_nodes") or 1) > 1:
+        lines += ["", f"Several machines: `python <skill>/scripts/launch.py config.yaml --target slurm` (or torchrun)."]
+    if outside:
+        lines += ["", "## Data outside this folder", "",
+                  "Copy these to the target and set their keys in config.yaml to where they are there:", ""]
+        lines += [f"- {key}: {value}" for key, value in outside]
+    return "\n".join(lines) + "\n"
+
+
+def smoke_command() -> str:
+    script = str(SKILL / "scripts" / "smoke_test.py")
+    return f"{python_command()} {shlex.join([script, '.', '--config', 'config.yaml'])}"
 
 
 def install(files: dict) -> None:
@@ -234,42 +334,52 @@ def main(argv=None) -> int:
     parser.add_argument("template", help="tabular, image_classifier, causal_lm, transformers_finetune or custom")
     parser.add_argument("dest", help="project folder (created if missing)")
     parser.add_argument("--hardware", default="auto", help="auto (detect this machine), none, or a YAML file")
+    parser.add_argument("--target-profile", metavar="FILE.json", help="the machine the project will run on, described"
+                        " as for detect_hardware.py --profile: its trainer settings instead of this machine's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value (repeatable)")
     parser.add_argument("--force", action="store_true", help="replace files that already exist")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
     try:
         script, configs, support, entry = template_files(args.template)
-        sets = absolute_paths(parse_sets(args.set))
         dest = Path(args.dest).expanduser()
+        sets, outside = relative_to_dest(absolute_paths(parse_sets(args.set)), dest)
+        if args.target_profile and args.hardware != "auto":
+            raise UsageError("--target-profile and --hardware both choose the trainer settings: give one")
         if dest.resolve().is_relative_to(SKILL):  # the skill's own files are not a project
             raise UsageError(f"{dest} is inside this skill ({SKILL}): choose a project folder outside it")
         found = next(p for p in (dest, *dest.parents, Path(".")) if p.exists())  # the folder that will hold DEST
         if not found.is_dir() or not os.access(found, os.W_OK):
             raise UsageError(f"{found} exists and is not a folder" if not found.is_dir() else
                              f"cannot write into {found}: choose a DEST you can write")
+        hardware = hardware_settings(args.hardware, args.target_profile)
+        defaults = template_defaults(script)
+        data_files = default_data(entry, defaults, dest)
         targets = {dest / script.name: script, dest / support.name: support,
-                   **{dest / "configs" / c.name: c for c in configs}}
+                   **{dest / "configs" / c.name: c for c in configs}, **data_files}
         # an identical file (the support module or a config a second template shares) is left as it is
-        existing = [str(p) for p, source in [*targets.items(), (dest / "config.yaml", None)] if p.exists()
-                    and (source is None or p.read_bytes() != source.read_bytes())]
+        existing = [str(p) for p, source in [*targets.items(), (dest / "config.yaml", None), (dest / "RUN.md", None)]
+                    if p.exists() and (source is None or p.read_bytes() != source.read_bytes())]
         if existing and not args.force:
             raise UsageError(f"would replace {', '.join(existing)}: pass --force to replace, or choose another DEST")
-        hardware = hardware_settings(args.hardware)
-        defaults = template_defaults(script)
         check_keys(sets, defaults)
-        data_default = [(k, v) for k, v in default_data(entry, defaults).items() if k not in dict(sets)]
-        config = merge(defaults, hardware, data_default + sets)
+        if "data.data_path" in dict(sets):  # the user's data: the embedded example is not copied
+            targets = {t: s for t, s in targets.items() if s not in data_files.values()}
+        embedded = [] if "data.data_path" in dict(sets) or not data_files else [
+            ("data.data_path", "data/" + (SKILL / entry["default_data"]).name)]
+        config = merge(defaults, hardware, embedded + sets)
         with tempfile.TemporaryDirectory() as tmp:  # validate the whole result before touching DEST
             staged = Path(tmp) / "config.yaml"
-            staged.write_text(f"# written by scaffold.py: this machine's trainer settings and your values; every other"
-                              f" option is {script.name}'s default\n# (python {script.name} fit --config config.yaml"
-                              " --print_config shows them all)\n"
+            staged.write_text(f"# written by scaffold.py: the target machine's trainer settings (RUN.md) and your"
+                              f" values; every other option is {script.name}'s default\n# (python {script.name} fit"
+                              " --config config.yaml --print_config shows them all)\n"
                               + yaml.safe_dump(config, sort_keys=False))
             code, _, err = print_config(script, "--config", str(staged))
             if code != 0:
                 raise UsageError(f"the template rejects this config: {last_line(err)}")
-            install({**targets, dest / "config.yaml": staged})
+            card = Path(tmp) / "RUN.md"
+            card.write_text(run_card(script, config, hardware, outside, smoke_command()))
+            install({**targets, dest / "config.yaml": staged, dest / "RUN.md": card})
     except UsageError as err:
         print(f"scaffold.py: error: {err}", file=sys.stderr)
         return 2
@@ -279,19 +389,22 @@ def main(argv=None) -> int:
                or "lightning_logs")
     commands = {
         "cd": shlex.join(["cd", str(dest.resolve())]),
-        "smoke_test": f"{python} {shlex.join([str(scripts / 'smoke_test.py'), '.', '--config', 'config.yaml'])}",
+        "smoke_test": smoke_command(),
         "train": f"{python} {shlex.join([script.name, 'fit', '--config', 'config.yaml'])}",
         "resume": f"{python} {shlex.join([script.name, 'fit', '--config', 'config.yaml', '--ckpt_path', 'last'])}",
         "summarize": f"{python} {shlex.join([str(scripts / 'summarize_run.py'), str(run_dir)])}",
     }
-    written = sorted(str(p.resolve()) for p in [*targets, dest / "config.yaml"])
+    written = sorted(str(p.resolve()) for p in [*targets, dest / "config.yaml", dest / "RUN.md"])
     if args.format == "json":
         print(json.dumps({"files": written, "next": commands}, indent=2))
     else:
-        print(f"wrote {len(written)} files into {dest.resolve()} (config: config.yaml)")
+        print(f"wrote {len(written)} files into {dest.resolve()} (config: config.yaml; for the target machine:"
+              f" RUN.md)")
         print("next:")
         for name, command in commands.items():
             print(f"  {name:<11} {command}")
+        if args.target_profile:
+            print("train and resume run on the target machine: hand over RUN.md (smoke_test records its check there)")
     return 0
 
 

@@ -4,6 +4,8 @@ Usage:
     python scripts/smoke_test.py tabular.py --config config.yaml         # the config's own devices and strategy
     python scripts/smoke_test.py my_project --config my_project/config.yaml   # the template scaffold.py put there
     python scripts/smoke_test.py tabular.py --config config.yaml --cpu      # one CPU process, float32
+    python scripts/smoke_test.py my_project --config my_project/config.yaml --simulate-ddp   # a GPU config's strategy
+                                                                            # on 2 CPU processes, float32
     python scripts/smoke_test.py causal_lm.py --timeout 300 --format json -- --data.data_path corpus/
 
 It runs `SCRIPT fit [--config FILE] --trainer.fast_dev_run 2 --trainer.detect_anomaly true [extra args]` in a
@@ -13,6 +15,8 @@ clean exit and at least one training and one validation batch. Diagnoses: nothin
 mismatch, missing __main__ guard, unpicklable object under spawn, dtype mismatch under mixed precision, NaN loss,
 DataLoader worker crash, CUDA out of memory, missing package, bad config, timeout (which ends the run and every
 process it started: DDP ranks, DataLoader workers).
+It reports what ran (processes, accelerator, strategy, precision, batches, seconds) and, in a folder scaffold.py made,
+writes the result into RUN.md's "Checked here" section, the run card handed to whoever runs the project elsewhere.
 Exit codes: 0 PASS, 1 FAIL (diagnosis printed), 2 bad usage.
 """
 
@@ -194,6 +198,37 @@ def run_in_own_group(cmd: list, timeout: float, cwd: Path) -> tuple:
         raise
 
 
+def cpu_stand_in(config) -> str:
+    """--simulate-ddp keeps a DDP or FSDP2 (ModelParallelStrategy) strategy of the config: both run on CPU processes.
+    FSDP and DeepSpeed need GPUs, and a single-process strategy has nothing to check: DDP stands in ("" keeps it)."""
+    from launch import read_yaml
+
+    strategy = ((read_yaml(Path(config)) if config else {}).get("trainer") or {}).get("strategy") or "auto"
+    name = (strategy if isinstance(strategy, str) else str(strategy.get("class_path", "")) if isinstance(strategy, dict)
+            else "").lower()
+    return "" if "ddp" in name or "modelparallel" in name else "ddp"
+
+
+def record(card: Path, report: dict, args) -> None:
+    """The result, in the "Checked here" section of a scaffolded project's RUN.md (staged, then renamed)."""
+    if not card.is_file() or "\n## Checked here\n" not in (text := card.read_text(encoding="utf-8")):
+        return
+    ran = report.get("ran") or {}
+    how = " --simulate-ddp" if args.simulate_ddp else " --cpu" if args.cpu else ""
+    result = (f"PASS in {report['seconds']} s on {time.strftime('%Y-%m-%d')}: {ran.get('train_batches')} training and"
+              f" {ran.get('val_batches')} validation batches; {ran.get('processes')} process(es),"
+              f" {ran.get('accelerator')}, {ran.get('strategy')}, {ran.get('precision')}" if report["status"] == "pass"
+              else f"FAIL ({report['diagnosis']}) on {time.strftime('%Y-%m-%d')}: {report['message']}")
+    head, _, rest = text.partition("\n## Checked here\n")
+    tail = rest[rest.find("\n## "):] if "\n## " in rest else "\n"
+    lines = [line for line in rest[:len(rest) - len(tail)].strip().splitlines()
+             if line.startswith("- smoke_test") and f"smoke_test{how}:" not in line]  # other checks' results stay
+    section = "\n".join([*lines, f"- smoke_test{how}: {result}"])
+    staged = card.with_name(".RUN.md.smoke")
+    staged.write_text(f"{head}\n## Checked here\n\n{section}\n{tail}", encoding="utf-8")
+    os.replace(staged, card)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -205,6 +240,9 @@ def main(argv=None) -> int:
                         " made (its template)")
     parser.add_argument("--config", help="config file passed as --config")
     parser.add_argument("--cpu", action="store_true", help="force one CPU process in float32")
+    parser.add_argument("--simulate-ddp", action="store_true", help="2 CPU processes in float32 with the config's"
+                        " DDP or FSDP2 strategy (else DDP: FSDP and DeepSpeed need GPUs): a multi-GPU config checked"
+                        " on a machine without GPUs")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before the run counts as hung")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     parser.usage = "%(prog)s [-h] [--config CONFIG] [--cpu] [--timeout T] [--format {text,json}] script [-- ARGS...]"
@@ -235,9 +273,11 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-c", CHILD, str(Path(__file__).resolve().parent), str(script.resolve()), "fit"]
     cmd += ["--config", str(Path(args.config).resolve())] if args.config else []
     cmd += ["--trainer.fast_dev_run", "2", "--trainer.detect_anomaly", "true"]
-    if args.cpu:
-        cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+    if args.cpu or args.simulate_ddp:
+        cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "2" if args.simulate_ddp else "1",
                 "--trainer.precision", "32-true", "--trainer.num_nodes", "1"]
+        stand_in = "auto" if args.cpu else cpu_stand_in(args.config)
+        cmd += ["--trainer.strategy", stand_in] if stand_in else []
     cmd += args.extra
     start = time.perf_counter()
     output, code = run_in_own_group(cmd, args.timeout, script.resolve().parent)
@@ -265,6 +305,7 @@ def main(argv=None) -> int:
     else:
         report = {"status": "fail", "seconds": seconds, "command": shown, "exit_code": code,
                   **diagnose(output)}
+    record(script.resolve().parent / "RUN.md", report, args)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     elif report["status"] == "pass":

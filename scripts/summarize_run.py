@@ -4,13 +4,16 @@ Usage:
     python scripts/summarize_run.py runs/tabular                    # newest training log under the folder
     python scripts/summarize_run.py runs/tabular/lightning_logs/version_3 --format json
     python scripts/summarize_run.py runs/causal_lm --plot curves.png  # needs matplotlib
+    python scripts/summarize_run.py runs/a --compare runs/b          # two runs side by side, and what differs
 
 Reads a CSVLogger metrics.csv or TensorBoard event files. A run resumed with --ckpt_path logs into a new version
 folder; given the run folder, the summary joins it to the earlier log(s) it continues ("resumed_from"). Flags:
 nan_loss, divergence (training loss climbs well above its minimum), overfitting (validation loss rising while
 training loss falls), plateau (the validation metric stopped improving), lr_constant (a logged learning rate never
 changed), below_baseline (the network's best validation metric is worse than the simple model's logged beside it as
-baseline_val_*, as tabular.py does). Exit codes: 0 ok, 2 bad input.
+baseline_val_*, as tabular.py does). --compare: both runs' metrics side by side, then what made them differ: every
+config.yaml value and, from the run.json the templates write beside it, package versions, git commit, seed and data
+fingerprints. Exit codes: 0 ok, 2 bad input.
 """
 
 import argparse
@@ -66,6 +69,34 @@ def saved_config(path: Path) -> dict:
     except (OSError, ValueError, yaml.YAMLError):  # not UTF-8 (a ValueError) or not YAML: no saved config
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+
+
+def made_by(path: Path) -> dict:
+    """A run's config.yaml values and its run.json record (packages, git commit, seed, data), flattened."""
+    record = (path.parent if path.is_file() else path) / "run.json"
+    try:
+        made = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        made = {}
+    made = {k: v for k, v in made.items() if k != "command"} if isinstance(made, dict) else {}
+    return {**flatten(saved_config(path), "config."), **flatten(made, "run.")}
+
+
+def compare(a: dict, a_path: Path, b: dict, b_path: Path) -> dict:
+    """Metrics of two runs side by side (best, last) and every value that differs in what made them."""
+    names = [n for n in a["metrics"]] + [n for n in b["metrics"] if n not in a["metrics"]]
+    metrics = {n: {side: {k: r["metrics"][n][k] for k in ("best", "last")} if n in r["metrics"] else None
+                   for side, r in (("a", a), ("b", b))} for n in names}
+    first, second = made_by(a_path), made_by(b_path)
+    differ = {k: [first.get(k), second.get(k)] for k in sorted(first.keys() | second.keys())
+              if first.get(k) != second.get(k) and not k.endswith(("default_root_dir", ".path", "dirpath"))}
+    return {"b": str(b_path), "metrics": metrics, "made_differently": differ}
 
 
 def resumed(path: Path, series: dict) -> bool:
@@ -266,6 +297,7 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", help="a run folder (default_root_dir, lightning_logs or a version folder)")
     parser.add_argument("--format", choices=["text", "json"], default="text")
     parser.add_argument("--plot", help="PNG file for the metric curves (needs matplotlib)")
+    parser.add_argument("--compare", metavar="OTHER_RUN", help="another run folder: both side by side")
     args = parser.parse_args(argv)
     folder = Path(args.run_dir)
     try:
@@ -276,11 +308,17 @@ def main(argv=None) -> int:
         if args.plot and not Path(args.plot).resolve().parent.is_dir():
             raise ValueError(f"no folder for --plot {args.plot}: create it first (nothing was written)")
         kind, paths, series = find_run(folder)
+        if args.compare:
+            if not Path(args.compare).is_dir():
+                raise ValueError(f"no such folder: {args.compare}")
+            other_kind, other_paths, other_series = find_run(Path(args.compare))
     except ValueError as err:
         print(f"summarize_run.py: error: {err}", file=sys.stderr)
         return 2
     report = {"source": str(paths[0]), "resumed_from": [str(p) for p in paths[1:]], "format": kind,
               **summarize(series)}
+    if args.compare:
+        report["compare"] = compare(report, paths[0], summarize(other_series), other_paths[0])
     if args.plot:
         report["plot_error"] = plot(series, Path(args.plot)) or None
         if report["plot_error"]:
@@ -299,6 +337,17 @@ def main(argv=None) -> int:
         print(f"FLAG {flag['flag']}: {flag['detail']}")
     if not report["flags"]:
         print("flags: none")
+    if args.compare:
+        def show(side):
+            return "-" if side is None or side["best"] is None else f"{side['best']:.5g}"
+
+        print(f"\ncompared with {other_paths[0]}:\n{'metric':<34} {'best (this)':>12} {'best (other)':>12}")
+        for name, sides in report["compare"]["metrics"].items():
+            print(f"{name:<34} {show(sides['a']):>12} {show(sides['b']):>12}")
+        for key, (one, two) in report["compare"]["made_differently"].items():
+            print(f"differs: {key}: {one!r} -> {two!r}")
+        if not report["compare"]["made_differently"]:
+            print("made alike: the same config, packages, commit, seed and data")
     return 0
 
 

@@ -73,8 +73,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 try:
     from lightning_support import (EXPORT_OPTIONS, ConfigError, Conversations, ResumableSampler, TemplateCLI,
                                    Throughput, adamw, add_lora, chat_tokens, clip_gradients, four_bit_device,
-                                   next_command, pad_rows, pretrained, run_cli, run_tool, save_hf_folder, shard_blocks,
-                                   sharded, stop_tokens, trainable_keys, transformers_config, unfinished_batches)
+                                   log_train_loss, pad_rows, pretrained, run_cli, run_tool, save_hf_folder,
+                                   shard_blocks, sharded, stop_tokens, trainable_keys, transformers_config,
+                                   unfinished_batches)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py causal_lm DEST" if missing.name == "lightning_support" else missing)
@@ -369,16 +370,13 @@ class CausalLM(L.LightningModule):
         # float32 under autocast; targets -100 (a conversation's prompt, padding) are not learned
         return F.cross_entropy(self(input_ids, position_ids).flatten(0, 1), targets.flatten())
 
-    def _loss(self, batch) -> torch.Tensor:
-        return self.loss(*batch)
-
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train_loss", loss)  # to the logger every log_every_n_steps; no per-step progress-bar sync
+        loss = self.loss(*batch)
+        log_train_loss(self, loss, len(batch[0]))  # no per-step device sync
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        loss = self.loss(*batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.val_nll.update(loss.detach(), (batch[1] != -100).sum())  # weighted by the tokens it scored
 
@@ -882,6 +880,7 @@ TOOLS = {  # python causal_lm.py NAME --help
 # ----------------------------------------------------------------------------------------------------------------
 class CausalLMCLI(TemplateCLI):
     absolute_paths = (("model", "name_or_path"), ("data", "tokenizer"))  # stored in checkpoints
+    then = ("generate --prompt TEXT", "export --out hf_model")  # fit's next: lines (no predict step)
 
     def add_template_arguments(self, parser):
         self.link(parser, "data.vocab_size", "model.vocab_size")
@@ -926,10 +925,6 @@ class CausalLMCLI(TemplateCLI):
             sys.stdout.write(f"rank {self.trainer.global_rank}: step {self.trainer.global_step}"
                              f" val_loss={val.item():.4f}\n")  # one write: the ranks' lines do not interleave
         super().after_fit()
-        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
-        if best and self.trainer.is_global_zero:  # the commands after training, on the kept checkpoint
-            for command in (["generate", "--prompt", "TEXT"], ["export", "--out", "hf_model"]):
-                print(f"next: {next_command(command, command[0], best)}")
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):

@@ -12,6 +12,7 @@ Run it:
     python custom.py fit --ckpt_path last                 # resume an interrupted run where it stopped
     python custom.py test --ckpt_path best                # the kept model (lowest val_loss) on the test split
     python custom.py predict --ckpt_path best             # -> runs/custom/predictions/best.csv
+    python custom.py export --out my_model                # model.pt2 (torch.export of forward), for torch alone
     python custom.py fit --config configs/gpu.yaml        # one GPU (bf16-mixed; add --trainer.precision 32-true
                                                           # to reproduce a float32 loop's numbers)
     python custom.py fit --seed_everything 1 --record_steps steps.csv    # every step's loss and lr, for
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning as L
 
 try:
-    from lightning_support import ConfigError, TemplateCLI, run_cli
+    from lightning_support import EXPORT_OPTIONS, ConfigError, TemplateCLI, run_cli, run_tool, save_program
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py custom DEST" if missing.name == "lightning_support" else missing)
@@ -155,11 +156,31 @@ class Data(L.LightningDataModule):
 
 class CustomCLI(TemplateCLI):
     evaluate = "test"  # fit's `next:` line tests the kept checkpoint
+    then = ("predict", "export --out exported_model")
     absolute_paths = (("data", "data_path"),)  # stored in checkpoints: a later run may start in another folder
+
+
+def export(checkpoint: str, out: str) -> Path:
+    """A standalone program of the checkpoint's forward (save_program), traced on inputs shaped as a test batch's."""
+    model = Model.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+    data = Data(**{k: v for k, v in saved.items() if not k.startswith("_")})  # LightningCLI adds _instantiator
+    data.setup("test")
+    x = next(iter(data.test_dataloader()))[0][:2]  # a batch is (inputs, targets)
+    about = {"inputs": {"x": f"{x.dtype} [batch, {', '.join(map(str, x.shape[1:]))}]"}, "outputs": "Model.forward's"}
+    return save_program(model, "forward", (x,), out, about)
+
+
+TOOLS = {"export": ("A standalone torch.export program of a trained checkpoint's forward (runs with torch alone)."
+                    " Example: python custom.py export --out exported_model", EXPORT_OPTIONS[:1],
+                    lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out)}"))}
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
     """The command line (see the docstring). run=False builds model, data and trainer and returns the CLI."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["export"]:  # beside LightningCLI's subcommands
+        return run_tool(argv, TOOLS, "runs/custom")
     return run_cli(CustomCLI, Model, Data, args, run, callbacks,
                    trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10, "default_root_dir": "runs/custom"})
 

@@ -16,6 +16,7 @@ Run it:
     python image_classifier.py fit --config configs/gpu.yaml                      # one GPU, bf16-mixed
     python image_classifier.py fit --ckpt_path last                               # resume where it stopped
     python image_classifier.py test --ckpt_path best                              # per-class accuracy, confusions
+    python image_classifier.py export --out my_model      # model.pt2 (torch.export, normalization inside), torch alone
     python image_classifier.py predict --ckpt_path best --data.predict_path new/  # -> predictions/best.csv
 In a scaffolded project, pass --config config.yaml (your data settings) before any other config.
 
@@ -59,7 +60,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 try:
-    from lightning_support import ConfigError, TemplateCLI, adamw, cosine_by_epoch, pretrained, run_cli
+    from lightning_support import (EXPORT_OPTIONS, ConfigError, TemplateCLI, adamw, cosine_by_epoch, log_train_loss,
+                                   pretrained, run_cli, run_tool, save_program)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py image_classifier DEST" if missing.name == "lightning_support" else missing)
@@ -200,6 +202,10 @@ class ImageClassifier(L.LightningModule):
         out = self.net((x.float() - self.mean) / self.std, **self.forward_options)  # first argument: pixel_values
         return getattr(out, "logits", out)
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of uint8 RGB images [batch, size, size, 3]: what `export` saves."""
+        return self(images).float().softmax(-1)
+
     def frozen(self) -> bool:
         return self.hparams.pretrained and self.current_epoch < self.hparams.freeze_epochs
 
@@ -214,8 +220,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train_loss", loss)  # read by the logger every log_every_n_steps: no per-step device sync
-        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
+        log_train_loss(self, loss, len(y))  # no per-step device sync
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -745,6 +750,7 @@ class ImageData(L.LightningDataModule):
 class ImageCLI(TemplateCLI):
     patience = 5  # early stopping: validations without a lower val_loss
     evaluate = "test"  # fit's `next:` line tests the kept checkpoint on the test split
+    then = ("predict", "export --out exported_model")
     absolute_paths = (("data", "data_path"), ("data", "val_path"), ("data", "test_path"), ("model", "backbone"))
 
     def add_template_arguments(self, parser):
@@ -781,8 +787,30 @@ def per_class_table(matrix: torch.Tensor, classes: list, pairs: int = 5) -> str:
     return "\n".join(lines)
 
 
+def export(checkpoint: str, out: str) -> Path:
+    """A standalone program of the checkpoint (save_program): uint8 RGB images at the trained size in, class
+    probabilities out, the scaling and normalization inside; the resize and crop that come before, in about.json."""
+    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    prep = model.hparams.processing or {}
+    size = prep.get("size", 224)
+    resize = (f"each side to {round(size * prep.get('resize_ratio', 1.0))}" if prep.get("squash") else
+              f"the short side to {round(size * prep.get('resize_ratio', 1.0))}") + f", then the center {size}x{size}"
+    about = {"inputs": {"images": f"uint8 [batch, {size}, {size}, 3], RGB", "resize first": resize},
+             "outputs": {"classes": model.class_names},
+             "usage": "model(images) -> class probabilities [batch, classes], in the order of classes"}
+    return save_program(model, "probabilities", (torch.zeros(2, size, size, 3, dtype=torch.uint8),), out, about)
+
+
+TOOLS = {"export": ("A standalone torch.export program of a trained checkpoint, its normalization inside (runs with"
+                    " torch alone). Example: python image_classifier.py export --out exported_model",
+                    EXPORT_OPTIONS[:1], lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out)}"))}
+
+
 def main(args=None, run: bool = True, callbacks: tuple = ()):
     """The command line (see the docstring). run=False builds model, data and trainer and returns the CLI."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["export"]:  # beside LightningCLI's subcommands
+        return run_tool(argv, TOOLS, "runs/image_classifier")
     return run_cli(ImageCLI, ImageClassifier, ImageData, args, run, callbacks,
                    trainer_defaults={"max_epochs": 10, "log_every_n_steps": 10,
                                      "default_root_dir": "runs/image_classifier"})

@@ -11,6 +11,7 @@ Run it:
     python tabular.py fit --ckpt_path last                       # resume an interrupted run (each fold its own)
     python tabular.py test --ckpt_path best                      # the kept model on the held-out test rows
     python tabular.py predict --ckpt_path best --data.predict_path new_rows.csv     # -> predictions/best.csv
+    python tabular.py export --out my_model      # model.pt2 (torch.export, preprocessing inside) for torch alone
     python tabular.py fit --config configs/gpu.yaml              # one GPU, bf16-mixed
 In a scaffolded project, pass --config config.yaml (your data settings) before any other config.
 
@@ -61,8 +62,9 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.utilities import dim_zero_cat
 
 try:
-    from lightning_support import (ConfigError, PredictionWriter, TemplateCLI, adamw, cosine_by_epoch,
-                                   newest_checkpoint, next_command, run_cli, without_ckpt_path)
+    from lightning_support import (EXPORT_OPTIONS, ConfigError, PredictionWriter, TemplateCLI, adamw,
+                                   cosine_by_epoch, log_train_loss, newest_checkpoint, next_lines, run_cli, run_tool,
+                                   save_program, without_ckpt_path)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both with"
              f" python scripts/scaffold.py tabular DEST" if missing.name == "lightning_support" else missing)
@@ -191,8 +193,7 @@ class TabularModel(L.LightningModule):
     def training_step(self, batch, batch_idx):
         numeric, codes, y = batch
         loss = self.loss(self(numeric, codes), y)
-        self.log("train_loss", loss)  # read by the logger every log_every_n_steps: no per-step device sync
-        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
+        log_train_loss(self, loss, len(y))  # no per-step device sync
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
@@ -240,6 +241,11 @@ class TabularModel(L.LightningModule):
     def configure_optimizers(self):
         optimizer = adamw(self, self.hparams.lr, self.hparams.weight_decay)  # no decay on biases
         return cosine_by_epoch(self, optimizer)
+
+    def in_table_terms(self, numeric: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, or the prediction in the target's units: what `export` saves."""
+        out = self(numeric, codes)
+        return out.float().softmax(-1) if self.classification else self.in_target_units(out)
 
     def encode_rows(self, rows: list) -> tuple:
         """Raw rows (dicts of column name -> text or number, as csv.DictReader gives) -> (numeric, codes) for
@@ -683,6 +689,7 @@ def scores(pred: torch.Tensor, y: torch.Tensor, task: str, split: str) -> dict:
 class TabularCLI(TemplateCLI):
     patience = 10  # early stopping: validations without a lower val_loss
     evaluate = "test"  # fit's `next:` line tests the kept checkpoint on the held-out test rows
+    then = ("predict", "export --out exported_model")
 
     def add_template_arguments(self, parser):
         self.link(parser, "data.features", "model.features")
@@ -809,11 +816,33 @@ def run_folds(cli: TabularCLI, subcommand: str) -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"{key}: {statistics.fmean(values):.4f} +/- {spread:.4f}  ({', '.join(f'{v:.4f}' for v in values)})")
     if subcommand == "fit":
-        print(f"next: {next_command(argv, 'test', 'best')}")
+        print("\n".join(next_lines(argv, "test", ("predict",), "best")))  # export takes one model, not K
+
+
+def export(checkpoint: str, out: str) -> Path:
+    """A standalone program of the checkpoint (save_program): numeric columns (NaN: missing) and category codes in,
+    probabilities or values in the target's units out; imputation, standardization and encodings inside, the column
+    names, vocabularies and classes in about.json."""
+    model = TabularModel.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    spec, target = model.hparams.features, model.hparams.target
+    about = {"inputs": {"numeric": spec["numeric"], "codes": {name: ["(missing or unseen)", *vocab] for name, vocab
+                                                             in zip(spec["categorical"], spec["vocab"])}},
+             "outputs": {"task": target["task"], "classes": target.get("classes"), "target": target.get("name")},
+             "usage": "model(numeric float32 [rows, columns], NaN: missing; codes int64 [rows, columns], each the"
+                      " index in its list) -> class probabilities [rows, classes] or the target's value [rows]"}
+    return save_program(model, "in_table_terms", model.encode_rows([{}, {}]), out, about)
+
+
+TOOLS = {"export": ("A standalone torch.export program of a trained checkpoint, its preprocessing inside (runs with"
+                    " torch alone). Example: python tabular.py export --out exported_model",
+                    EXPORT_OPTIONS[:1], lambda ckpt, o: print(f"exported {ckpt} to {export(ckpt, o.out)}"))}
 
 
 def main(args=None, run: bool = True, callbacks: tuple = ()):
     """The command line (see the docstring). run=False builds model, data and trainer and returns the CLI."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["export"]:  # beside LightningCLI's subcommands
+        return run_tool(argv, TOOLS, "runs/tabular")
     return run_cli(TabularCLI, TabularModel, TableData, args, run, callbacks,
                    trainer_defaults={"max_epochs": 40, "log_every_n_steps": 10, "default_root_dir": "runs/tabular"})
 

@@ -43,7 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 try:
     from lightning_support import (EXPORT_OPTIONS, ConfigError, TemplateCLI, adamw, add_lora, clip_gradients,
-                                   pretrained, run_cli, run_tool, save_hf_folder, transformers_config)
+                                   log_train_loss, pretrained, run_cli, run_tool, save_hf_folder, transformers_config)
 except ModuleNotFoundError as missing:  # copied without its support module: one line on how to get both
     sys.exit(f"{Path(sys.argv[0]).name}: error: lightning_support.py is missing next to this file: copy both"
              " with python scripts/scaffold.py transformers_finetune DEST" if missing.name == "lightning_support"
@@ -127,7 +127,7 @@ class TextClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = torch.nn.functional.cross_entropy(self(batch), batch["labels"])
-        self.log("train_loss", loss)  # logged every log_every_n_steps; no per-step progress-bar sync
+        log_train_loss(self, loss, len(batch["labels"]))  # no per-step device sync
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -282,7 +282,8 @@ class TextClassificationData(L.LightningDataModule):
         return [str(r[text_column]) for _, r in records], labels, [n for n, _ in records]
 
     def extra_file(self, name: str, require_label: bool) -> tuple:
-        """The encoded rows of test_path or predict_path, labels as the training file's class indices (-1: none)."""
+        """(encoded rows, line numbers, texts) of test_path or predict_path; labels as the training file's class
+        indices (-1: none)."""
         path = Path(self.hparams[f"{name}_path"]).expanduser()
         if not path.is_file():
             raise ConfigError(f"{name} data not found: {path}: set --data.{name}_path to a .csv or .jsonl file")
@@ -292,7 +293,7 @@ class TextClassificationData(L.LightningDataModule):
             raise ConfigError(f"{path}: label(s) {', '.join(unknown[:5])} are not among the model's classes"
                               f" ({', '.join(self.classes[:8])})")
         targets = [self.classes.index(v) if v in self.classes else -1 for v in labels]
-        return [(self.encode(t), y) for t, y in zip(texts, targets)], lines
+        return [(self.encode(t), y) for t, y in zip(texts, targets)], lines, texts
 
     @property
     def num_labels(self) -> int:
@@ -314,10 +315,11 @@ class TextClassificationData(L.LightningDataModule):
         self.val_set = [encoded[i] for i in order[:n_val]]
         self.train_set = [encoded[i] for i in order[n_val:]]
         if stage == "test":
-            self.test_set, _ = self.extra_file("test", require_label=True)
+            self.test_set, _, _ = self.extra_file("test", require_label=True)
         if stage == "predict":
-            self.predict_set, lines = self.extra_file("predict", require_label=False)
-            self.predict_sources = ("line", lines)  # the first column of predictions/<checkpoint>.csv
+            self.predict_set, lines, texts = self.extra_file("predict", require_label=False)
+            self.predict_sources = ("line", lines)  # the first columns of predictions/<checkpoint>.csv
+            self.predict_columns = {"text": texts}
 
     def collate(self, items: list) -> dict:
         pad = 0 if self.tokenizer is None else (self.tokenizer.pad_token_id or 0)
@@ -354,6 +356,7 @@ class TextClassificationData(L.LightningDataModule):
 class FinetuneCLI(TemplateCLI):
     patience = 3  # early stopping: validations without a lower val_loss
     absolute_paths = (("model", "name_or_path"), ("data", "tokenizer"))  # stored in checkpoints
+    then = ("predict --data.predict_path NEW.csv", "export --out hf_model")  # fit's next: lines after evaluate
 
     def add_template_arguments(self, parser):
         self.link(parser, "data.classes", "model.class_names")

@@ -102,6 +102,20 @@ def refused_in_process(main, args: list, capsys) -> str:
     return errors[0]
 
 
+def run_exported(folder: Path, *inputs) -> tuple:
+    """(outputs, whether lightning was imported) of an `export`ed model.pt2 run on inputs by a process that imports
+    torch alone, as wherever the model is served."""
+    import torch
+
+    torch.save(inputs, folder.parent / "inputs.pt")
+    code = ("import json, sys, torch; model = torch.export.load(sys.argv[1]).module()\n"
+            "out = model(*torch.load(sys.argv[2])); print(json.dumps(out.tolist()), 'lightning' in sys.modules)")
+    done = run([sys.executable, "-c", code, folder / "model.pt2", folder.parent / "inputs.pt"], cwd=folder.parent)
+    assert_ok(done)
+    values, imported = done.stdout.rsplit(" ", 1)
+    return torch.tensor(json.loads(values)), imported.strip() == "True"
+
+
 def load_module(path: Path, name: str):
     """Imports a script or template by path (they are files to copy, not a package); a template finds its support
     module in its own folder, as it does when run."""

@@ -1,11 +1,12 @@
 """The bad-input campaign: tables of cases for every script and every template, each run in this process (a
 subprocess costs seconds) in a fresh folder. A case asserts its exit code (2: bad input), exactly one error line
 holding the expected words, no traceback, and every file that existed unchanged afterwards (nothing new, no staging
-file left; a template whose data is read in setup() may leave its run's config.yaml). A full disk (RLIMIT_FSIZE,
-SIGXFSZ ignored) and a kill during a save need a process of their own.
+file left; a template whose data is read in setup() may leave its run's config.yaml and run.json). A full disk
+(RLIMIT_FSIZE, SIGXFSZ ignored) and a kill during a save need a process of their own.
 
-Counts before and after the fixes they drove (issue 28). Hostile values are a YAML !!python tag, a checkpoint or .npy
-holding pickled objects: none ever ran. Files left broken are counted among the tracebacks too.
+Counts before and after the fixes they drove (issue 28; cases added since pass the same checks). Hostile values are
+a YAML !!python tag, a checkpoint or .npy holding pickled objects: none ever ran. Files left broken are counted among
+the tracebacks too.
 
     | part      | cases | one-line errors | vague errors | recoveries | tracebacks | silent wrong | files broken | hostile values run | hangs |
     | scripts   |   81  |    9  ->  77    |   15 -> 0    |   2 -> 4   |  37 -> 0   |   18 -> 0    |    3 -> 0    |       0 -> 0       | 0 -> 0 |
@@ -144,6 +145,27 @@ CASES = [
     scaffold("sc_hardware_folder", "cannot read --hardware hw", "out", "--hardware", "hw", files={"hw": None}),
     scaffold("sc_hardware_yaml_error", "hw line 2 column 1", "out", "--hardware", "hw", files={"hw": BAD_YAML}),
     scaffold("sc_exists", "--force", "out", "--hardware", "none", files={"out/config.yaml": b"mine"}),
+    scaffold("sc_card_exists", "--force", "out", "--hardware", "none", files={"out/RUN.md": b"my notes"}),
+    scaffold("sc_target_and_hardware", "give one", "out", "--hardware", "none", "--target-profile", "t.json",
+             files={"t.json": profile()}),
+    scaffold("sc_target_bad_json", "t.json", "out", "--target-profile", "t.json", files={"t.json": b'{"cpu_count": }'}),
+    scaffold("sc_target_missing", "--target-profile", "out", "--target-profile", "none.json"),
+    scaffold("sc_key_typo", "nearest valid keys: trainer.max_epochs", "out", "--set", "trainer.max_epoch=3"),
+    scaffold("sc_set_no_value", "is not key=value", "out", "--set", "model.lr"),
+    scaffold("sc_value_rejected", "the template rejects this config", "out", "--hardware", "none", "--set",
+             "model.lr=fast"),
+    scaffold("sc_data_missing", "not found", "out", "--set", "data.data_path=missing_photos"),
+    case("sc_unknown_template", "scaffold", ["resnet", "out"], {}, "causal_lm, custom, image_classifier, tabular"),
+    case("la_missing", "launch", ["missing.yaml", "--target", "slurm", "--script", "t.py"], {"t.py": TPL},
+         "cannot read"),
+    launch("la_write_exists", b"trainer: {}", "exists", "local", "--write", "t.py"),
+    case("st_no_script", "smoke_test", ["missing.py"], {}, "no such script: missing.py"),
+    case("st_empty_folder", "smoke_test", ["d"], {"d": None}, "no .py file that imports lightning_support"),
+    case("st_no_config", "smoke_test", ["t.py", "--config", "missing.yaml"], {"t.py": TPL}, "no such config"),
+    case("sr_no_folder", "summarize_run", ["missing_dir"], {}, "no such folder"),
+    case("sr_empty", "summarize_run", ["r"], {"r": None}, "no metrics.csv or TensorBoard event files"),
+    run_log("sr_header_only", b"epoch,step,train_loss\n", "holds metrics yet"),
+    case("sr_plot_exists", "summarize_run", ["r", "--plot", "p.png"], {"r/metrics.csv": CSV, "p.png": b"x"}, "exists"),
 ]
 
 MAINS: dict = {}
@@ -357,7 +379,7 @@ def test_template_bad_input_is_one_line_and_changes_no_file(template, options, f
     after = tree(tmp_path)
     assert {k: after.get(k) for k in before} == before, "an existing file changed"
     added = [k for k, v in after.items() if k not in before and v is not None]
-    assert all(k.endswith("config.yaml") for k in added), added  # data read in setup() fails after config.yaml
+    assert all(k.endswith(("config.yaml", "run.json")) for k in added), added  # setup() reads data after these
     assert not (tmp_path / "CODE_RAN").exists()
 
 

@@ -1,8 +1,6 @@
-"""templates/custom.py, the template of your own model, and the conversion path of references/migration.md: the
-doc's plain loop converted into custom.py as the doc says, trained bitwise alike step by step (--record_steps and
-scripts/compare_runs.py), resumed after kill -9 to the same weights; Fabric's version of the loop; compare_runs.py's
-verdicts and refusals; the main job, the stand-in data and DDP.
-"""
+"""templates/custom.py and references/migration.md's conversion: the doc's plain loop converted as the doc says trains
+bitwise alike step by step (--record_steps, scripts/compare_runs.py) and resumes after kill -9 to the same weights;
+Fabric's version; compare_runs.py's verdicts and refusals; the main job, the stand-in data and DDP."""
 
 import ast
 import json
@@ -14,7 +12,8 @@ import pytest
 import torch
 
 from conftest import (QUIET, REPO, SCRIPTS, TEMPLATES, assert_ddp_ranks_agree, assert_ok, assert_one_error_line,
-                      callback_config, kept_line, load_ckpt, load_module, run, run_script, run_template, snapshot)
+                      callback_config, kept_line, load_ckpt, load_module, run, run_exported, run_script, run_template,
+                      snapshot)
 
 MIGRATION = (REPO / "references" / "migration.md").read_text()
 compare_runs = load_module(SCRIPTS / "compare_runs.py", "compare_runs")
@@ -175,10 +174,9 @@ def test_compare_verdicts(tmp_path, capsys):
     assert "lr: not compared (a file has no lr column)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, args, expected", [
+@pytest.mark.parametrize("content, args, expected", [  # more cases: tests/test_bad_inputs.py
     (None, [], "cannot read"),
     ("loss,lr\n0.1,0.1\n", [], "needs a header with the columns step,loss"),
-    ("step,loss,lr\n0,abc,0.1\n", [], "line 2: expected numbers"),
     ("step,loss,lr\n0.5,1,0.1\n", [], "step must be a whole number"),
     ("step,loss,lr\n", [], "holds no steps"),
     ("step,loss,lr\n7,1.0,0.1\n", [], "share no step numbers"),
@@ -212,6 +210,14 @@ def test_main_job_trains_tests_and_predicts(tmp_path):
     assert_ok(predicted)
     rows = (tmp_path / "runs" / "custom" / "predictions" / "best.csv").read_text().splitlines()
     assert rows[0] == "index,prediction" and len(rows) == 1 + 270  # the test split: 15% of 1,797
+    exported = [line for line in trained.stdout.split("next: ")[1:] if " export " in line][0].splitlines()[0]
+    assert_ok(run(["bash", "-c", exported], cwd=tmp_path))  # fit's next: line -> model.pt2, forward with torch alone
+    x = torch.randn(5, 1, 8, 8)
+    model = load_module(TEMPLATES / "custom.py", "custom_export").Model.load_from_checkpoint(
+        kept["checkpoint"], map_location="cpu", weights_only=True).eval()
+    outputs, imported_lightning = run_exported(tmp_path / "exported_model", x)
+    with torch.no_grad():
+        assert torch.allclose(outputs, model(x), atol=1e-5) and not imported_lightning
 
 
 def test_stand_in_data_runs_before_the_real_data_exists(tmp_path):

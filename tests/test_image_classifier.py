@@ -1,6 +1,5 @@
-"""image_classifier.py through its command line on generated shapes and tiny backbones saved as local folders: train,
-test, predict; transfer beats training from scratch; exact resume across the unfreeze epoch; two backbones whose
-processors differ; the layouts and image modes users have; bad input in one line."""
+"""image_classifier.py on generated shapes with tiny local backbones: fit, test, predict, transfer, exact resume,
+processors, the layouts and image modes users have, bad input."""
 
 import csv
 import json
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from conftest import (QUIET, TEMPLATES, assert_ok, assert_one_error_line, callback_config, kept_line, load_ckpt,
-                      load_module, run, run_template, save_tiny_backbone)
+                      load_module, run, run_exported, run_template, save_tiny_backbone)
 
 ic = load_module(TEMPLATES / "image_classifier.py", "image_classifier")
 FAST = [*QUIET, "--data.num_workers", "0", "--data.batch_size", "32"]
@@ -25,8 +24,8 @@ def fit(*args, cwd, root="runs/image_classifier", **kwargs):
 
 
 def test_fit_test_and_predict_on_the_generated_shapes(tmp_path, tiny_resnet):
-    """No data given: the generated shapes (runs/shapes), learnt from scratch; test prints each class's accuracy
-    and the confusions; predict writes each file's class and confidence where it says."""
+    """No data given: the generated shapes (runs/shapes), from scratch; test prints per-class accuracy and the
+    confusions; predict writes each file's class and confidence where it says."""
     trained = fit("--model.backbone", tiny_resnet, "--model.pretrained", "false", "--model.lr", "3e-3",
                   "--trainer.max_epochs", "12", cwd=tmp_path)
     kept = kept_line(trained.stdout)
@@ -47,11 +46,23 @@ def test_fit_test_and_predict_on_the_generated_shapes(tmp_path, tiny_resnet):
     assert all((tmp_path / r["file"]).is_file() and r["label"] == (tmp_path / r["file"]).parent.name for r in rows)
     assert sum(r["prediction"] == r["label"] for r in rows) >= 0.85 * len(rows)
 
+    # export: model.pt2 gives the checkpoint's probabilities (normalization inside) with torch alone
+    exported = run_template("image_classifier.py", "export", "--out", "exported", cwd=tmp_path)
+    assert_ok(exported)
+    about = json.loads((tmp_path / "exported" / "about.json").read_text())
+    assert about["outputs"]["classes"] == ["circle", "square", "star", "triangle"]
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)  # tiny_resnet's input size
+    model = ic.ImageClassifier.load_from_checkpoint(kept["checkpoint"], map_location="cpu", weights_only=True).eval()
+    with torch.no_grad():
+        expected = model.probabilities(images)
+    outputs, imported_lightning = run_exported(tmp_path / "exported", images)
+    assert torch.allclose(outputs, expected, atol=1e-5) and not imported_lightning
+
 
 @pytest.mark.slow
 def test_a_pretrained_backbone_beats_the_same_backbone_from_scratch(tmp_path, tiny_resnet):
-    """Transfer, not only loading: a backbone trained on four shapes and saved with save_pretrained learns four
-    other shapes from 20 images each better than the same network from random values, at equal steps."""
+    """Transfer, not only loading: a backbone trained on four shapes learns four others from 20 images each better
+    than the same network from random values, at equal steps."""
     first = ic.make_shapes(tmp_path / "first", ("circle", "square", "cross", "ring"), per_class=150, size=48, seed=1)
     second = ic.make_shapes(tmp_path / "second", ("triangle", "star", "diamond", "hexagon"), per_class=60, size=48,
                             seed=2)  # 20 training and 40 validation images a class
@@ -77,9 +88,8 @@ def test_a_pretrained_backbone_beats_the_same_backbone_from_scratch(tmp_path, ti
 
 
 def test_kill_and_resume_across_the_unfreeze_epoch_ends_with_the_same_weights(tmp_path, tiny_resnet):
-    """kill -9 after the frozen epoch, resume with --ckpt_path last: the backbone had not moved; the
-    resumed run unfreezes at the same epoch and ends with the uninterrupted run's weights (strong augmentation
-    decoded by two workers: the views' seeds come from the checkpointed generator)."""
+    """kill -9 after the frozen epoch (the backbone unmoved), --ckpt_path last: it unfreezes at the same epoch and ends
+    with the uninterrupted run's weights (strong augmentation in two workers, seeded from the checkpoint)."""
     args = ["--model.backbone", tiny_resnet, "--model.freeze_epochs", "1", "--trainer.max_epochs", "3",
             "--data.augment", "strong", "--data.num_workers", "2", "--data.data_path", ic.make_shapes(
                 tmp_path / "shapes", per_class=30, size=40)]
@@ -102,8 +112,8 @@ def test_kill_and_resume_across_the_unfreeze_epoch_ends_with_the_same_weights(tm
 
 
 def test_two_backbones_whose_processors_differ_both_train(tmp_path, tiny_resnet, tiny_vit):
-    """Input size, resizing and normalization come from each backbone's own processor config: a ViT accepts only
-    its own 24 x 24 inputs, so its run training at all proves the size was read."""
+    """Size, resizing and normalization come from each backbone's processor config: a ViT takes only its own 24 x 24
+    inputs, so its training at all proves the size was read."""
     assert ic.processing_of(str(tiny_resnet), None) == {
         "size": 32, "resize_ratio": 36 / 32, "squash": False, "resample": 3,  # int(32 / 0.875), as transformers
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -136,8 +146,8 @@ def test_two_backbones_whose_processors_differ_both_train(tmp_path, tiny_resnet,
       "image_std": [0.5, 0.5, 0.5], "include_top": True}, {"size": 224, "image_std": [0.25, 0.25, 0.25]}),
 ])
 def test_processor_configs_of_other_families(config, expected, tmp_path):
-    """What each family's own processor does: ConvNeXt from 384 px and DeiT resize without keeping the aspect;
-    EfficientNet (include_top) divides by std twice."""
+    """As each family's processor does: ConvNeXt from 384 px and DeiT squash; EfficientNet (include_top) divides by
+    std twice."""
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     processing = ic.processing_of(str(tmp_path), None)
     assert {key: processing[key] for key in expected} == expected
@@ -153,8 +163,8 @@ def write_exif_rotated_jpeg(path):
 
 
 def test_the_layouts_and_image_modes_users_have(tmp_path):
-    """Images in grey, palette, transparent and EXIF-rotated form come out RGB and upright; a CSV of path,label,split
-    (relative paths) and a folder of train/ val/ test/ give their own splits."""
+    """Grey, palette, transparent and EXIF-rotated images come out RGB and upright; a CSV of path,label,split and a
+    folder of train/ val/ test/ give their own splits."""
     from PIL import Image
 
     Image.new("L", (8, 8), 90).save(tmp_path / "grey.png")
@@ -234,8 +244,8 @@ def test_bad_input_is_one_line_and_writes_no_checkpoint(tmp_path, tiny_resnet, t
 
 @pytest.mark.slow
 def test_ddp_trains_with_a_frozen_backbone(tmp_path, tiny_resnet):
-    """Two CPU processes, DDP chosen by Lightning: plain DDP would stop at the frozen epoch's second step
-    (parameters without gradients); the template switches on find_unused_parameters for a fit that freezes."""
+    """Two CPU processes, DDP: plain DDP stops at the frozen epoch's second step (parameters without gradients), so
+    the template sets find_unused_parameters for a fit that freezes."""
     shapes = ic.make_shapes(tmp_path / "shapes", per_class=20, size=32)  # 28 training images per process
     result = run_template("image_classifier.py", "fit", *FAST, "--data.batch_size", "8", "--data.data_path", shapes,
                           "--model.backbone", tiny_resnet, "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
@@ -269,8 +279,8 @@ OWN_NETWORK = '''def build_network(backbone: str, with_weights: bool, class_name
 
 
 def test_a_network_of_your_own_in_the_marked_place(tmp_path):
-    """A plain nn.Module returning logits, in a copy of the template: ImageNet's normalization by name, no processor
-    config or download, nothing to freeze (said in a warning), and test runs on the kept checkpoint."""
+    """A plain nn.Module returning logits: ImageNet's normalization by name, no processor config or download,
+    nothing to freeze (a warning), and test runs on the kept checkpoint."""
     source = (TEMPLATES / "image_classifier.py").read_text()
     start, end = source.index("def build_network("), source.index("def nearest_backbones(")
     (tmp_path / "image_classifier.py").write_text(source[:start] + OWN_NETWORK + source[end:])

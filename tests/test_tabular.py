@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from conftest import (CONFIGS, CSV_LOGS, QUIET, TEMPLATES, assert_ddp_ranks_agree, assert_bad_input_changes_nothing,
-                      assert_ok, kept_line, load_ckpt, load_module, logged_rows, refused_in_process, run, run_script,
-                      run_template)
+                      assert_ok, kept_line, load_ckpt, load_module, logged_rows, refused_in_process, run, run_exported,
+                      run_script, run_template)
 
 NOISE = 0.5  # standard deviation of the noise in the made regression table
 EFFECT = {"red": 1.5, "green": -1.0, "blue": 0.0}
@@ -132,7 +132,11 @@ def test_the_main_job_classifies_the_digits_with_the_baselines_beside(main_job):
 def test_the_next_command_tests_the_kept_model_and_predict_writes_what_test_scored(main_job):
     cwd, fit, _ = main_job
     best = cwd / "runs" / "tabular" / "checkpoints" / "best.ckpt"
-    command = shlex.split(re.search(r"^next: (.+)$", fit.stdout, re.MULTILINE).group(1))  # what fit tells you to run
+    # what fit tells you to run: evaluate, predict, resume (shell lines, with a comment each)
+    lines = [shlex.split(line, comments=True) for line in re.findall(r"^next: (.+)$", fit.stdout, re.MULTILINE)]
+    assert [line[2] for line in lines] == ["test", "predict", "export", "fit"]
+    assert lines[2][-4:] == ["--out", "exported_model", "--ckpt_path", str(best)] and lines[3][-1] == "last"
+    command = lines[0]
     assert command[0] in ("python", sys.executable)  # python only where it is this interpreter
     assert command[2] == "test" and command[-2:] == ["--ckpt_path", str(best)]
     tested = run([sys.executable, *command[1:], *QUIET], cwd=cwd)
@@ -141,7 +145,7 @@ def test_the_next_command_tests_the_kept_model_and_predict_writes_what_test_scor
     assert test_acc >= 0.93 and "per-class test accuracy: 0 " in tested.stdout
     assert "baselines on the same test rows" in tested.stdout
 
-    predicted = run_template("tabular.py", "predict", "--ckpt_path", "best", *QUIET, cwd=cwd)  # = that file
+    predicted = run([sys.executable, *lines[1][1:], *QUIET], cwd=cwd)  # the printed predict line: that file
     assert_ok(predicted)
     out = cwd / "runs" / "tabular" / "predictions" / "best.csv"  # one path per checkpoint, however many runs
     assert f"predictions written to {out}" in predicted.stdout
@@ -154,6 +158,18 @@ def test_the_next_command_tests_the_kept_model_and_predict_writes_what_test_scor
     # test and predict wrote log folders of their own after the training's: the summary still reads the training
     report = json.loads(run_script("summarize_run.py", "runs/tabular", "--format", "json", cwd=cwd).stdout)
     assert "version_0" in report["source"] and "val_acc" in report["metrics"] and report["epochs"] > 1
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_writes_one_file_in_dataset_order(main_job):
+    """Each process writes its share; rank 0 joins them: the same file as one process writes, no part left."""
+    cwd = main_job[0]
+    out, options = cwd / "runs" / "tabular" / "predictions" / "best.csv", ["predict", "--ckpt_path", "best", *QUIET]
+    assert_ok(run_template("tabular.py", *options, cwd=cwd))
+    alone = out.read_text()
+    two = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    assert_ok(run_template("tabular.py", *options, *two, cwd=cwd))
+    assert out.read_text() == alone and sorted(p.name for p in out.parent.iterdir()) == ["best.csv"]
 
 
 def test_the_best_checkpoint_alone_predicts_on_raw_rows(main_job):
@@ -169,6 +185,35 @@ def test_the_best_checkpoint_alone_predicts_on_raw_rows(main_job):
     classes = model.hparams.target["classes"]
     accuracy = sum(classes[i] == r["label"] for i, r in zip(predicted, rows)) / len(rows)
     assert accuracy >= 0.95, accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_export_is_a_program_that_gives_the_checkpoints_outputs_with_torch_alone(task, tmp_path):
+    """`export` writes model.pt2 (torch.export: imputation, standardization, category codes inside) and about.json;
+    run by a process that imports torch alone, it gives the checkpoint's probabilities (or values in the target's
+    units) on raw rows, missing cells and unseen categories included."""
+    data = []
+    if task == "regression":
+        regression_table(tmp_path / "table.csv", rows=300)
+        data = ["--data.data_path", "table.csv", "--data.label_column", "price"]
+    assert_ok(run_template("tabular.py", "fit", *data, "--trainer.max_epochs", "2", *QUIET, cwd=tmp_path))
+    assert_ok(run_template("tabular.py", "export", "--out", "exported", cwd=tmp_path))
+    with (open(tmp_path / "table.csv") if data else gzip.open(TEMPLATES.parent / "assets" / "digits.csv.gz", "rt")) as f:
+        rows = list(csv.DictReader(f))[:50]
+    rows[0] = {k: "" for k in rows[0]}  # every cell missing
+    if data:
+        rows[1]["colour"] = "ultraviolet"  # a category never seen in training
+    model = load_module(TEMPLATES / "tabular.py", f"tabular_export_{task}").TabularModel.load_from_checkpoint(
+        tmp_path / "runs" / "tabular" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True).eval()
+    numeric, codes = model.encode_rows(rows)
+    about = json.loads((tmp_path / "exported" / "about.json").read_text())["inputs"]
+    assert about["numeric"] == model.hparams.features["numeric"] and all(  # the codes are the lists' indices
+        codes[2, j] == values.index(rows[2][name]) for j, (name, values) in enumerate(about["codes"].items()))
+    with torch.no_grad():
+        expected = model.in_table_terms(numeric, codes)
+    outputs, imported_lightning = run_exported(tmp_path / "exported", numeric, codes)
+    assert torch.allclose(outputs, expected, atol=1e-5) and not imported_lightning
 
 
 @pytest.mark.slow
@@ -349,7 +394,7 @@ def test_folds_train_resume_test_and_predict_as_one_model(tmp_path):
     root = tmp_path / "runs" / "tabular"
     assert all((root / f"fold_{k}" / "checkpoints" / "best.ckpt").is_file() for k in range(3))
     assert re.search(r"val_r2: [-0-9.]+ \+/- [0-9.]+  \(([-0-9.]+, ){2}[-0-9.]+\)", fit.stdout)
-    assert fit.stdout.count("next:") == 1 and "test" in fit.stdout.split("next:")[1]
+    assert fit.stdout.count("next:") == 3 and "test" in fit.stdout.split("next:")[1]  # once for all the folds
 
     resumed = run_template("tabular.py", "fit", *options, "--trainer.max_epochs", "3", "--ckpt_path", "last",
                            cwd=tmp_path)

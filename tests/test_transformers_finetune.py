@@ -1,9 +1,6 @@
-"""templates/transformers_finetune.py on CPU: the tiny model out of the box, pretrained folders (float16 ones too), test
-and predict files, DDP, bad records and bad input.
-
-Hugging Face models and tokenizers are built tiny and random, saved with save_pretrained, and loaded by the template
-with from_pretrained: the real loading code, offline.
-"""
+"""templates/transformers_finetune.py on CPU: the tiny model out of the box, pretrained folders (float16 too), test and
+predict files, export, DDP, bad input. Hugging Face models are tiny, random and saved with save_pretrained: the
+template's own loading code runs, offline."""
 
 import csv
 import gzip
@@ -43,6 +40,7 @@ def test_finetune_default_trains_out_of_the_box(tmp_path):
     with open(out) as f:
         written = list(csv.DictReader(f))
     assert [int(r["line"]) for r in written] == list(range(2, 32))  # CSV lines, the header being line 1
+    assert [w["text"] for w in written] == [r["text"] for r in rows]  # and the text itself
     right = sum(w["prediction"] == r["label"] for w, r in zip(written, rows))
     assert right >= 24 and {w["label"] for w in written} == {""}
     refused = run_template("transformers_finetune.py", "validate", "--data.data_path", "held_out.csv", *best,
@@ -151,34 +149,29 @@ def test_ddp_two_processes_agree_on_every_epoch_value(tmp_path):
     assert {"val_loss", "val_acc", "val_f1"} <= set(metrics)
 
 
-# ---- bad input ---------------------------------------------------------------------------------------------------
-def test_bad_input_one_line_exit_2(template_main, tmp_path, monkeypatch, capsys):
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_input_is_one_line_before_anything_is_built(template_main, tmp_path, monkeypatch, capsys):
+    """A bad JSONL record is named by its line; a misspelt model_config key by its nearest name (a transformers config
+    keeps any keyword: the typo would change nothing, silently); test and predict need their file. More cases:
+    tests/test_bad_inputs.py."""
     write_reviews(tmp_path / "r.csv", n=10)
     (tmp_path / "long.csv").write_text("text,label\n" + "short,a\n" * 9 + "word " * 700 + ",b\n")
+    good = "".join(json.dumps({"text": f"review {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(20))
+    for name, bad in (("broken", '{"text": "cut off'), ("no_label", json.dumps({"text": "no label here"})),
+                      ("null_label", json.dumps({"text": "x", "label": None}))):
+        (tmp_path / f"{name}.jsonl").write_text(good + bad + "\n")
     monkeypatch.chdir(tmp_path)
     main = template_main("transformers_finetune.py")
     for args, expected in ((["--data.data_path", "missing.csv"], "data not found"),
                            (["--data.data_path", "r.csv", "--data.text_column", "body"], "no column 'body'"),
                            (["--model.name_or_path", "./no_such_model"], "folder not found"),
                            (["--data.data_path", "long.csv", "--data.max_length", "600"],
-                            "a text of 600 tokens exceeds the model's 512")):
+                            "a text of 600 tokens exceeds the model's 512"),
+                           (["--data.data_path", "broken.jsonl"], "line 21 is not JSON"),
+                           (["--data.data_path", "no_label.jsonl"], "line 21 has no 'label' value"),
+                           (["--data.data_path", "null_label.jsonl"], "line 21 has no 'label'"),
+                           (["--model.model_config", '{"num_hiden_layers": 2}'], "did you mean: num_hidden_layers")):
         assert expected in refused_in_process(main, ["fit", *args, "--trainer.fast_dev_run", "true"], capsys), args
-
-
-def test_bad_records_misspelt_keys_and_missing_files_are_one_line(template_main, tmp_path, monkeypatch, capsys):
-    """A bad JSONL record is named by its line; a misspelt model_config key by its nearest name (a transformers
-    config keeps any keyword, so the typo would change nothing, silently); test and predict need the file to score
-    or label. All before anything is built."""
-    monkeypatch.chdir(tmp_path)
-    main = template_main("transformers_finetune.py")
-    good = "".join(json.dumps({"text": f"review {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(20))
-    for name, bad, expected in (("broken", '{"text": "cut off', "line 21 is not JSON"),
-                                ("no_label", json.dumps({"text": "no label here"}), "line 21 has no 'label' value"),
-                                ("null_label", json.dumps({"text": "x", "label": None}), "line 21 has no 'label'")):
-        (tmp_path / f"{name}.jsonl").write_text(good + bad + "\n")
-        assert expected in refused_in_process(main, ["fit", "--data.data_path", f"{name}.jsonl"], capsys)
-    assert "did you mean: num_hidden_layers" in refused_in_process(
-        main, ["fit", "--model.model_config", '{"num_hiden_layers": 2}'], capsys)
     for subcommand in ("test", "predict"):
         assert f"needs --data.{subcommand}_path" in refused_in_process(main, [subcommand], capsys)
     assert not (tmp_path / "runs").exists()

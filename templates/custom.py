@@ -163,8 +163,7 @@ class CustomCLI(TemplateCLI):
 def export(checkpoint: str, out: str) -> Path:
     """A standalone program of the checkpoint's forward (save_program), traced on inputs shaped as a test batch's."""
     model = Model.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
-    data = Data(**{k: v for k, v in saved.items() if not k.startswith("_")})  # LightningCLI adds _instantiator
+    data = Data.load_from_checkpoint(checkpoint, weights_only=True)  # the data options the run was trained with
     data.setup("test")
     x = next(iter(data.test_dataloader()))[0][:2]  # a batch is (inputs, targets)
     about = {"inputs": {"x": f"{x.dtype} [batch, {', '.join(map(str, x.shape[1:]))}]"}, "outputs": "Model.forward's"}

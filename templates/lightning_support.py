@@ -1304,7 +1304,7 @@ def save_program(module: torch.nn.Module, method: str, inputs: tuple, folder: st
     """A standalone model: module.<method> (its preprocessing inside) traced by torch.export, every input's first
     dimension the batch, saved as FOLDER/model.pt2, with FOLDER/about.json describing inputs and outputs. It runs with
     torch alone, no Lightning nor this code: torch.export.load(FOLDER/model.pt2).module()(*inputs). torch.export, not
-    ONNX: it needs no other package, keeps every operator, and AOTInductor compiles the same file for C++ serving."""
+    ONNX: it needs no other package, keeps every operator, and AOTInductor compiles the same program for C++ serving."""
     model = Method(module, method).eval()
     batch = torch.export.Dim.DYNAMIC
     with torch.no_grad():
